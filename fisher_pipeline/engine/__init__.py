@@ -1,0 +1,1 @@
+"""Per-sample gradient engines: layer rules, hooks, losses."""

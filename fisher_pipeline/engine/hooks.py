@@ -1,0 +1,145 @@
+"""Batched per-sample gradients of every parameter from module hooks.
+
+While the context is active, parameters do not require grad: autograd computes only
+gradients with respect to activations (as much work as the input-gradient half of an
+ordinary backward), and the hooks compute per-sample parameter gradients instead of
+the batch-summed ones autograd would have made (the same number of flops). Each
+parameter's per-sample gradient is handed to a sink in row chunks as soon as all its
+uses in the forward pass have reported, so at most one parameter's micro-batch of
+per-sample tensors is alive at a time -- except for tied parameters (embedding + LM
+head), whose first use is held until the last arrives, because `g_i` of a tied
+weight is the sum over its uses and must be formed before squaring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .layers import RowGrad, rule_for
+
+#: sink(param_name, row_start, row_stop, per_sample_rows `[b, r, *shape[1:]]`).
+Sink = Callable[[str, int, int, torch.Tensor], None]
+
+
+class UnsupportedLayerError(TypeError):
+    """A trainable parameter lives in a layer type with no per-sample rule."""
+
+
+class PerSampleGradients:
+    """Context manager: hooks `model` so each backward feeds per-sample gradients to `sink`.
+
+    Args:
+        model: the model; its trainable parameters all need a per-sample rule.
+        sink: called once per (parameter, row chunk) during backward / `finish()`.
+        chunk_elements: at most this many per-sample elements (`b * rows * cols`) are
+            materialised per chunk; bounds memory for vocabulary-sized tables.
+    """
+
+    def __init__(self, model: nn.Module, sink: Sink, chunk_elements: int = 1 << 25):
+        self.model = model
+        self.sink = sink
+        self.chunk_elements = chunk_elements
+        self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._hooked: list[tuple[nn.Module, Callable]] = []
+        covered: set[str] = set()
+        for module in model.modules():
+            rule = rule_for(module)
+            own = [id(p) for p in module.parameters(recurse=False) if id(p) in self.names]
+            if rule is not None and own:
+                self._hooked.append((module, rule))
+                covered.update(self.names[i] for i in own)
+        missing = sorted(set(self.params) - covered)
+        if missing:
+            owners = {type(m).__name__ for m in model.modules() for n, p in m.named_parameters(recurse=False)
+                      if self.names.get(id(p)) in missing}
+            raise UnsupportedLayerError(
+                f"no per-sample gradient rule for layer type(s) {', '.join(sorted(owners))} holding "
+                f"{len(missing)} trainable parameter(s), e.g. {missing[0]}; supported: Linear, Conv1D, "
+                "Embedding, LayerNorm, *RMSNorm (weight * normalised input). Freeze them "
+                "(requires_grad=False) or add a rule in fisher_pipeline/engine/layers.py."
+            )
+        self._handles: list = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._expected: dict[str, int] = defaultdict(int)
+        self._uses: dict[str, list[RowGrad]] = defaultdict(list)
+        self._batch_size = 0
+        self._model_batch = 0
+
+    def __enter__(self) -> "PerSampleGradients":
+        for param in self.params.values():
+            param.requires_grad_(False)
+        self._handles.append(self.model.register_forward_pre_hook(self._record_batch_size, with_kwargs=True))
+        for module, rule in self._hooked:
+            self._handles.append(module.register_forward_hook(self._forward_hook(rule)))
+        return self
+
+    def _record_batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is not None:
+            self._model_batch = inputs.shape[0]
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for param in self.params.values():
+            param.requires_grad_(True)
+        self._reset()
+
+    def _forward_hook(self, rule: Callable):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not torch.is_grad_enabled():
+                return None
+            names = {attr: self.names[id(p)] for attr, p in module.named_parameters(recurse=False)
+                     if id(p) in self.names}
+            for name in names.values():
+                self._expected[name] += 1
+            inputs = args[0].detach()
+            if not output.requires_grad:  # nothing upstream needs grad: start the graph here
+                output.requires_grad_(True)
+            batch = self._model_batch
+            if batch > 1 and output.shape[0] == 1:
+                # Shared across the batch (e.g. position embeddings of position_ids [1, t]):
+                # broadcasting would sum the samples' gradients, so give each its own copy.
+                output = output.expand(batch, *output.shape[1:])
+                inputs = inputs.expand(batch, *inputs.shape[1:])
+
+            def on_grad(grad_out: torch.Tensor) -> None:
+                self._batch_size = grad_out.shape[0]
+                for attr, row_grad in rule(module, inputs, grad_out.detach()).items():
+                    name = names[attr]
+                    self._uses[name].append(row_grad)
+                    if len(self._uses[name]) == self._expected[name]:
+                        self._emit(name)
+
+            output.register_hook(on_grad)
+            return output
+
+        return hook
+
+    def _emit(self, name: str) -> None:
+        uses = self._uses.pop(name)
+        self._expected.pop(name)
+        shape = self.params[name].shape
+        per_row = self._batch_size * math.prod(shape[1:])
+        step = max(1, self.chunk_elements // max(per_row, 1))
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            chunk = uses[0].rows(start, stop)
+            for use in uses[1:]:
+                chunk += use.rows(start, stop)
+            self.sink(name, start, stop, chunk)
+
+    def finish(self) -> None:
+        """After `backward()`: emit parameters some of whose uses got no gradient, reset."""
+        for name in list(self._uses):
+            self._emit(name)
+        self._reset()

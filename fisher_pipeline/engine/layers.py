@@ -1,0 +1,133 @@
+"""Per-sample parameter gradients of one layer type, from its input and output gradient.
+
+Written once per layer type and wired by `RULES` (BackPACK-style). Index letters:
+`b` sample, `s` position (all non-batch, non-feature dims flattened), `o` output
+feature, `i` input feature, `r` a range of parameter rows.
+
+Each rule returns, per parameter of the module, a `RowGrad`: an object that yields the
+per-sample gradient `[b, r, *param_shape[1:]]` of any row range on demand, so that
+huge parameters (the vocabulary matrix) are materialised a few rows at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+
+class RowGrad(Protocol):
+    """Per-sample gradient of one parameter from one use of it, by row ranges."""
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Per-sample gradient rows `start:stop`: `[b, stop - start, *param_shape[1:]]`."""
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """`[b, ..., f]` -> `[b, s, f]`."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+@dataclass
+class OuterProductGrad:
+    """Gradient `sum_s left[b, s, r] * right[b, s, :]` (Linear: left = grad_out, right = input)."""
+
+    left: torch.Tensor  # [b, s, rows]
+    right: torch.Tensor  # [b, s, cols]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return torch.bmm(self.left[:, :, start:stop].transpose(1, 2), self.right)  # [b, r, cols]
+
+
+@dataclass
+class SummedGrad:
+    """Gradient `sum_s values[b, s, r]` (biases, norm weights)."""
+
+    values: torch.Tensor  # [b, s, rows]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.values[:, :, start:stop].sum(1)  # [b, r]
+
+
+@dataclass
+class EmbeddingGrad:
+    """Gradient of an embedding table: row `v` of sample `b` sums grad_out where ids == v."""
+
+    ids: torch.Tensor  # [b, s] int64
+    grad_out: torch.Tensor  # [b, s, f]
+    padding_idx: int | None
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        n_rows = stop - start
+        batch, _, features = self.grad_out.shape
+        out = self.grad_out.new_zeros(batch * n_rows, features)
+        hit = (self.ids >= start) & (self.ids < stop)
+        if self.padding_idx is not None:  # nn.Embedding never updates its padding row
+            hit &= self.ids != self.padding_idx
+        sample = torch.arange(batch, device=self.ids.device)[:, None].expand_as(self.ids)
+        flat_row = (sample * n_rows + self.ids - start)[hit]
+        out.index_add_(0, flat_row, self.grad_out[hit])
+        return out.view(batch, n_rows, features)
+
+
+def linear_rule(module: nn.Linear, inputs: torch.Tensor, grad_out: torch.Tensor) -> dict[str, RowGrad]:
+    """`y = x W^T + b`, W `[o, i]`: per-sample `dW = go^T x` (`bso,bsi->boi`)."""
+    go = _flat(grad_out)
+    grads: dict[str, RowGrad] = {"weight": OuterProductGrad(go, _flat(inputs))}
+    if module.bias is not None:
+        grads["bias"] = SummedGrad(go)
+    return grads
+
+
+def conv1d_rule(module: Conv1D, inputs: torch.Tensor, grad_out: torch.Tensor) -> dict[str, RowGrad]:
+    """HF `Conv1D`: `y = x W + b`, W `[i, o]` (transposed Linear): per-sample `dW = x^T go`."""
+    go = _flat(grad_out)
+    grads: dict[str, RowGrad] = {"weight": OuterProductGrad(_flat(inputs), go)}
+    if module.bias is not None:
+        grads["bias"] = SummedGrad(go)
+    return grads
+
+
+def embedding_rule(module: nn.Embedding, inputs: torch.Tensor, grad_out: torch.Tensor) -> dict[str, RowGrad]:
+    """Lookup table `[V, f]`: per-sample gradient is sparse in rows (the sample's tokens)."""
+    ids = inputs.reshape(inputs.shape[0], -1)
+    return {"weight": EmbeddingGrad(ids, _flat(grad_out), module.padding_idx)}
+
+
+def affine_norm_rule(module: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor) -> dict[str, RowGrad]:
+    """Norms computing `y = w * n(x) (+ b)` (LayerNorm, RMSNorm variants): `dw = sum_s go * n(x)`.
+
+    `n(x)` is recomputed by the module itself with unit weight and zero bias, so any
+    variant of the normalisation (epsilon placement, float32 upcast) is matched exactly.
+    """
+    overrides = {"weight": torch.ones_like(module.weight)}
+    if getattr(module, "bias", None) is not None:
+        overrides["bias"] = torch.zeros_like(module.bias)
+    with torch.no_grad():
+        normalized = functional_call(module, overrides, (inputs,))
+    go = _flat(grad_out)
+    grads: dict[str, RowGrad] = {"weight": SummedGrad(go * _flat(normalized))}
+    if "bias" in overrides:
+        grads["bias"] = SummedGrad(go)
+    return grads
+
+
+Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, RowGrad]]
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The per-sample rule of `module`'s layer type, or None if it has none."""
+    if isinstance(module, nn.Linear):
+        return linear_rule
+    if isinstance(module, Conv1D):
+        return conv1d_rule
+    if isinstance(module, nn.Embedding):
+        return embedding_rule
+    if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+        if getattr(module, "weight", None) is not None and module.weight.dim() == 1:
+            return affine_norm_rule
+    return None

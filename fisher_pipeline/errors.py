@@ -1,0 +1,29 @@
+"""Exceptions that name the bad input and what to do about it."""
+
+
+class FisherPipelineError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(FisherPipelineError, ValueError):
+    """A configuration value is missing, mistyped or out of range."""
+
+
+class ModelLoadError(FisherPipelineError):
+    """A model path does not exist or does not hold a loadable model."""
+
+
+class UnsupportedArchitectureError(FisherPipelineError):
+    """The model's architecture has no adapter (head slices unknown)."""
+
+
+class TaskError(FisherPipelineError):
+    """A task's source is missing, empty or yields no usable sample."""
+
+
+class StoreMismatchError(FisherPipelineError):
+    """A Fisher store was written for another model, task or configuration."""
+
+
+class StoreFormatError(FisherPipelineError):
+    """A path is not a complete Fisher store of a supported format version."""

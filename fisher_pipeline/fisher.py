@@ -1,0 +1,228 @@
+"""Phase 1: per-sample gradients -> Welford Fisher statistics -> the task's store.
+
+Two engines feed the same accumulator:
+  * `hooks` (default): one batched forward/backward per micro-batch, per-sample
+    gradients from module hooks (`engine/hooks.py`);
+  * `loop`: one forward/backward per sample with plain autograd -- slow and obvious,
+    kept as the reference the tests hold the fast path to.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__
+from .accumulate import FisherAccumulator
+from .config import FisherConfig, PipelineConfig, config_hash
+from .data import TokenizedSample, load_task
+from .engine.hooks import PerSampleGradients
+from .engine.loss import Batch, collate, per_sample_loss, sample_labels
+from .models.adapters import ArchitectureAdapter, adapter_for
+from .models.loading import load_model
+from .store import StoreWriter
+
+log = logging.getLogger(__name__)
+
+#: on_commit(batch, losses `[b]`, per-sample gradients {name: `[b, *shape]`}).
+CommitCallback = Callable[[Batch, torch.Tensor, dict[str, torch.Tensor]], None]
+
+
+def select_params(names: list[str], pattern: str) -> set[str]:
+    """Parameter names matching regex `pattern` (empty pattern: none)."""
+    if not pattern:
+        return set()
+    regex = re.compile(pattern)
+    return {n for n in names if regex.search(n)}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("fisher.device is 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+@dataclass
+class Phase1Result:
+    """What phase 1 measured, before it is written anywhere."""
+
+    accumulator: FisherAccumulator
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
+
+
+class _Engine:
+    """Stages one micro-batch into the accumulator; reports samples that must be dropped."""
+
+    def __init__(self, model: nn.Module, accumulator: FisherAccumulator, config: FisherConfig):
+        self.model = model
+        self.accumulator = accumulator
+        self.config = config
+
+    def _targets(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if self.config.labels == "sampled":
+            return sample_labels(logits, batch, self.config.seed)
+        return batch.input_ids
+
+    def _forward_loss(self, batch: Batch) -> torch.Tensor:
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return per_sample_loss(logits, self._targets(logits, batch), batch.label_mask)
+
+    def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
+        """Forward/backward `batch`; returns losses `[b]` and {row: reason} of bad samples."""
+        raise NotImplementedError
+
+
+class HookEngine(_Engine):
+    """Batched per-sample gradients from hooks."""
+
+    def __init__(self, model: nn.Module, accumulator: FisherAccumulator, config: FisherConfig):
+        super().__init__(model, accumulator, config)
+        self.hooks = PerSampleGradients(model, accumulator.add, config.chunk_elements)
+
+    def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
+        with self.hooks:
+            losses = self._forward_loss(batch)
+            bad = {int(r): "non-finite loss" for r in torch.nonzero(~torch.isfinite(losses)).flatten()}
+            if bad:
+                self.hooks.finish()
+                return losses.detach(), bad
+            self.accumulator.begin(len(batch.ids))
+            losses.sum().backward()
+            self.hooks.finish()
+        return losses.detach(), _gradient_failures(self.accumulator)
+
+
+class LoopEngine(_Engine):
+    """The reference: batch-size-1 forward/backward per sample with plain autograd."""
+
+    def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
+        if len(batch.ids) != 1:
+            raise ValueError("the loop engine stages one sample at a time")
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        for p in params.values():
+            p.grad = None
+        loss = self._forward_loss(batch)
+        if not torch.isfinite(loss).all():
+            return loss.detach(), {0: "non-finite loss"}
+        self.accumulator.begin(1)
+        loss.sum().backward()
+        for name, p in params.items():
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            self.accumulator.add(name, 0, p.shape[0], grad[None].clone())
+            p.grad = None
+        return loss.detach(), _gradient_failures(self.accumulator)
+
+
+def _gradient_failures(accumulator: FisherAccumulator) -> dict[int, str]:
+    return {row: f"non-finite gradient in {name}" for row, name in accumulator.non_finite_samples().items()}
+
+
+def compute_fisher(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    samples: list[TokenizedSample],
+    config: FisherConfig,
+    pad_id: int,
+    on_commit: CommitCallback | None = None,
+    progress: bool = False,
+) -> Phase1Result:
+    """Fold every sample's gradient into Fisher statistics (phase 1 without the store).
+
+    Args:
+        model: causal LM (float32, eval mode) on its device.
+        adapter: its architecture adapter (group partitions).
+        samples: tokenized samples, processed in order.
+        config: phase 1 options (engine, labels, batch size, selections).
+        pad_id: token id used for right padding (masked out).
+        on_commit: called after each committed micro-batch (e.g. to write per-sample data).
+        progress: show a progress bar (samples/s, ETA) on stderr.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    names = list(shapes)
+    accumulator = FisherAccumulator(
+        shapes,
+        {n: adapter.group_spec(n, s) for n, s in shapes.items()},
+        select_params(names, config.fisher_m2_params),
+        select_params(names, config.per_sample_params),
+        device,
+    )
+    engine_type = HookEngine if config.engine == "hooks" else LoopEngine
+    engine = engine_type(model, accumulator, config)
+    batch_size = config.batch_size if config.engine == "hooks" else 1
+    result = Phase1Result(accumulator)
+    bar = tqdm(total=len(samples), unit="sample", disable=not progress, file=sys.stderr, mininterval=2.0,
+               dynamic_ncols=False, ascii=True)
+    for start in range(0, len(samples), batch_size):
+        pending = samples[start:start + batch_size]
+        while pending:
+            batch = collate(pending, pad_id).to(device)
+            losses, bad = engine.stage(batch)
+            if not bad:
+                per_sample = accumulator.commit()
+                if on_commit is not None:
+                    on_commit(batch, losses, per_sample)
+                break
+            for row, reason in sorted(bad.items()):
+                log.warning("sample %s skipped: %s", pending[row].id, reason)
+                result.skipped.append((pending[row].id, reason))
+            pending = [s for row, s in enumerate(pending) if row not in bad]
+        bar.update(len(samples[start:start + batch_size]))
+    bar.close()
+    return result
+
+
+def phase1_config_hash(config: PipelineConfig, task: str) -> str:
+    """Hash of everything besides the weights that determines task `task`'s store."""
+    return config_hash(config.tasks[task], config.fisher)
+
+
+def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: bool = True) -> Path:
+    """Phase 1 for one task: load model and task, compute, write `out` atomically."""
+    if task not in config.tasks:
+        raise KeyError(f"task {task!r} is not in the config; tasks: {', '.join(config.tasks)}")
+    device = resolve_device(config.fisher.device)
+    loaded = load_model(config.model, device)
+    adapter = adapter_for(loaded.model)
+    samples = load_task(config.tasks[task], loaded.tokenizer)
+    shapes = {n: tuple(p.shape) for n, p in loaded.model.named_parameters() if p.requires_grad}
+    per_sample = select_params(list(shapes), config.fisher.per_sample_params)
+    attrs = {
+        "model_id": loaded.model_id,
+        "model_type": loaded.model.config.model_type,
+        "weights_hash": loaded.weights_hash,
+        "task": task,
+        "fisher_kind": config.fisher.labels,
+        "engine": config.fisher.engine,
+        "config_hash": phase1_config_hash(config, task),
+        "package_version": __version__,
+        "n_requested": config.tasks[task].n_samples,
+        "max_length": config.tasks[task].max_length,
+    }
+    writer = StoreWriter(
+        out, attrs, shapes, {n: adapter.group_spec(n, s) for n, s in shapes.items()}, per_sample,
+        config.fisher.per_sample_dtype, len(samples), shard_samples=config.fisher.batch_size,
+    )
+    log.info("phase 1: task %s, %d samples, model %s on %s", task, len(samples), loaded.model_id, device)
+    result = compute_fisher(
+        loaded.model, adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,
+        on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads),
+        progress=progress,
+    )
+    for sample_id, reason in result.skipped:
+        writer.skip(sample_id, reason)
+    if result.accumulator.count == 0:
+        raise RuntimeError(f"task {task!r}: every sample was skipped ({result.skipped[:3]}...); nothing to store")
+    return writer.close(result.accumulator)

@@ -1,0 +1,70 @@
+"""GPT-NeoX family (Pythia, GPT-NeoX-20B): fused query_key_value interleaved per head.
+
+`nn.Linear` weights `[out, in]`. GPTNeoXAttention views the fused projection output
+as `[..., H, 3 * d]` and chunks the last axis into q, k, v, so the `3D` rows of
+attention.query_key_value weight `[3D, D]` (and its bias `[3D]`) are laid out
+`[H, 3, d]`: head h owns the row block `h*3d : (h+1)*3d`, whose first `d` rows are
+its q, next `d` its k, last `d` its v. There is no GQA (every head has its own k, v).
+  attention.dense `[D, D]`: head h owns columns `h*d : (h+1)*d` (bias shared, whole);
+  mlp.dense_h_to_4h `[I, D]` + bias `[I]`: neuron n is row / entry n;
+  mlp.dense_4h_to_h `[D, I]`: neuron n is column n.
+Partial rotary (rotary_pct / partial_rotary_factor) changes only what happens to q
+and k inside a head, not which rows belong to it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ArchitectureAdapter, GroupSpec, TensorSlice
+
+_QKV_OFFSET = {"q": 0, "k": 1, "v": 2}
+
+
+class GPTNeoXAdapter(ArchitectureAdapter):
+    model_types = ("gpt_neox",)
+    family = "GPT-NeoX (Pythia, GPT-NeoX-20B)"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        # GPTNeoXAttention uses hidden_size // heads whatever else the config says.
+        self.n_kv_heads = self.n_heads
+        self.head_dim = self.config.hidden_size // self.n_heads
+
+    def _prefix(self, layer: int) -> str:
+        return f"gpt_neox.layers.{layer}"
+
+    def head_slices(self, layer: int, block: str, head: int) -> list[TensorSlice]:
+        attn = f"{self._prefix(layer)}.attention"
+        d = self.head_dim
+        if block == "o":
+            return [TensorSlice(f"{attn}.dense.weight", 1, self._range(head * d, d))]
+        rows = self._range(head * 3 * d + _QKV_OFFSET[block] * d, d)
+        return [
+            TensorSlice(f"{attn}.query_key_value.{kind}", 0, rows)
+            for kind in ("weight", "bias")
+            if f"{attn}.query_key_value.{kind}" in self.params
+        ]
+
+    def group_specs(self) -> dict[str, GroupSpec]:
+        d = self.head_dim
+        specs: dict[str, GroupSpec] = {}
+        for layer in range(self.n_layers):
+            attn = f"{self._prefix(layer)}.attention"
+            # Row blocks in memory order: q.h0, k.h0, v.h0, q.h1, ...
+            qkv = GroupSpec.blocks(0, [(f"{block}.h{h}", d) for h in range(self.n_heads) for block in ("q", "k", "v")])
+            for kind in ("weight", "bias"):
+                if f"{attn}.query_key_value.{kind}" in self.params:
+                    specs[f"{attn}.query_key_value.{kind}"] = qkv
+            specs[f"{attn}.dense.weight"] = GroupSpec.blocks(1, [(f"o.h{h}", d) for h in range(self.n_heads)])
+            mlp = f"{self._prefix(layer)}.mlp"
+            width = self.params[f"{mlp}.dense_4h_to_h.weight"].shape[1]
+            neurons = GroupSpec.blocks(0, [(f"neuron.{n}", 1) for n in range(width)])
+            specs[f"{mlp}.dense_h_to_4h.weight"] = neurons
+            if f"{mlp}.dense_h_to_4h.bias" in self.params:
+                specs[f"{mlp}.dense_h_to_4h.bias"] = neurons
+            specs[f"{mlp}.dense_4h_to_h.weight"] = GroupSpec(1, neurons.labels, neurons.names)
+        return specs
+
+    def o_proj_module(self, layer: int) -> nn.Module:
+        return self.model.gpt_neox.layers[layer].attention.dense

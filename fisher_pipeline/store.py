@@ -1,0 +1,311 @@
+"""The phase 1 store (zarr v3): writer with atomic completion, and the lazy reader.
+
+Layout (a contract; README "Store layout" documents it for users):
+
+    {task}.zarr            attrs: format_version, model_id, weights_hash, task,
+                                  n_samples, loss_convention, fisher_kind, config_hash,
+                                  package_version, per_sample_params, skipped, ...
+      samples/id, samples/n_tokens, samples/loss          [N]
+      fisher/<param>       mean of g^2, full shape, float32
+      grad_mean/<param>    mean of g, full shape, float32
+      group/<param>        sum of fisher within each group (head / neuron), [G] float32
+                           attrs: names, dim, sizes
+      group_m2/<param>     Welford M2 of each sample's group-reduced contribution, [G]
+      fisher_m2/<param>    elementwise Welford M2 of g^2 (selected parameters), float32
+      per_sample/<param>   g_i, [N, *shape], chunk (1, *shape), sharded by samples
+
+The store is written under `<path>.partial` and renamed to `<path>` only once every
+array and attribute is in place: an interrupted run never leaves a finished-looking
+store, and a rerun starts the partial store afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import zarr
+
+from .errors import StoreFormatError, StoreMismatchError
+from .models.adapters import GroupSpec, TensorSlice
+
+FORMAT_VERSION = 1
+LOSS_CONVENTION = "token_sum"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a store is written before it is complete."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class StoreWriter:
+    """Writes one task's store; `close()` completes it atomically.
+
+    Args:
+        path: final store path (`results/fisher/{task}.zarr`).
+        attrs: metadata (model id, hashes, task, config...).
+        shapes: parameter name -> shape, for every parameter.
+        specs: parameter name -> group partition.
+        per_sample_names: parameters whose per-sample gradients are stored.
+        per_sample_dtype: "float16" or "float32".
+        max_samples: upper bound on N (arrays are trimmed on close).
+        shard_samples: samples per shard file of per-sample arrays.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        attrs: dict[str, Any],
+        shapes: dict[str, tuple[int, ...]],
+        specs: dict[str, GroupSpec],
+        per_sample_names: Iterable[str],
+        per_sample_dtype: str,
+        max_samples: int,
+        shard_samples: int = 8,
+    ):
+        self.path = Path(path)
+        self.partial = partial_path(path)
+        _remove(self.partial)  # leftovers of an interrupted run
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.root = zarr.open_group(self.partial, mode="w")
+        self.attrs = dict(attrs)
+        self.shapes = shapes
+        self.specs = specs
+        self.dtype = np.dtype(per_sample_dtype)
+        self.per_sample = {
+            name: self.root.create_array(
+                f"per_sample/{name}",
+                shape=(max_samples, *shapes[name]),
+                chunks=(1, *shapes[name]),
+                shards=(shard_samples, *shapes[name]),
+                dtype=self.dtype,
+                compressors=None,  # gradients barely compress (5-9%); not worth the time
+                fill_value=0,
+            )
+            for name in sorted(per_sample_names)
+        }
+        self.ids: list[str] = []
+        self.n_tokens: list[int] = []
+        self.losses: list[float] = []
+        self.skipped: list[dict[str, str]] = []
+
+    def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
+               per_sample: dict[str, torch.Tensor]) -> None:
+        """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i."""
+        start = len(self.ids)
+        for name, array in self.per_sample.items():
+            array[start:start + len(ids)] = per_sample[name].detach().to("cpu", torch.float32).numpy().astype(self.dtype)
+        self.ids.extend(ids)
+        self.n_tokens.extend(int(n) for n in n_tokens.tolist())
+        self.losses.extend(float(x) for x in losses.tolist())
+
+    def skip(self, sample_id: str, reason: str) -> None:
+        """Record a sample left out of the statistics, and why."""
+        self.skipped.append({"id": sample_id, "reason": reason})
+
+    def close(self, accumulator) -> Path:
+        """Write the statistics and metadata, then rename the store into place."""
+        n = len(self.ids)
+        for array in self.per_sample.values():
+            array.resize((n, *array.shape[1:]))
+        self.root.create_array("samples/id", data=np.array(self.ids, dtype=str))
+        self.root.create_array("samples/n_tokens", data=np.array(self.n_tokens, dtype=np.int32))
+        self.root.create_array("samples/loss", data=np.array(self.losses, dtype=np.float32))
+        for name in self.shapes:
+            welford = accumulator.fisher[name]
+            self._write(f"fisher/{name}", welford.mean)
+            self._write(f"grad_mean/{name}", accumulator.grad[name].mean)
+            if welford.m2 is not None:
+                self._write(f"fisher_m2/{name}", welford.m2)
+            spec = self.specs[name]
+            sizes = self._group_sizes(name, spec)
+            group_attrs = {"names": list(spec.names), "dim": spec.dim, "sizes": sizes}
+            self._write(f"group/{name}", accumulator.group[name].mean, group_attrs)
+            self._write(f"group_m2/{name}", accumulator.group[name].m2, group_attrs)
+        self.root.attrs.update({
+            **self.attrs,
+            "format_version": FORMAT_VERSION,
+            "loss_convention": LOSS_CONVENTION,
+            "n_samples": n,
+            "per_sample_params": sorted(self.per_sample),
+            "per_sample_dtype": str(self.dtype),
+            "skipped": self.skipped,
+        })
+        zarr.consolidate_metadata(self.partial)
+        _remove(self.path)
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def _group_sizes(self, name: str, spec: GroupSpec) -> list[int]:
+        shape = self.shapes[name]
+        per_position = int(np.prod(shape)) // (shape[spec.dim] if shape else 1)
+        counts = torch.bincount(spec.labels, minlength=len(spec.names))
+        return [int(c) * per_position for c in counts]
+
+    def _write(self, key: str, tensor: torch.Tensor, attrs: dict | None = None) -> None:
+        data = tensor.detach().to("cpu", torch.float32).numpy()
+        self.root.create_array(key, data=data, attributes=attrs or {})
+
+
+class FisherStore:
+    """Lazy reader of one task's store; arrays are read only when asked for.
+
+    Attributes:
+        attrs: the store's metadata.
+        sample_ids: sample ids in store order.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            hint = " (an interrupted run left a .partial store: rerun phase 1)" if partial_path(path).exists() else ""
+            raise StoreFormatError(f"no Fisher store at {self.path}{hint}")
+        try:
+            self.root = zarr.open_consolidated(self.path, mode="r")
+        except Exception as err:
+            raise StoreFormatError(f"{self.path} is not a Fisher store ({err})") from None
+        self.attrs = dict(self.root.attrs)
+        version = self.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{self.path} has store format version {version!r}; this fisher_pipeline reads "
+                f"version {FORMAT_VERSION}. Rerun phase 1 to rewrite it."
+            )
+        self._index: dict[str, int] | None = None
+
+    # --- samples -----------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        return int(self.attrs["n_samples"])
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [str(x) for x in self.root["samples/id"][:]]
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        return self.root["samples/n_tokens"][:]
+
+    @property
+    def losses(self) -> np.ndarray:
+        return self.root["samples/loss"][:]
+
+    def sample_index(self, ids: Iterable[str]) -> np.ndarray:
+        """Store rows of sample `ids` (KeyError naming an unknown id)."""
+        if self._index is None:
+            self._index = {sid: i for i, sid in enumerate(self.sample_ids)}
+        try:
+            return np.array([self._index[i] for i in ids], dtype=np.int64)
+        except KeyError as err:
+            raise KeyError(f"sample id {err.args[0]!r} is not in store {self.path}") from None
+
+    # --- aggregated statistics ---------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        return sorted(self.root["fisher"].array_keys())
+
+    @property
+    def per_sample_names(self) -> list[str]:
+        return list(self.attrs.get("per_sample_params", []))
+
+    def array(self, kind: str, name: str) -> zarr.Array:
+        """The lazy zarr array `kind/name` (kind: fisher, grad_mean, group, ...)."""
+        key = f"{kind}/{name}"
+        if key not in self.root:
+            raise KeyError(f"{key} is not in store {self.path}")
+        return self.root[key]
+
+    def fisher(self, name: str) -> np.ndarray:
+        """Diagonal Fisher `mean_i g_i^2` of parameter `name`, full shape."""
+        return self.array("fisher", name)[...]
+
+    def grad_mean(self, name: str) -> np.ndarray:
+        """Mean gradient `mean_i g_i`, full shape."""
+        return self.array("grad_mean", name)[...]
+
+    def fisher_m2(self, name: str) -> np.ndarray:
+        """Elementwise Welford M2 of `g^2` (only for parameters selected in the config)."""
+        return self.array("fisher_m2", name)[...]
+
+    def fisher_se(self, name: str) -> np.ndarray:
+        """Standard error of the Fisher estimate, elementwise: `sqrt(M2 / (N-1) / N)`."""
+        return _standard_error(self.fisher_m2(name), self.n_samples)
+
+    def group_fisher(self, name: str) -> np.ndarray:
+        """Fisher summed within each group (head / neuron) of `name`, `[G]`."""
+        return self.array("group", name)[...]
+
+    def group_names(self, name: str) -> list[str]:
+        return list(self.array("group", name).attrs["names"])
+
+    def group_sizes(self, name: str) -> np.ndarray:
+        """Number of parameter elements in each group, `[G]`."""
+        return np.array(self.array("group", name).attrs["sizes"], dtype=np.int64)
+
+    def group_m2(self, name: str) -> np.ndarray:
+        return self.array("group_m2", name)[...]
+
+    def group_se(self, name: str) -> np.ndarray:
+        """Standard error of each group's Fisher (from the spread of per-sample group sums)."""
+        return _standard_error(self.group_m2(name), self.n_samples)
+
+    # --- per-sample data ---------------------------------------------------------
+    def per_sample(self, name: str, ids: Iterable[str] | None = None,
+                   rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Per-sample gradients `g_i` of `name`: `[k, *shape]` for sample `ids` (or store `rows`)."""
+        array = self.array("per_sample", name)
+        index = self.sample_index(ids) if ids is not None else rows
+        if index is None:
+            return array[...]
+        if isinstance(index, slice):
+            return array[index]
+        return array.get_orthogonal_selection((np.asarray(index),))
+
+    def per_sample_slice(self, tensor_slice: TensorSlice, ids: Iterable[str] | None = None) -> np.ndarray:
+        """`g_i` restricted to a head slice: `[k, ...]` with `tensor_slice.dim` narrowed."""
+        array = self.array("per_sample", tensor_slice.param)
+        samples = self.sample_index(ids) if ids is not None else slice(None)
+        selection: list[Any] = [samples] + [slice(None)] * (array.ndim - 1)
+        selection[tensor_slice.dim + 1] = tensor_slice.index.numpy()
+        return array.get_orthogonal_selection(tuple(selection))
+
+    def contributions(self, name: str, ids: Iterable[str] | None = None) -> np.ndarray:
+        """Per-sample Fisher contributions `C_i = g_i^2` (float32), `[k, *shape]`."""
+        return np.square(self.per_sample(name, ids).astype(np.float32))
+
+    def check(self, *, weights_hash: str | None = None, config_hash: str | None = None,
+              task: str | None = None) -> "FisherStore":
+        """Raise `StoreMismatchError` if the store was made from another model/config/task."""
+        for key, expected in (("weights_hash", weights_hash), ("config_hash", config_hash), ("task", task)):
+            found = self.attrs.get(key)
+            if expected is not None and found != expected:
+                raise StoreMismatchError(
+                    f"store {self.path} was written with {key} {found!r}, but {expected!r} was expected "
+                    f"(model {self.attrs.get('model_id')!r}). It belongs to another model or config: "
+                    "rerun phase 1 for this one, or point to the matching store."
+                )
+        return self
+
+
+def _standard_error(m2: np.ndarray, n: int) -> np.ndarray:
+    if n < 2:
+        return np.full_like(m2, np.nan)
+    return np.sqrt(m2 / (n - 1) / n)
+
+
+def open_store(path: str | os.PathLike, *, weights_hash: str | None = None,
+               config_hash: str | None = None, task: str | None = None) -> FisherStore:
+    """Open a complete Fisher store lazily, optionally checking what it was made from."""
+    return FisherStore(path).check(weights_hash=weights_hash, config_hash=config_hash, task=task)

@@ -1,0 +1,39 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+_TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: Ada has 12 apples. How many apples does Ada have now? Answer: The answer is 12.",
+    "def add(a, b):\n    return a + b",
+    "Fisher information measures how much a sample tells about the parameters of a model.",
+    "Paragraphs of text, code and arithmetic: 1 + 2 = 3, 4 * 5 = 20, 9 - 7 = 2.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 300) trained in memory; prepends BOS `<s>` like Llama.
+
+    Byte-level, so any text tokenizes without unknown tokens; the BOS makes
+    `add_special_tokens` observable in tests.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TRAINING_TEXT, trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

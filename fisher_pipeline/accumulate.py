@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .models.adapters import GroupSpec
+from .scratch import Scratch
 from .welford import Welford, batch_moments
 
 
@@ -56,6 +57,7 @@ class FisherAccumulator:
         self._per_sample: dict[str, torch.Tensor] = {}
         self._touched: set[str] = set()
         self._batch_size = 0
+        self._scratch = Scratch()
 
     def begin(self, batch_size: int) -> None:
         """Start staging a micro-batch of `batch_size` samples."""
@@ -83,7 +85,8 @@ class FisherAccumulator:
         torch.sum(contributions, 0, out=self._sum_c[name][rows])
         if name in self.m2_names:
             mean = self._sum_c[name][rows] / contributions.shape[0]
-            torch.sum((contributions - mean).square_(), 0, out=self._m2_c[name][rows])
+            deviations = torch.sub(contributions, mean, out=self._scratch.view(*contributions.shape, like=mean))
+            torch.sum(deviations.square_(), 0, out=self._m2_c[name][rows])
         self._stage_groups(name, start, stop, contributions)
         self._touched.add(name)
 
@@ -91,7 +94,8 @@ class FisherAccumulator:
         spec = self.specs[name]
         group_dim = spec.dim + 1
         other = [d for d in range(1, contributions.dim()) if d != group_dim]
-        per_position = contributions.sum(other, dtype=torch.float64) if other else contributions.double()
+        # float32 within a chunk row (at most a few thousand terms), float64 across samples
+        per_position = (contributions.sum(other) if other else contributions).double()
         labels = spec.labels[start:stop] if spec.dim == 0 else spec.labels
         self._group_c[name].index_add_(1, labels, per_position)
 

@@ -76,8 +76,8 @@ def test_arithmetic_worked_answers_are_correct():
         assert steps, s.completion
         for a, op, b, result in steps:
             ops.add(op)
-            expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
-            assert expected == int(result), s.completion
+            a, b = int(a), int(b)
+            assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] == int(result), s.completion
         assert s.completion.endswith(f"The answer is {steps[-1][3]}.")
     assert {"+", "-", "*"} <= ops
     assert any(len(re.findall(r" = ", s.completion)) >= 2 for s in samples)  # multi-step ones exist
@@ -187,7 +187,7 @@ def test_truncation_and_first_position_unlabelled(tmp_path, tiny_tokenizer):
         tmp_path / "long.jsonl",
         [
             {"text": "The quick brown fox jumps over the lazy dog. " * 10},
-            {"prompt": "Question: what is 2 + 2?", "completion": " Two plus two is four. The answer is 4." * 5},
+            {"prompt": "Question: what is 2 + 2?", "completion": " Two plus two is four." * 10},
             {"prompt": "", "completion": "The answer is 4."},
         ],
     )
@@ -239,7 +239,8 @@ def test_malformed_jsonl_line_is_named(tmp_path, tiny_tokenizer):
 def test_csv_missing_column(tmp_path, tiny_tokenizer):
     path = tmp_path / "t.csv"
     path.write_text("title,body\na,b\n")
-    with pytest.raises(TaskError, match=r"no column 'text'; available columns: 'title', 'body'.*tasks\.t\.column"):
+    expected = r"no column 'text'; available columns: 'title', 'body'.*tasks\.t\.column"
+    with pytest.raises(TaskError, match=expected):
         load_task(task(path), tiny_tokenizer)
 
 
@@ -251,13 +252,15 @@ def test_unknown_suffix(tmp_path, tiny_tokenizer):
 
 
 def test_unknown_builtin(tiny_tokenizer):
-    with pytest.raises(TaskError, match="unknown built-in task 'poetry'; built-ins: builtin:arithmetic, builtin:code, builtin:prose"):
+    expected = "unknown built-in task 'poetry'; built-ins: builtin:arithmetic, builtin:code, builtin:prose"
+    with pytest.raises(TaskError, match=expected):
         load_task(task("builtin:poetry"), tiny_tokenizer)
 
 
 def test_fewer_samples_than_asked_warns_and_uses_all(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "few.jsonl", [{"text": "Some text here."}, {"text": ""}, {"text": "More text."}])
-    with pytest.warns(UserWarning, match=r"task 't': asked for 10 samples but .* only 2 usable \(1 empty text\)"):
+    path = write_jsonl(tmp_path / "few.jsonl", [{"text": "Some text."}, {"text": ""}, {"text": "More text."}])
+    expected = r"task 't': asked for 10 samples but .* only 2 usable \(1 empty text\)"
+    with pytest.warns(UserWarning, match=expected):
         samples = load_task(task(path, n_samples=10), tiny_tokenizer)
     assert {s.id for s in samples} == {"few:1", "few:3"}
 
@@ -269,12 +272,14 @@ def test_no_usable_sample_is_an_error(tmp_path, tiny_tokenizer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert len(load_task(task(path, max_length=2), tiny_tokenizer)) == 1
-    with pytest.raises(TaskError, match=r"task 't': source 'builtin:arithmetic' has no usable sample.*completion token"):
+    expected = r"task 't': source 'builtin:arithmetic' has no usable sample.*completion token"
+    with pytest.raises(TaskError, match=expected):
         load_task(task("builtin:arithmetic", n_samples=2, max_length=4), tiny_tokenizer)
 
 
 def test_duplicate_ids(tmp_path, tiny_tokenizer, monkeypatch):
-    path = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "text": "One."}, {"id": "b", "text": "Two."}, {"id": "a", "text": "Three."}])
+    records = [{"id": "a", "text": "One."}, {"id": "b", "text": "Two."}, {"id": "a", "text": "Three."}]
+    path = write_jsonl(tmp_path / "dup.jsonl", records)
     with pytest.raises(TaskError, match=r"line 3: duplicate id 'a' \(also on line 1\)"):
         load_task(task(path), tiny_tokenizer)
     path = tmp_path / "dup.csv"

@@ -25,7 +25,9 @@ from .samples import TextSample, seeded_order
 # ---------------------------------------------------------------- arithmetic
 
 _NAMES = ("Ada", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam")
-_ITEMS = ("apples", "books", "marbles", "stamps", "pencils", "cookies", "shells", "coins", "stickers", "cards")
+_ITEMS = (
+    "apples", "books", "marbles", "stamps", "pencils", "cookies", "shells", "coins", "stickers", "cards",
+)
 _CONTAINERS = ("box", "bag", "crate", "jar", "basket", "shelf")
 
 
@@ -118,7 +120,8 @@ def arithmetic(n: int, seed: int) -> list[TextSample]:
         question, steps, answer = rng.choice(_PROBLEMS)(rng)
         # Leading space: BPE vocabularies hold words with their preceding space.
         completion = " " + " ".join(steps) + f" The answer is {answer}."
-        samples.append(TextSample(id=f"arithmetic:{seed}:{k}", prompt=f"Question: {question}\nAnswer:", completion=completion))
+        prompt = f"Question: {question}\nAnswer:"
+        samples.append(TextSample(id=f"arithmetic:{seed}:{k}", prompt=prompt, completion=completion))
     return samples
 
 

@@ -42,9 +42,14 @@ def read_task_file(task: TaskConfig, path: Path) -> list[TextSample]:
     try:
         content = path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM left by Excel & co.
     except UnicodeDecodeError as err:
-        raise TaskError(f"task '{task.name}': {path} is not UTF-8 text ({err}); re-save it as UTF-8") from None
+        raise TaskError(
+            f"task '{task.name}': {path} is not UTF-8 text ({err}); re-save it as UTF-8"
+        ) from None
     if not content.strip():
-        raise TaskError(f"task '{task.name}': task file {path} is empty; add samples or point tasks.{task.name}.source elsewhere")
+        raise TaskError(
+            f"task '{task.name}': task file {path} is empty; add samples or point "
+            f"tasks.{task.name}.source elsewhere"
+        )
     readers = {"jsonl": _read_jsonl, "text": _read_text, "csv": _read_csv}
     return readers[fmt](task, path, content)
 
@@ -60,15 +65,21 @@ def _read_jsonl(task: TaskConfig, path: Path, content: str) -> list[TextSample]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise TaskError(f"{where} is not valid JSON ({err.msg}); each line must be one JSON object") from None
+            raise TaskError(
+                f"{where} is not valid JSON ({err.msg}); each line must be one JSON object"
+            ) from None
         if not isinstance(record, dict):
-            raise TaskError(f"{where} is a JSON {type(record).__name__}, not an object like {{\"text\": ...}}")
+            raise TaskError(
+                f"{where} is a JSON {type(record).__name__}, not an object like {{\"text\": ...}}"
+            )
         sample_id = record.get("id", f"{path.stem}:{line_no}")
         if not isinstance(sample_id, (str, int)) or isinstance(sample_id, bool):
             raise TaskError(f"{where}: 'id' must be a string or integer, got {sample_id!r}")
         sample_id = str(sample_id)
         if sample_id in id_lines:
-            raise TaskError(f"{where}: duplicate id {sample_id!r} (also on line {id_lines[sample_id]}); ids must be unique")
+            raise TaskError(
+                f"{where}: duplicate id {sample_id!r} (also on line {id_lines[sample_id]}); ids must be unique"
+            )
         id_lines[sample_id] = line_no
         samples.append(_sample_from_record(record, sample_id, where))
     return samples
@@ -80,13 +91,15 @@ def _sample_from_record(record: dict, sample_id: str, where: str) -> TextSample:
     for key, value in fields.items():
         if value is not None and not isinstance(value, str):
             raise TaskError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-    has_text, has_pair = fields["text"] is not None, fields["prompt"] is not None or fields["completion"] is not None
+    has_text = fields["text"] is not None
+    has_pair = fields["prompt"] is not None or fields["completion"] is not None
     if has_text and not has_pair:
         return TextSample(id=sample_id, text=fields["text"])
     if not has_text and fields["prompt"] is not None and fields["completion"] is not None:
         return TextSample(id=sample_id, prompt=fields["prompt"], completion=fields["completion"])
     raise TaskError(
-        f"{where} has keys {sorted(record)}; it needs either 'text', or both 'prompt' and 'completion' (not both kinds)"
+        f"{where} has keys {sorted(record)}; it needs either 'text', or both 'prompt' and "
+        "'completion' (not both kinds)"
     )
 
 
@@ -135,7 +148,9 @@ def _read_csv(task: TaskConfig, path: Path, content: str) -> list[TextSample]:
             id_rows[sample_id] = row_no
             samples.append(TextSample(id=sample_id, text=row.get(task.column) or ""))
     except csv.Error as err:
-        raise TaskError(f"task '{task.name}': {path} is not valid CSV near line {reader.line_num}: {err}") from None
+        raise TaskError(
+            f"task '{task.name}': {path} is not valid CSV near line {reader.line_num}: {err}"
+        ) from None
     if not samples:
         raise TaskError(f"task '{task.name}': task file {path} is empty (a header but no rows)")
     return samples

@@ -83,7 +83,9 @@ def _task_path(task: TaskConfig) -> Path:
             f"{Path.cwd()}); fix tasks.{task.name}.source or use a built-in such as 'builtin:prose'"
         )
     if not path.is_file():
-        raise TaskError(f"task '{task.name}': {path} is not a file; tasks.{task.name}.source must name a file")
+        raise TaskError(
+            f"task '{task.name}': {path} is not a file; tasks.{task.name}.source must name a file"
+        )
     return path
 
 
@@ -151,7 +153,10 @@ def _check_unique_ids(task: TaskConfig, samples: list[TextSample]) -> None:
     seen: set[str] = set()
     for sample in samples:
         if sample.id in seen:
-            raise TaskError(f"task '{task.name}': duplicate sample id {sample.id!r} in {task.source!r}; ids must be unique")
+            raise TaskError(
+                f"task '{task.name}': duplicate sample id {sample.id!r} in {task.source!r}; "
+                "ids must be unique"
+            )
         seen.add(sample.id)
 
 

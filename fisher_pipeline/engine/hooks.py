@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..scratch import Scratch
 from .layers import RowGrad, rule_for
 
 #: sink(param_name, row_start, row_stop, per_sample_rows `[b, r, *shape[1:]]`).
@@ -32,6 +33,9 @@ class UnsupportedLayerError(TypeError):
 
 class PerSampleGradients:
     """Context manager: hooks `model` so each backward feeds per-sample gradients to `sink`.
+
+    The chunk handed to `sink` is a view of a reused buffer: valid only during the call
+    (the sink may modify it in place).
 
     Args:
         model: the model; its trainable parameters all need a per-sample rule.
@@ -65,6 +69,9 @@ class PerSampleGradients:
                 "(requires_grad=False) or add a rule in fisher_pipeline/engine/layers.py."
             )
         self._handles: list = []
+        # One reused buffer for every chunk: fresh multi-MB tensors per chunk would be
+        # fresh pages from the OS each time (page faults cost as much as the math).
+        self._workspace = Scratch()
         self._reset()
 
     def _reset(self) -> None:
@@ -126,16 +133,17 @@ class PerSampleGradients:
         return hook
 
     def _emit(self, name: str) -> None:
-        uses = self._uses.pop(name)
+        uses = sorted(self._uses.pop(name), key=lambda use: not use.dense)  # dense first: sparse add in
         self._expected.pop(name)
         shape = self.params[name].shape
         per_row = self._batch_size * math.prod(shape[1:])
         step = max(1, self.chunk_elements // max(per_row, 1))
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])
-            chunk = uses[0].rows(start, stop)
+            chunk = self._workspace.view(self._batch_size, stop - start, *shape[1:], like=self.params[name])
+            uses[0].write(chunk, start, stop)
             for use in uses[1:]:
-                chunk += use.rows(start, stop)
+                use.add_to(chunk, start, stop)
             self.sink(name, start, stop, chunk)
 
     def finish(self) -> None:

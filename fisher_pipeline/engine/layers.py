@@ -4,9 +4,10 @@ Written once per layer type and wired by `RULES` (BackPACK-style). Index letters
 `b` sample, `s` position (all non-batch, non-feature dims flattened), `o` output
 feature, `i` input feature, `r` a range of parameter rows.
 
-Each rule returns, per parameter of the module, a `RowGrad`: an object that yields the
-per-sample gradient `[b, r, *param_shape[1:]]` of any row range on demand, so that
-huge parameters (the vocabulary matrix) are materialised a few rows at a time.
+Each rule returns, per parameter of the module, a `RowGrad`: an object that writes the
+per-sample gradient `[b, r, *param_shape[1:]]` of any row range on demand into a
+caller's buffer, so that huge parameters (the vocabulary matrix) are materialised a
+few rows at a time and no large tensor is allocated per chunk.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ from transformers.pytorch_utils import Conv1D
 class RowGrad(Protocol):
     """Per-sample gradient of one parameter from one use of it, by row ranges."""
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Per-sample gradient rows `start:stop`: `[b, stop - start, *param_shape[1:]]`."""
+    #: Whether `rows` is dense; sparse uses are cheaper to add into a dense result.
+    dense: bool
+
+    def write(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """Write per-sample gradient rows `start:stop` into `out` `[b, stop - start, *shape[1:]]`."""
+
+    def add_to(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """Add per-sample gradient rows `start:stop` to `out`, in place."""
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -38,9 +45,13 @@ class OuterProductGrad:
 
     left: torch.Tensor  # [b, s, rows]
     right: torch.Tensor  # [b, s, cols]
+    dense = True
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return torch.bmm(self.left[:, :, start:stop].transpose(1, 2), self.right)  # [b, r, cols]
+    def write(self, out: torch.Tensor, start: int, stop: int) -> None:
+        torch.bmm(self.left[:, :, start:stop].transpose(1, 2), self.right, out=out)  # [b, r, cols]
+
+    def add_to(self, out: torch.Tensor, start: int, stop: int) -> None:
+        out.baddbmm_(self.left[:, :, start:stop].transpose(1, 2), self.right)
 
 
 @dataclass
@@ -48,9 +59,13 @@ class SummedGrad:
     """Gradient `sum_s values[b, s, r]` (biases, norm weights)."""
 
     values: torch.Tensor  # [b, s, rows]
+    dense = True
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.values[:, :, start:stop].sum(1)  # [b, r]
+    def write(self, out: torch.Tensor, start: int, stop: int) -> None:
+        torch.sum(self.values[:, :, start:stop], 1, out=out)  # [b, r]
+
+    def add_to(self, out: torch.Tensor, start: int, stop: int) -> None:
+        out += self.values[:, :, start:stop].sum(1)
 
 
 @dataclass
@@ -60,18 +75,20 @@ class EmbeddingGrad:
     ids: torch.Tensor  # [b, s] int64
     grad_out: torch.Tensor  # [b, s, f]
     padding_idx: int | None
+    dense = False
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
+    def write(self, out: torch.Tensor, start: int, stop: int) -> None:
+        out.zero_()
+        self.add_to(out, start, stop)
+
+    def add_to(self, out: torch.Tensor, start: int, stop: int) -> None:
         n_rows = stop - start
-        batch, _, features = self.grad_out.shape
-        out = self.grad_out.new_zeros(batch * n_rows, features)
         hit = (self.ids >= start) & (self.ids < stop)
         if self.padding_idx is not None:  # nn.Embedding never updates its padding row
             hit &= self.ids != self.padding_idx
-        sample = torch.arange(batch, device=self.ids.device)[:, None].expand_as(self.ids)
+        sample = torch.arange(out.shape[0], device=self.ids.device)[:, None].expand_as(self.ids)
         flat_row = (sample * n_rows + self.ids - start)[hit]
-        out.index_add_(0, flat_row, self.grad_out[hit])
-        return out.view(batch, n_rows, features)
+        out.view(-1, out.shape[-1]).index_add_(0, flat_row, self.grad_out[hit])
 
 
 def linear_rule(module: nn.Linear, inputs: torch.Tensor, grad_out: torch.Tensor) -> dict[str, RowGrad]:

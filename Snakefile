@@ -1,0 +1,19 @@
+# fisher_pipeline: which weights, heads and neurons each task relies on.
+# Run: snakemake --cores 2   (see README.md; config keys in config/README.md)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/fisher.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

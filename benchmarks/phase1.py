@@ -1,0 +1,190 @@
+"""Phase 1 speed and memory, side by side: floor vs batch-1 loop vs our phase 1.
+
+    .venv/bin/python benchmarks/phase1.py                 # SmolLM2-135M, T=128, B=8 and 16
+    .venv/bin/python benchmarks/phase1.py --rss-scaling   # peak RSS at N=32 vs N=256
+
+Each measurement runs in its own subprocess (so peak RSS is that variant's alone),
+after one warm-up micro-batch; variants are interleaved over repeats and the table
+reports medians. Variants:
+  floor  plain batched forward + backward (parameter .grad summed over the batch)
+  loop   batch-1 forward/backward per sample, accumulating g^2 (the seeds' method)
+  ours   phase 1: full-model Fisher + Welford + per-sample attention gradients of all
+         layers written to a zarr store (float16), store completed and renamed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _samples(n: int, length: int, vocab: int, seed: int = 0):
+    import torch
+
+    from fisher_pipeline.data import TokenizedSample
+
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(length, dtype=torch.bool)
+    mask[0] = False
+    return [TokenizedSample(f"b{k}", torch.randint(0, vocab, (length,), generator=gen), mask) for k in range(n)]
+
+
+def _model(kind: str):
+    import torch
+    import transformers
+
+    if kind == "smollm2":
+        from fisher_pipeline.config import BUNDLED_MODEL_PATH, ModelConfig
+        from fisher_pipeline.models.loading import load_model
+
+        return load_model(ModelConfig(path=str(ROOT / BUNDLED_MODEL_PATH))).model
+    torch.manual_seed(0)  # "small": a 4-layer Llama, d_model 256, for the RSS-scaling check
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
+                                      tie_word_embeddings=True)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _floor(model, batches) -> None:
+    from fisher_pipeline.engine.loss import per_sample_loss
+
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        per_sample_loss(logits, batch.input_ids, batch.label_mask).sum().backward()
+
+
+def _loop(model, batches, state: dict) -> None:
+    from fisher_pipeline.engine.loss import per_sample_loss
+
+    for batch in batches:
+        for row in range(batch.input_ids.shape[0]):
+            model.zero_grad(set_to_none=True)
+            ids = batch.input_ids[row:row + 1]
+            logits = model(input_ids=ids, use_cache=False).logits
+            per_sample_loss(logits, ids, batch.label_mask[row:row + 1]).sum().backward()
+            for name, p in model.named_parameters():
+                state.setdefault(name, torch_zeros_like(p)).add_(p.grad.square())
+
+
+def torch_zeros_like(p):
+    import torch
+
+    return torch.zeros_like(p)
+
+
+def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> None:
+    from fisher_pipeline.config import FisherConfig
+    from fisher_pipeline.fisher import compute_fisher, select_params
+    from fisher_pipeline.models.adapters import adapter_for
+    from fisher_pipeline.store import StoreWriter
+
+    config = FisherConfig(batch_size=batch_size, per_sample_params=per_sample)
+    adapter = adapter_for(model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    writer = StoreWriter(out, {"task": "bench"}, shapes, {n: adapter.group_spec(n, s) for n, s in shapes.items()},
+                         select_params(list(shapes), per_sample), "float16", len(samples), batch_size)
+    result = compute_fisher(model, adapter, samples, config, pad_id=0,
+                            on_commit=lambda b, l, g: writer.append(b.ids, b.n_tokens, l, g))
+    writer.close(result.accumulator)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from fisher_pipeline.config import ATTENTION_PROJECTIONS
+    from fisher_pipeline.engine.loss import collate
+
+    torch.set_num_threads(args.threads)
+    model = _model(args.model)
+    vocab = model.config.vocab_size
+    warm = _samples(args.batch, args.length, vocab, seed=1)
+    samples = _samples(args.n, args.length, vocab)
+    batches = [collate(samples[i:i + args.batch], 0) for i in range(0, len(samples), args.batch)]
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+        if args.variant == "floor":
+            _floor(model, [collate(warm, 0)])
+            start = time.perf_counter()
+            _floor(model, batches)
+        elif args.variant == "loop":
+            _loop(model, [collate(warm[:1], 0)], {})
+            start = time.perf_counter()
+            _loop(model, batches, {})
+        else:
+            _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", ATTENTION_PROJECTIONS)
+            start = time.perf_counter()
+            _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", ATTENTION_PROJECTIONS)
+        elapsed = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"variant": args.variant, "batch": args.batch, "n": args.n,
+                      "sec_per_sample": elapsed / args.n, "peak_rss_mb": peak_mb}))
+
+
+def _run(variant: str, batch: int, n: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(batch), "--n", str(n),
+           "--length", str(args.length), "--threads", str(args.threads), "--model", args.model]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", choices=["floor", "loop", "ours"])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "small"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--n", type=int, default=32, help="samples timed per run")
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=["floor", "loop", "ours"])
+    parser.add_argument("--rss-scaling", action="store_true", help="peak RSS of ours at N=32 vs N=256")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, threads={args.threads}, T={args.length}, model={args.model}")
+    if args.rss_scaling:
+        runs = {n: [_run("ours", args.batch, n, args)["peak_rss_mb"] for _ in range(args.repeats)] for n in (32, 256)}
+        small, large = (statistics.median(runs[n]) for n in (32, 256))
+        print("| N | peak RSS (MB), median |\n|---|---|")
+        print(f"| 32 | {small:.0f} |\n| 256 | {large:.0f} |")
+        print(f"growth N=32 -> 256: {100 * (large / small - 1):+.1f}%")
+        return
+    results: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.repeats):
+        for batch in args.batches:
+            for variant in args.variants:
+                results.setdefault((variant, batch), []).append(_run(variant, batch, args.n, args))
+    print("| B | variant | s/sample (median) | ratio to floor | peak RSS MB | runs |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batches:
+        floor = statistics.median(r["sec_per_sample"] for r in results[("floor", batch)]) \
+            if ("floor", batch) in results else float("nan")
+        for variant in args.variants:
+            runs = results[(variant, batch)]
+            sec = statistics.median(r["sec_per_sample"] for r in runs)
+            rss = statistics.median(r["peak_rss_mb"] for r in runs)
+            times = ", ".join(f"{r['sec_per_sample']:.3f}" for r in runs)
+            print(f"| {batch} | {variant} | {sec:.3f} | {sec / floor:.2f}x | {rss:.0f} | {times} |")
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "phase1.json").write_text(json.dumps({f"{v}@{b}": r for (v, b), r in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

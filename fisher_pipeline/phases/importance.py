@@ -1,0 +1,192 @@
+"""Phase 2 — Fisher importance per tensor, head, neuron and layer, with head heatmaps.
+
+Everything is computed from the group arrays of a store (`group/`, `group_m2/`): the
+groups of a parameter partition it, so a tensor's Fisher sum is the sum of its groups'
+and the model total the sum of all groups. These arrays hold one number per head /
+neuron, so this phase reads kilobytes, not the model-sized `fisher/` arrays.
+
+Columns of every table:
+    n_elements   parameter elements in the unit
+    fisher_sum   Fisher summed over the unit's elements
+    fisher_mean  fisher_sum / n_elements (Fisher per parameter)
+    share        fisher_sum / model total (shares of a partition of the model sum to 1)
+    rank         1 = most important by `rank_by` (ties share the lowest rank)
+    se           standard error of fisher_sum, from Welford `group_m2` (NaN for N < 2)
+    se_mean      se / n_elements
+    snr          fisher_sum / se (inf when se = 0 < fisher_sum, NaN when both are 0)
+    se_is_bound  True when the unit spans several stored groups (a tensor with heads, a
+                 neuron across gate/up/down): the covariances between groups are not
+                 stored, so `se` is then the sum of the groups' standard errors, an
+                 upper bound (Minkowski), and `snr` a lower bound.
+
+Head table (`heads`): one row per (layer, block, head) for blocks q, k, v, o. It is
+GQA-aware: K and V rows are per KV head, as stored (`head_kind == "kv"`), and
+`query_heads` lists the query heads that read each KV head.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import plots
+from ..errors import ConfigError
+from ..store import FisherStore, open_store
+from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, write_table
+
+HEAD_BLOCKS = ("q", "k", "v", "o")
+TABLES = ("tensors", "groups", "heads", "neurons", "layers")
+
+
+@dataclass(frozen=True)
+class ImportanceOptions:
+    """Settings of phase 2."""
+
+    rank_by: str = "mean"  # rank (and colour heatmaps) by Fisher per element ("mean") or per unit ("sum")
+    log_color: bool = True  # heatmap colours on a log scale: Fisher spans orders of magnitude
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in ("mean", "sum"):
+            raise ConfigError(f"importance rank_by must be 'mean' or 'sum', got {self.rank_by!r}")
+
+    @property
+    def score_column(self) -> str:
+        return f"fisher_{self.rank_by}"
+
+
+def group_table(store: FisherStore, task: str) -> pd.DataFrame:
+    """One row per (parameter, stored group) with the group's Fisher sum and its standard error.
+
+    Raises:
+        ValueError: a group array holds NaN or inf (naming the store and tensor).
+    """
+    frames = []
+    for param in store.param_names:
+        sums = read_finite(store, "group", param)
+        m2 = read_finite(store, "group_m2", param)
+        parsed = [parse_group_name(name) for name in store.group_names(param)]
+        frames.append(pd.DataFrame({
+            "task": task,
+            "param": param,
+            "layer": pd.array([layer_of(param)] * len(sums), dtype="Int64"),
+            "group": store.group_names(param),
+            "block": [block for block, _ in parsed],
+            "index": pd.array([index for _, index in parsed], dtype="Int64"),
+            "n_elements": store.group_sizes(param),
+            "fisher_sum": sums,
+            "se": _standard_error(m2, store.n_samples),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def importance_tables(store: FisherStore, task: str, options: ImportanceOptions) -> dict[str, pd.DataFrame]:
+    """Every phase 2 table of one task: tensors, groups, heads, neurons, layers.
+
+    Raises:
+        ValueError: the Fisher is zero for the whole model (shares undefined), or a store
+            array is not finite.
+    """
+    groups = group_table(store, task)
+    total = float(groups["fisher_sum"].sum())
+    if total <= 0:
+        raise ValueError(
+            f"the Fisher in store {store.path} is zero for every parameter: shares are undefined. "
+            f"Check that phase 1 saw labelled tokens (label masks) for task {task!r}."
+        )
+    heads = groups[groups["block"].isin(HEAD_BLOCKS) & groups["index"].notna()].rename(columns={"index": "head"})
+    neurons = groups[groups["block"] == "neuron"].rename(columns={"index": "neuron"})
+    tables = {
+        "tensors": summarize(groups, ["task", "param", "layer"], total, options),
+        "groups": summarize(groups, ["task", "param", "layer", "group", "block", "index"], total, options),
+        "heads": _with_gqa_columns(summarize(heads, ["task", "layer", "block", "head"], total, options)),
+        "neurons": summarize(neurons, ["task", "layer", "neuron"], total, options),
+        "layers": summarize(groups, ["task", "layer"], total, options),
+    }
+    n_tensors = groups.groupby("layer", dropna=False)["param"].nunique().rename("n_tensors").reset_index()
+    tables["layers"] = tables["layers"].merge(n_tensors, on="layer", how="left")
+    return tables
+
+
+def summarize(parts: pd.DataFrame, keys: list[str], total: float, options: ImportanceOptions) -> pd.DataFrame:
+    """Aggregate group rows `parts` into units keyed by `keys`, with the derived columns.
+
+    Args:
+        parts: rows of `group_table` (columns n_elements, fisher_sum, se and `keys`).
+        keys: columns identifying a unit (e.g. ["task", "param", "layer"] for tensors).
+        total: the model's Fisher sum, denominator of `share`.
+        options: `rank_by` decides the ranking score.
+    """
+    units = parts.assign(se_missing=parts["se"].isna()).groupby(keys, dropna=False, sort=True).agg(
+        n_elements=("n_elements", "sum"), fisher_sum=("fisher_sum", "sum"), se=("se", "sum"),
+        se_missing=("se_missing", "any"), n_parts=("fisher_sum", "size"),
+    ).reset_index()
+    units.loc[units.pop("se_missing"), "se"] = np.nan  # pandas' sum skips NaN; N < 2 has no SE at all
+    units["fisher_mean"] = units["fisher_sum"] / units["n_elements"]
+    units["share"] = units["fisher_sum"] / total
+    units["se_mean"] = units["se"] / units["n_elements"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        units["snr"] = units["fisher_sum"].to_numpy() / units["se"].to_numpy()
+    units["se_is_bound"] = units.pop("n_parts") > 1
+    units["rank"] = units[options.score_column].rank(ascending=False, method="min").astype(np.int64)
+    order = ["n_elements", "fisher_sum", "fisher_mean", "share", "rank", "se", "se_mean", "snr", "se_is_bound"]
+    return units[keys + order]
+
+
+def run_importance(store_path: str | os.PathLike, out_dir: str | os.PathLike,
+                   options: ImportanceOptions | None = None, task: str | None = None) -> dict[str, Path]:
+    """Phase 2 for one task: write its tables and head heatmaps into `out_dir` (atomically).
+
+    Args:
+        store_path: the task's phase 1 store.
+        out_dir: directory to (re)create.
+        options: phase settings (defaults if None).
+        task: task name for the tables (default: the store's `task` attr).
+
+    Returns:
+        output key -> path: `<table>_parquet` / `<table>_csv` for tables tensors, groups,
+        heads, neurons, layers, and `heads_heatmap` (PNG).
+    """
+    options = options or ImportanceOptions()
+    store = open_store(store_path)
+    task = task or str(store.attrs.get("task", Path(store_path).stem))
+    tables = importance_tables(store, task, options)
+    with atomic_output_dir(out_dir) as staging:
+        paths: dict[str, Path] = {}
+        for name in TABLES:
+            paths |= write_table(tables[name], staging, name)
+        paths["heads_heatmap"] = plots.head_heatmaps(
+            tables["heads"], options.score_column, f"Fisher {options.rank_by} per head — task {task}",
+            staging / "heads_heatmap.png", log_scale=options.log_color,
+        )
+    return relocate(paths, staging, out_dir)
+
+
+def _standard_error(m2: np.ndarray, n_samples: int) -> np.ndarray:
+    """Standard error of a Welford mean from its M2: `sqrt(M2 / (N - 1) / N)` (NaN for N < 2)."""
+    if n_samples < 2:
+        return np.full(m2.shape, np.nan)
+    return np.sqrt(m2 / (n_samples - 1) / n_samples)
+
+
+def _with_gqa_columns(heads: pd.DataFrame) -> pd.DataFrame:
+    """Add `head_kind` (query / kv) and `query_heads` (the query heads reading each row's head)."""
+    heads = heads.copy()
+    heads["head_kind"] = np.where(heads["block"].isin(("k", "v")), "kv", "query")
+    n_query = heads[heads["block"] == "q"].groupby("layer")["head"].nunique()
+    n_kv = heads[heads["block"] == "k"].groupby("layer")["head"].nunique()
+
+    def readers(row: pd.Series) -> str:
+        if row["head_kind"] == "query":
+            return str(row["head"])
+        q, kv = n_query.get(row["layer"]), n_kv.get(row["layer"])
+        if not q or not kv or q % kv:
+            return ""  # no query heads stored for this layer: the map is unknown
+        per_kv = q // kv
+        return ",".join(str(h) for h in range(row["head"] * per_kv, (row["head"] + 1) * per_kv))
+
+    heads["query_heads"] = heads.apply(readers, axis=1) if len(heads) else pd.Series(dtype=str)
+    return heads

@@ -1,0 +1,100 @@
+"""Real phase 1 stores of a tiny Llama-like layout, built from random per-sample gradients.
+
+Stores go through the production `FisherAccumulator` and `StoreWriter`, so the analysis
+phases are tested on exactly what phase 1 writes, without running a model.
+
+Tiny layout (`llama_layout`): 2 layers, d_model 6, 4 query heads and 2 KV heads of
+dim 2 (GQA: 2 query heads per KV head), MLP width 10, vocab 12.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fisher_pipeline.accumulate import FisherAccumulator
+from fisher_pipeline.models.adapters import GroupSpec
+from fisher_pipeline.store import StoreWriter
+
+D_MODEL, N_HEADS, N_KV_HEADS, HEAD_DIM, WIDTH, VOCAB = 6, 4, 2, 2, 10, 12
+
+
+def llama_layout(n_layers: int = 2) -> tuple[dict[str, tuple[int, ...]], dict[str, GroupSpec]]:
+    """Shapes and group specs of a tiny Llama-like model, grouped as `LlamaAdapter` does."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (VOCAB, D_MODEL), "model.norm.weight": (D_MODEL,),
+    }
+    specs: dict[str, GroupSpec] = {}
+    for layer in range(n_layers):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        shapes |= {
+            f"{attn}.q_proj.weight": (N_HEADS * HEAD_DIM, D_MODEL),
+            f"{attn}.k_proj.weight": (N_KV_HEADS * HEAD_DIM, D_MODEL),
+            f"{attn}.v_proj.weight": (N_KV_HEADS * HEAD_DIM, D_MODEL),
+            f"{attn}.o_proj.weight": (D_MODEL, N_HEADS * HEAD_DIM),
+            f"{mlp}.gate_proj.weight": (WIDTH, D_MODEL),
+            f"{mlp}.up_proj.weight": (WIDTH, D_MODEL),
+            f"{mlp}.down_proj.weight": (D_MODEL, WIDTH),
+            f"model.layers.{layer}.input_layernorm.weight": (D_MODEL,),
+        }
+        for block, count in (("q", N_HEADS), ("k", N_KV_HEADS), ("v", N_KV_HEADS)):
+            heads = [(f"{block}.h{h}", HEAD_DIM) for h in range(count)]
+            specs[f"{attn}.{block}_proj.weight"] = GroupSpec.blocks(0, heads)
+        specs[f"{attn}.o_proj.weight"] = GroupSpec.blocks(1, [(f"o.h{h}", HEAD_DIM) for h in range(N_HEADS)])
+        neurons = GroupSpec.blocks(0, [(f"neuron.{n}", 1) for n in range(WIDTH)])
+        specs[f"{mlp}.gate_proj.weight"] = specs[f"{mlp}.up_proj.weight"] = neurons
+        specs[f"{mlp}.down_proj.weight"] = GroupSpec(1, neurons.labels, neurons.names)
+    for name, shape in shapes.items():
+        specs.setdefault(name, GroupSpec.whole(shape))
+    return shapes, specs
+
+
+def random_gradients(shapes: dict[str, tuple[int, ...]], n_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Per-sample gradients `[N, *shape]` whose scale varies by element (a spread of Fisher values)."""
+    rng = np.random.default_rng(seed)
+    grads = {}
+    for name, shape in shapes.items():
+        scale = np.exp(rng.normal(size=shape))
+        offset = 0.5 * rng.normal(size=shape)  # a non-zero mean gradient
+        grads[name] = (offset + rng.normal(size=(n_samples, *shape)) * scale).astype(np.float32)
+    return grads
+
+
+def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = "task",
+               shapes: dict[str, tuple[int, ...]] | None = None, specs: dict[str, GroupSpec] | None = None,
+               grads: dict[str, np.ndarray] | None = None, per_sample: tuple[str, ...] = (),
+               batch_size: int = 3, weights_hash: str = "tiny-weights") -> Path:
+    """Write a complete phase 1 store at `path` and return it.
+
+    Args:
+        path: store path (`.../{task}.zarr`).
+        n_samples: N.
+        seed: seed of the random gradients.
+        task: the store's task attr.
+        shapes, specs: layout (default `llama_layout()`).
+        grads: per-sample gradients `[N, *shape]` replacing the random ones for some parameters
+            (e.g. zeros for an all-zero Fisher, few distinct values for ties).
+        per_sample: parameters whose per-sample gradients are stored.
+        batch_size: micro-batch size fed to the accumulator.
+        weights_hash: model identity recorded in the attrs.
+    """
+    if shapes is None:
+        shapes, default_specs = llama_layout()
+        specs = specs or default_specs
+    overrides = {name: np.asarray(values, np.float32) for name, values in (grads or {}).items()}
+    all_grads = random_gradients(shapes, n_samples, seed) | overrides
+    accumulator = FisherAccumulator(shapes, specs, m2_names=set(), per_sample_names=set(per_sample))
+    attrs = {"model_id": "tiny-llama", "weights_hash": weights_hash, "task": task, "config_hash": "test",
+             "fisher_kind": "empirical", "package_version": "test"}
+    writer = StoreWriter(path, attrs, shapes, specs, per_sample, "float32", max_samples=n_samples)
+    for start in range(0, n_samples, batch_size):
+        stop = min(start + batch_size, n_samples)
+        accumulator.begin(stop - start)
+        for name, shape in shapes.items():
+            accumulator.add(name, 0, shape[0], torch.tensor(all_grads[name][start:stop]))
+        committed = accumulator.commit()
+        ids = [f"{task}-{i}" for i in range(start, stop)]
+        writer.append(ids, torch.full((stop - start,), 5), torch.ones(stop - start), committed)
+    return writer.close(accumulator)

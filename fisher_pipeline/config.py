@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .phases.importance import ImportanceOptions
+from .phases.masks import MaskOptions
+from .phases.overlap import OverlapOptions
+from .phases.scaled import ScaledOptions
 
 #: Attention projections of every supported family (weights and biases).
 ATTENTION_PROJECTIONS = (
@@ -70,6 +74,11 @@ _CHOICES = {
 }
 _POSITIVE = {"n_samples", "max_length", "batch_size", "chunk_elements"}
 _REGEXES = {"per_sample_params", "fisher_m2_params"}
+#: Keys whose type the analysis phases' own checks would not report clearly.
+_NUMBERS = {("ScaledOptions", "damping"), ("ScaledOptions", "eta")}
+_BOOLEANS = {("ImportanceOptions", "log_color")}
+_NUMBER_LISTS = {("MaskOptions", "sparsities")}
+_OPTIONAL_STRINGS = {("MaskOptions", "include")}
 
 
 def _build(cls: type, section: str, values: Mapping[str, Any], **extra: Any):
@@ -83,6 +92,7 @@ def _build(cls: type, section: str, values: Mapping[str, Any], **extra: Any):
             f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
             f"valid keys of '{section}': {', '.join(sorted(known - set(extra)))}"
         )
+    _check_types(cls, section, values)
     obj = cls(**{**values, **extra})
     for f in dataclasses.fields(cls):
         value = getattr(obj, f.name)
@@ -99,6 +109,28 @@ def _build(cls: type, section: str, values: Mapping[str, Any], **extra: Any):
     return obj
 
 
+def _check_types(cls: type, section: str, values: Mapping[str, Any]) -> None:
+    """Refuse values of the wrong type before `cls` is built (its checks assume the types)."""
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for key, value in values.items():
+        where = (cls.__name__, key)
+        if where in _NUMBERS and not is_number(value):
+            hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if isinstance(value, str) else ""
+            raise ConfigError(f"{section}.{key} = {value!r}; it must be a number{hint}")
+        if where in _BOOLEANS and not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key} = {value!r}; it must be true or false")
+        if where in _NUMBER_LISTS and (
+            isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__")
+            or not all(is_number(v) for v in value)
+        ):
+            raise ConfigError(f"{section}.{key} = {value!r}; it must be a list of numbers, e.g. [0.5, 0.9]")
+        if where in _OPTIONAL_STRINGS and value is not None and not isinstance(value, str):
+            raise ConfigError(f"{section}.{key} = {value!r}; it must be a regex string or null")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The whole workflow config: model, tasks by name, phase options."""
@@ -106,11 +138,15 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     fisher: FisherConfig = field(default_factory=FisherConfig)
+    importance: ImportanceOptions = field(default_factory=ImportanceOptions)  # phase 2
+    masks: MaskOptions = field(default_factory=MaskOptions)  # phase 3
+    overlap: OverlapOptions = field(default_factory=OverlapOptions)  # phase 4
+    scaled: ScaledOptions = field(default_factory=ScaledOptions)  # phase 7
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "PipelineConfig":
         """Parse a workflow config dict (as loaded from YAML), strictly."""
-        sections = {"model", "tasks", "fisher"}
+        sections = {"model", "tasks", "fisher", *_PHASE_SECTIONS}
         unknown = sorted(set(raw) - sections)
         if unknown:
             raise ConfigError(
@@ -123,7 +159,17 @@ class PipelineConfig:
             model=_build(ModelConfig, "model", raw.get("model", {}) or {}),
             tasks={name: task_config(name, spec) for name, spec in tasks.items()},
             fisher=_build(FisherConfig, "fisher", raw.get("fisher", {}) or {}),
+            **{name: _build(cls, name, raw.get(name, {}) or {}) for name, cls in _PHASE_SECTIONS.items()},
         )
+
+
+#: Config sections of the analysis phases -> their options dataclasses.
+_PHASE_SECTIONS: dict[str, type] = {
+    "importance": ImportanceOptions,
+    "masks": MaskOptions,
+    "overlap": OverlapOptions,
+    "scaled": ScaledOptions,
+}
 
 
 def task_config(name: str, spec: Mapping[str, Any]) -> TaskConfig:

@@ -11,6 +11,7 @@ Layout (a contract; README "Store layout" documents it for users):
       group/<param>        sum of fisher within each group (head / neuron), [G] float32
                            attrs: names, dim, sizes
       group_m2/<param>     Welford M2 of each sample's group-reduced contribution, [G]
+      group_labels/<param> int32 [shape[dim]]: group index of each position along dim
       fisher_m2/<param>    elementwise Welford M2 of g^2 (selected parameters), float32
       per_sample/<param>   g_i, [N, *shape], chunk (1, *shape), sharded by samples
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -120,7 +122,8 @@ class StoreWriter:
         n = len(self.ids)
         for array in self.per_sample.values():
             array.resize((n, *array.shape[1:]))
-        self.root.create_array("samples/id", data=np.array(self.ids, dtype=str))
+        ids = self.root.create_array("samples/id", shape=(n,), dtype=str)  # variable-length UTF-8
+        ids[:] = np.array(self.ids, dtype=object)
         self.root.create_array("samples/n_tokens", data=np.array(self.n_tokens, dtype=np.int32))
         self.root.create_array("samples/loss", data=np.array(self.losses, dtype=np.float32))
         for name in self.shapes:
@@ -134,6 +137,7 @@ class StoreWriter:
             group_attrs = {"names": list(spec.names), "dim": spec.dim, "sizes": sizes}
             self._write(f"group/{name}", accumulator.group[name].mean, group_attrs)
             self._write(f"group_m2/{name}", accumulator.group[name].m2, group_attrs)
+            self.root.create_array(f"group_labels/{name}", data=spec.labels.numpy().astype(np.int32))
         self.root.attrs.update({
             **self.attrs,
             "format_version": FORMAT_VERSION,
@@ -143,7 +147,9 @@ class StoreWriter:
             "per_sample_dtype": str(self.dtype),
             "skipped": self.skipped,
         })
-        zarr.consolidate_metadata(self.partial)
+        with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(self.partial)
         _remove(self.path)
         os.replace(self.partial, self.path)
         return self.path
@@ -173,7 +179,9 @@ class FisherStore:
             hint = " (an interrupted run left a .partial store: rerun phase 1)" if partial_path(path).exists() else ""
             raise StoreFormatError(f"no Fisher store at {self.path}{hint}")
         try:
-            self.root = zarr.open_consolidated(self.path, mode="r")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.root = zarr.open_consolidated(self.path, mode="r")
         except Exception as err:
             raise StoreFormatError(f"{self.path} is not a Fisher store ({err})") from None
         self.attrs = dict(self.root.attrs)
@@ -253,6 +261,16 @@ class FisherStore:
     def group_sizes(self, name: str) -> np.ndarray:
         """Number of parameter elements in each group, `[G]`."""
         return np.array(self.array("group", name).attrs["sizes"], dtype=np.int64)
+
+    def group_labels(self, name: str) -> np.ndarray:
+        """Group index of each position along the group dimension, `[shape[dim]]`."""
+        return self.array("group_labels", name)[...]
+
+    def group_spec(self, name: str) -> GroupSpec:
+        """The stored group partition of `name`."""
+        group = self.array("group", name)
+        labels = torch.from_numpy(self.group_labels(name).astype(np.int64))
+        return GroupSpec(int(group.attrs["dim"]), labels, tuple(group.attrs["names"]))
 
     def group_m2(self, name: str) -> np.ndarray:
         return self.array("group_m2", name)[...]

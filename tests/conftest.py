@@ -39,3 +39,23 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """Factory: a saved tiny random model of `family` (safetensors + the tiny tokenizer)."""
+    from tiny_models import build_tiny
+
+    made: dict[str, object] = {}
+
+    def make(family: str = "llama"):
+        if family not in made:
+            path = tmp_path_factory.mktemp(f"model-{family}")
+            model = build_tiny(family, attn_implementation="sdpa", vocab_size=len(tiny_tokenizer),
+                               pad_token_id=tiny_tokenizer.pad_token_id)
+            model.save_pretrained(path)
+            tiny_tokenizer.save_pretrained(path)
+            made[family] = path
+        return made[family]
+
+    return make

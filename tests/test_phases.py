@@ -305,14 +305,20 @@ def test_mask_options_are_validated():
         MaskOptions(granularity="row")
 
 
-def test_non_contiguous_groups_are_refused(tmp_path):
-    """A group made of two blocks (Phi-3's fused gate/up) cannot be rebuilt from sizes alone."""
-    shapes = {"model.layers.0.mlp.gate_up_proj.weight": (8, 3)}
+def test_split_groups_mask_every_block(tmp_path):
+    """A neuron made of two row blocks (Phi-3's fused gate/up) is kept or dropped as one unit."""
+    name = "model.layers.0.mlp.gate_up_proj.weight"
     per_neuron = [(f"neuron.{n}", 1) for n in range(4)]
-    specs = {"model.layers.0.mlp.gate_up_proj.weight": GroupSpec.blocks(0, per_neuron + per_neuron)}
-    path = make_store(tmp_path / "phi.zarr", shapes=shapes, specs=specs)
-    with pytest.raises(ValueError, match="not contiguous blocks.*gate_up_proj|gate_up_proj.*not contiguous"):
-        compute_masks(open_store(path), MaskOptions(granularity="neuron"))
+    path = make_store(tmp_path / "phi.zarr", shapes={name: (8, 3)},
+                      specs={name: GroupSpec.blocks(0, per_neuron + per_neuron)})
+    store = open_store(path)
+    fisher = store.fisher(name).astype(np.float64)
+    score = (fisher[:4] + fisher[4:]).sum(1)  # both blocks of each neuron
+    mask = compute_masks(store, MaskOptions(sparsities=(0.5,), granularity="neuron")).masks[0.5][name]
+    kept = np.argsort(-score, kind="stable")[:2]
+    expected = np.zeros((8, 3), dtype=bool)
+    expected[kept] = expected[kept + 4] = True
+    np.testing.assert_array_equal(mask, expected)
 
 
 # --- phase 4: overlap ------------------------------------------------------------------

@@ -36,7 +36,7 @@ import zarr
 from ..errors import ConfigError
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, sparsity_key, write_table
-from .groups import GroupLayout, load_layout, verify_layout
+from .groups import GroupLayout, load_layout
 
 SCOPES = ("global", "per_layer", "per_tensor")
 GRANULARITIES = ("element", "head", "neuron")
@@ -153,8 +153,6 @@ def param_units(store: FisherStore, param: str, granularity: str) -> ParamUnits:
     if kinds != {granularity}:
         return ParamUnits(param, shape, np.array([sums.sum() / sizes.sum()]), whole=True)
     layout = load_layout(store, param)
-    if layout.rebuilt:
-        verify_layout(layout, read_finite(store, "fisher", param), sums, store)
     return ParamUnits(param, shape, sums / sizes, layout)
 
 

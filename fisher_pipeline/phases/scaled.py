@@ -33,7 +33,7 @@ from .. import plots
 from ..errors import ConfigError
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, open_stores, read_finite, relocate, write_table
-from .groups import GroupLayout, load_layout, verify_layout
+from .groups import GroupLayout, load_layout
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,6 @@ def run_scaled_cross(store_paths: Mapping[str, str | os.PathLike], out_dir: str 
 
 def _checked_layout(store: FisherStore, param: str, fisher: np.ndarray) -> GroupLayout:
     layout = load_layout(store, param)
-    if layout.rebuilt:
-        verify_layout(layout, fisher, read_finite(store, "group", param), store)
     return layout
 
 

@@ -1,0 +1,187 @@
+"""Phase 1 end to end on a tiny saved model: store contract, atomicity, determinism, bad inputs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fisher_pipeline.config import ModelConfig, PipelineConfig
+from fisher_pipeline.data import load_task
+from fisher_pipeline.errors import ModelLoadError, StoreFormatError, StoreMismatchError
+from fisher_pipeline.fisher import compute_fisher, run_fisher
+from fisher_pipeline.models.adapters import adapter_for
+from fisher_pipeline.models.loading import load_model
+from fisher_pipeline.store import open_store, partial_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_config(model_dir, **fisher) -> PipelineConfig:
+    return PipelineConfig.from_dict({
+        "model": {"path": str(model_dir)},
+        "tasks": {
+            "prose": {"source": "builtin:prose", "n_samples": 10, "max_length": 24},
+            "arithmetic": {"source": "builtin:arithmetic", "n_samples": 300, "max_length": 48},
+        },
+        "fisher": {"batch_size": 4, "per_sample_params": r"self_attn\.(q|o)_proj\.weight$", **fisher},
+    })
+
+
+def test_store_contract_and_reader(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir("llama"), per_sample_dtype="float32")
+    path = run_fisher(config, "prose", tmp_path / "prose.zarr", progress=False)
+    store = open_store(path)
+    attrs = store.attrs
+    for key in ("format_version", "model_id", "weights_hash", "task", "n_samples", "loss_convention",
+                "fisher_kind", "config_hash", "package_version"):
+        assert key in attrs, key
+    assert attrs["loss_convention"] == "token_sum" and attrs["task"] == "prose"
+    assert store.n_samples == len(store.sample_ids) == 10
+    assert len(set(store.sample_ids)) == 10 and all(i.startswith("prose:") for i in store.sample_ids)
+    assert (store.n_tokens > 0).all() and np.isfinite(store.losses).all()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert store.per_sample_names == sorted(n for n in store.param_names if n.endswith(("q_proj.weight", "o_proj.weight")))
+    # Fisher of a per-sample parameter is the mean of its stored per-sample squares.
+    np.testing.assert_allclose(store.contributions(name).mean(0), store.fisher(name), rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(store.per_sample(name).mean(0), store.grad_mean(name), rtol=1e-4, atol=1e-9)
+    # Samples by id, in the order asked; head slices narrow exactly the sliced dim.
+    ids = [store.sample_ids[3], store.sample_ids[0]]
+    np.testing.assert_array_equal(store.per_sample(name, ids), store.per_sample(name)[[3, 0]])
+    model = load_model(config.model).model
+    head_slice = adapter_for(model).head_slices(1, "q", 2)[0]
+    expected = store.per_sample(name, ids)[:, head_slice.index.numpy()]
+    np.testing.assert_array_equal(store.per_sample_slice(head_slice, ids), expected)
+    # Group statistics: sums of the elementwise Fisher; standard errors finite.
+    spec = store.group_spec(name)
+    group_sum = spec.reduce(torch.from_numpy(store.fisher(name))[None].double())[0].numpy()
+    np.testing.assert_allclose(store.group_fisher(name), group_sum, rtol=1e-5)
+    assert np.isfinite(store.group_se(name)).all() and np.isfinite(store.fisher_se(name)).all()
+    assert store.group_sizes(name).sum() == store.fisher(name).size
+    with pytest.raises(KeyError, match="not in store"):
+        store.per_sample(name, ["no-such-id"])
+
+
+def test_two_runs_give_identical_stores(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir("llama"), labels="sampled")
+    first = open_store(run_fisher(config, "prose", tmp_path / "a.zarr", progress=False))
+    second = open_store(run_fisher(config, "prose", tmp_path / "b.zarr", progress=False))
+    assert first.attrs == second.attrs
+    keys = sorted(k for k, _ in first.root.arrays()) + [f"{g}/{a}" for g, grp in first.root.groups()
+                                                         for a, _ in grp.arrays()]
+    assert len(keys) > 20
+    for key in keys:
+        np.testing.assert_array_equal(first.root[key][...], second.root[key][...], err_msg=key)
+
+
+def test_store_mismatch_and_missing_store_are_clear(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir("llama"))
+    path = run_fisher(config, "prose", tmp_path / "prose.zarr", progress=False)
+    store = open_store(path)
+    open_store(path, weights_hash=store.attrs["weights_hash"], config_hash=store.attrs["config_hash"], task="prose")
+    with pytest.raises(StoreMismatchError, match="weights_hash.*another model or config"):
+        open_store(path, weights_hash="0123456789abcdef")
+    with pytest.raises(StoreMismatchError, match="config_hash"):
+        open_store(path, config_hash="feedfacefeedface")
+    with pytest.raises(StoreFormatError, match="no Fisher store"):
+        open_store(tmp_path / "missing.zarr")
+
+
+def test_killed_run_leaves_no_finished_store_and_rerun_completes(tiny_model_dir, tmp_path):
+    import yaml
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model_dir("llama"))},
+        "tasks": {"arithmetic": {"source": "builtin:arithmetic", "n_samples": 300, "max_length": 48}},
+        "fisher": {"batch_size": 1, "engine": "loop", "per_sample_params": r"\.weight$"},
+    }))
+    out = tmp_path / "arithmetic.zarr"
+    cmd = [sys.executable, "-m", "fisher_pipeline", "fisher", "--config", str(config_file),
+           "--task", "arithmetic", "--out", str(out), "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    shard = partial_path(out) / "per_sample" / "model.embed_tokens.weight" / "c"
+    while time.time() < deadline and not shard.exists() and proc.poll() is None:
+        time.sleep(0.02)  # wait until per-sample data is being written
+    assert proc.poll() is None, "run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run left a finished-looking store"
+    assert partial_path(out).exists()
+    with pytest.raises(StoreFormatError, match="interrupted"):
+        open_store(out)
+    subprocess.run(cmd + ["--quiet"], cwd=ROOT, check=True, capture_output=True)
+    config = PipelineConfig.from_dict(yaml.safe_load(config_file.read_text()))
+    expected = load_task(config.tasks["arithmetic"], load_model(config.model).tokenizer)
+    assert open_store(out).sample_ids == [s.id for s in expected]
+    assert not partial_path(out).exists()
+
+
+class _PoisonGradient(torch.autograd.Function):
+    """Identity forward; backward makes the gradient of batch rows `rows` NaN."""
+
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.rows = rows
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[ctx.rows] = float("nan")
+        return grad, None
+
+
+def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir):
+    from test_engine import random_samples
+
+    loaded = load_model(ModelConfig(path=str(tiny_model_dir("llama")), attn_implementation="eager"))
+    model, adapter = loaded.model, adapter_for(loaded.model)
+    samples = random_samples(8, seed=4)
+    bad_loss, bad_grad = 250, 251  # marker tokens (random_samples draws ids < 128)
+    samples[2].input_ids[3] = bad_loss
+    samples[5].input_ids[4] = bad_grad
+
+    def poison(module, args, output):
+        ids = poison.ids
+        loss_rows = (ids == bad_loss).any(1)
+        output = torch.where(loss_rows[:, None, None], torch.full_like(output, float("nan")), output)
+        return _PoisonGradient.apply(output, (ids == bad_grad).any(1))
+
+    def record_ids(module, args, kwargs):
+        poison.ids = kwargs["input_ids"]
+
+    handles = [model.register_forward_pre_hook(record_ids, with_kwargs=True),
+               model.model.layers[1].mlp.register_forward_hook(poison)]
+    from fisher_pipeline.config import FisherConfig
+
+    result = compute_fisher(model, adapter, samples, FisherConfig(batch_size=4), pad_id=0)
+    for handle in handles:
+        handle.remove()
+    reasons = dict(result.skipped)
+    assert set(reasons) == {samples[2].id, samples[5].id}
+    assert reasons[samples[2].id] == "non-finite loss"
+    assert reasons[samples[5].id].startswith("non-finite gradient in ")
+    clean = [s for k, s in enumerate(samples) if k not in (2, 5)]
+    reference = compute_fisher(model, adapter, clean, FisherConfig(batch_size=4), pad_id=0).accumulator
+    assert result.accumulator.count == reference.count == 6
+    for name in reference.shapes:
+        torch.testing.assert_close(result.accumulator.fisher[name].mean, reference.fisher[name].mean)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"does not exist \(config key model.path\)"):
+        load_model(ModelConfig(path=str(tmp_path / "nowhere")))
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="Pickled weights"):
+        load_model(ModelConfig(path=str(tmp_path / "pickled")))

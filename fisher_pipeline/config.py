@@ -80,6 +80,14 @@ _BOOLEANS = {("ImportanceOptions", "log_color")}
 _NUMBER_LISTS = {("MaskOptions", "sparsities")}
 _OPTIONAL_STRINGS = {("MaskOptions", "include")}
 
+#: Config sections of the analysis phases -> their options dataclasses.
+_PHASE_SECTIONS: dict[str, type] = {
+    "importance": ImportanceOptions,
+    "masks": MaskOptions,
+    "overlap": OverlapOptions,
+    "scaled": ScaledOptions,
+}
+
 
 def _build(cls: type, section: str, values: Mapping[str, Any], **extra: Any):
     """Build dataclass `cls` from `values`, naming any unknown or invalid key."""
@@ -161,15 +169,6 @@ class PipelineConfig:
             fisher=_build(FisherConfig, "fisher", raw.get("fisher", {}) or {}),
             **{name: _build(cls, name, raw.get(name, {}) or {}) for name, cls in _PHASE_SECTIONS.items()},
         )
-
-
-#: Config sections of the analysis phases -> their options dataclasses.
-_PHASE_SECTIONS: dict[str, type] = {
-    "importance": ImportanceOptions,
-    "masks": MaskOptions,
-    "overlap": OverlapOptions,
-    "scaled": ScaledOptions,
-}
 
 
 def task_config(name: str, spec: Mapping[str, Any]) -> TaskConfig:

@@ -174,7 +174,7 @@ def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir):
     reference = compute_fisher(model, adapter, clean, FisherConfig(batch_size=4), pad_id=0).accumulator
     assert result.accumulator.count == reference.count == 6
     for name in reference.shapes:
-        torch.testing.assert_close(result.accumulator.fisher[name].mean, reference.fisher[name].mean)
+        torch.testing.assert_close(result.accumulator.fisher[name].mean, reference.fisher[name].mean, rtol=1e-5, atol=1e-12)
 
 
 def test_missing_model_path_is_named(tmp_path):

@@ -8,9 +8,16 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/fisher.smk"
+include: "workflow/rules/importance.smk"
+include: "workflow/rules/masks.smk"
+include: "workflow/rules/overlap.smk"
+include: "workflow/rules/scaled.smk"
 
 
 rule all:

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     fisher.add_argument("--quiet", action="store_true", help="no progress bar")
     fisher.set_defaults(func=_cmd_fisher)
+
+    from .phases.cli import add_phase_commands
+
+    add_phase_commands(sub)
     return parser
 
 

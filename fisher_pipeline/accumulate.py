@@ -31,6 +31,7 @@ class FisherAccumulator:
         m2_names: parameters that get an elementwise M2 of `g^2`.
         per_sample_names: parameters whose per-sample `g_i` are handed back on commit.
         device: where statistics live (the model's device).
+        dtype: dtype of the per-sample gradients (the model's); staging sums use it.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class FisherAccumulator:
         m2_names: set[str],
         per_sample_names: set[str],
         device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ):
         self.shapes = shapes
         self.specs = {n: GroupSpec(s.dim, s.labels.to(device), s.names) for n, s in specs.items()}
@@ -49,7 +51,7 @@ class FisherAccumulator:
         self.fisher = {n: Welford.zeros(s, n in self.m2_names, device) for n, s in shapes.items()}
         self.grad = {n: Welford.zeros(s, False, device) for n, s in shapes.items()}
         self.group = {n: Welford.zeros((len(self.specs[n].names),), True, device) for n in shapes}
-        zeros = {n: torch.zeros(s, dtype=torch.float32, device=device) for n, s in shapes.items()}
+        zeros = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()}
         self._sum_c = zeros
         self._sum_g = {n: torch.zeros_like(t) for n, t in zeros.items()}
         self._m2_c = {n: torch.zeros_like(zeros[n]) for n in self.m2_names}
@@ -70,7 +72,8 @@ class FisherAccumulator:
         for name in self.per_sample_names:
             buffer = self._per_sample.get(name)
             if buffer is None or buffer.shape[0] != batch_size:
-                self._per_sample[name] = torch.empty(batch_size, *self.shapes[name], device=self.device)
+                self._per_sample[name] = torch.empty(batch_size, *self.shapes[name], device=self.device,
+                                                     dtype=self._sum_g[name].dtype)
 
     def add(self, name: str, start: int, stop: int, grads: torch.Tensor) -> None:
         """Stage rows `start:stop` of parameter `name`'s per-sample gradients `[b, r, ...]`.

@@ -149,7 +149,8 @@ def compute_fisher(
         progress: show a progress bar (samples/s, ETA) on stderr.
     """
     model.eval()
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     names = list(shapes)
     accumulator = FisherAccumulator(
@@ -158,6 +159,7 @@ def compute_fisher(
         select_params(names, config.fisher_m2_params),
         select_params(names, config.per_sample_params),
         device,
+        first.dtype,
     )
     engine_type = HookEngine if config.engine == "hooks" else LoopEngine
     engine = engine_type(model, accumulator, config)

@@ -17,9 +17,11 @@ class Scratch:
         self._buffer: torch.Tensor | None = None
 
     def view(self, *shape: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """An uninitialised float32 tensor of `shape` (on `like`'s device, default CPU)."""
+        """An uninitialised tensor of `shape` with `like`'s dtype and device (default float32, CPU)."""
         device = like.device if like is not None else torch.device("cpu")
+        dtype = like.dtype if like is not None else torch.float32
         numel = math.prod(shape)
-        if self._buffer is None or self._buffer.numel() < numel or self._buffer.device != device:
-            self._buffer = torch.empty(numel, dtype=torch.float32, device=device)
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < numel or buffer.device != device or buffer.dtype != dtype:
+            self._buffer = torch.empty(numel, dtype=dtype, device=device)
         return self._buffer[:numel].view(shape)

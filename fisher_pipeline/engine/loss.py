@@ -83,9 +83,10 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, label_mask: tor
         label_mask: bool `[b, t]`, which targets count.
 
     Returns:
-        `[b]` float32 losses.
+        `[b]` losses (float32, or float64 for a float64 model).
     """
-    nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets[:, 1:], reduction="none"
-    )  # [b, t-1]
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision log-softmax is too coarse
+        logits = logits.float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], reduction="none")  # [b, t-1]
     return torch.where(label_mask[:, 1:], nll, 0.0).sum(1)

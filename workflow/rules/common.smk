@@ -36,5 +36,34 @@ def phase1_config(task):
     )
 
 
+def phase_config(section):
+    """JSON of one analysis section: a rule's params hold only its own section, so editing
+    another section (or phase 1's) never reruns it."""
+    return json.dumps({section: config[section]}, sort_keys=True)
+
+
+def fisher_stores():
+    """Task -> phase 1 store, for every task."""
+    return {task: f"results/fisher/{task}.zarr" for task in TASKS}
+
+
+def mask_dirs():
+    """Task -> phase 3 output directory, for every task."""
+    return {task: f"results/masks/{task}" for task in TASKS}
+
+
+def task_pairs(paths):
+    """`TASK=PATH` arguments of a cross-task phase command, from task -> path."""
+    return [f"{task}={path}" for task, path in paths.items()]
+
+
 def all_outputs():
-    return expand("results/fisher/{task}.zarr", task=TASKS)
+    return [
+        *expand("results/fisher/{task}.zarr", task=TASKS),
+        *expand("results/importance/{task}", task=TASKS),
+        "results/importance/rank_agreement",
+        *expand("results/masks/{task}", task=TASKS),
+        "results/overlap",
+        *expand("results/scaled/{task}", task=TASKS),
+        "results/scaled/cross_task",
+    ]

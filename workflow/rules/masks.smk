@@ -1,0 +1,26 @@
+rule masks:
+    """Phase 3: pruning masks keeping the highest-Fisher units of one task, per sparsity."""
+    input:
+        store="results/fisher/{task}.zarr",
+    output:
+        masks=report(
+            directory("results/masks/{task}"),
+            patterns=["{file,mask_summary[.]csv}"],
+            caption="../report/masks.rst",
+            category="3. Masks",
+            subcategory="{task}",
+            labels={"task": "{task}", "file": "{file}"},
+        ),
+    params:
+        config=phase_config("masks"),
+    log:
+        "logs/masks/{task}.log",
+    benchmark:
+        "logs/benchmarks/masks/{task}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    shell:
+        "{PYTHON} -m fisher_pipeline masks --config-json {params.config:q} --store {input.store:q} "
+        "--task {wildcards.task} --out {output.masks:q} > {log} 2>&1"

@@ -67,6 +67,8 @@ def _floor(model, batches) -> None:
 
 
 def _loop(model, batches, state: dict) -> None:
+    import torch
+
     from fisher_pipeline.engine.loss import per_sample_loss
 
     for batch in batches:
@@ -76,29 +78,35 @@ def _loop(model, batches, state: dict) -> None:
             logits = model(input_ids=ids, use_cache=False).logits
             per_sample_loss(logits, ids, batch.label_mask[row:row + 1]).sum().backward()
             for name, p in model.named_parameters():
-                state.setdefault(name, torch_zeros_like(p)).add_(p.grad.square())
+                state.setdefault(name, torch.zeros_like(p)).add_(p.grad.square())
 
 
-def torch_zeros_like(p):
-    import torch
-
-    return torch.zeros_like(p)
-
-
-def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> None:
+def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
+    """Phase 1 into a store; returns the steady per-sample time and the fixed costs."""
     from fisher_pipeline.config import FisherConfig
     from fisher_pipeline.fisher import compute_fisher, select_params
     from fisher_pipeline.models.adapters import adapter_for
     from fisher_pipeline.store import StoreWriter
 
+    start = time.perf_counter()
     config = FisherConfig(batch_size=batch_size, per_sample_params=per_sample)
     adapter = adapter_for(model)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     writer = StoreWriter(out, {"task": "bench"}, shapes, {n: adapter.group_spec(n, s) for n, s in shapes.items()},
                          select_params(list(shapes), per_sample), "float16", len(samples), batch_size)
-    result = compute_fisher(model, adapter, samples, config, pad_id=0,
-                            on_commit=lambda b, l, g: writer.append(b.ids, b.n_tokens, l, g))
+    commits: list[float] = []
+
+    def on_commit(batch, losses, grads):
+        writer.append(batch.ids, batch.n_tokens, losses, grads)
+        commits.append(time.perf_counter())
+
+    result = compute_fisher(model, adapter, samples, config, pad_id=0, on_commit=on_commit)
+    before_close = time.perf_counter()
     writer.close(result.accumulator)
+    end = time.perf_counter()
+    steady = (commits[-1] - commits[0]) / (len(samples) - batch_size) if len(commits) > 1 else float("nan")
+    return {"steady_sec_per_sample": steady, "close_s": end - before_close,
+            "setup_s": commits[0] - start - steady * batch_size}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -113,23 +121,24 @@ def worker(args: argparse.Namespace) -> None:
     warm = _samples(args.batch, args.length, vocab, seed=1)
     samples = _samples(args.n, args.length, vocab)
     batches = [collate(samples[i:i + args.batch], 0) for i in range(0, len(samples), args.batch)]
+    extra: dict = {}
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
-        if args.variant == "floor":
+        if args.worker == "floor":
             _floor(model, [collate(warm, 0)])
             start = time.perf_counter()
             _floor(model, batches)
-        elif args.variant == "loop":
+        elif args.worker == "loop":
             _loop(model, [collate(warm[:1], 0)], {})
             start = time.perf_counter()
             _loop(model, batches, {})
         else:
             _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", ATTENTION_PROJECTIONS)
             start = time.perf_counter()
-            _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", ATTENTION_PROJECTIONS)
+            extra = _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", ATTENTION_PROJECTIONS)
         elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"variant": args.variant, "batch": args.batch, "n": args.n,
-                      "sec_per_sample": elapsed / args.n, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"variant": args.worker, "batch": args.batch, "n": args.n,
+                      "sec_per_sample": elapsed / args.n, "peak_rss_mb": peak_mb, **extra}))
 
 
 def _run(variant: str, batch: int, n: int, args: argparse.Namespace) -> dict:
@@ -170,8 +179,8 @@ def main() -> None:
         for batch in args.batches:
             for variant in args.variants:
                 results.setdefault((variant, batch), []).append(_run(variant, batch, args.n, args))
-    print("| B | variant | s/sample (median) | ratio to floor | peak RSS MB | runs |")
-    print("|---|---|---|---|---|---|")
+    print("| B | variant | s/sample (median) | ratio to floor | steady s/sample, ratio | fixed s (setup + close) | peak RSS MB | runs |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         floor = statistics.median(r["sec_per_sample"] for r in results[("floor", batch)]) \
             if ("floor", batch) in results else float("nan")
@@ -180,7 +189,12 @@ def main() -> None:
             sec = statistics.median(r["sec_per_sample"] for r in runs)
             rss = statistics.median(r["peak_rss_mb"] for r in runs)
             times = ", ".join(f"{r['sec_per_sample']:.3f}" for r in runs)
-            print(f"| {batch} | {variant} | {sec:.3f} | {sec / floor:.2f}x | {rss:.0f} | {times} |")
+            steady = fixed = "-"
+            if "steady_sec_per_sample" in runs[0]:
+                value = statistics.median(r["steady_sec_per_sample"] for r in runs)
+                steady = f"{value:.3f}, {value / floor:.2f}x"
+                fixed = f"{statistics.median(r['setup_s'] + r['close_s'] for r in runs):.1f}"
+            print(f"| {batch} | {variant} | {sec:.3f} | {sec / floor:.2f}x | {steady} | {fixed} | {rss:.0f} | {times} |")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "phase1.json").write_text(json.dumps({f"{v}@{b}": r for (v, b), r in results.items()}, indent=1))

@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .phases.importance import ImportanceOptions
-from .phases.masks import MaskOptions
-from .phases.overlap import OverlapOptions
-from .phases.scaled import ScaledOptions
 
 #: Attention projections of every supported family (weights and biases).
 ATTENTION_PROJECTIONS = (
@@ -25,6 +22,9 @@ ATTENTION_PROJECTIONS = (
     r"(q_proj|k_proj|v_proj|o_proj|qkv_proj|c_attn|c_proj|query_key_value|dense)\.(weight|bias)$"
 )
 BUNDLED_MODEL_PATH = "resources/models/SmolLM2-135M-Instruct"
+SCOPES = ("global", "per_layer", "per_tensor")  # where mask units compete
+GRANULARITIES = ("element", "head", "neuron")  # what a mask unit is
+METRICS = ("jaccard", "dice", "overlap_coefficient")  # mask overlap metrics
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,86 @@ class FisherConfig:
 
     labels: str = "empirical"  # "empirical" (data labels) or "sampled" (model's own predictions)
     engine: str = "hooks"  # "hooks" (batched, fast) or "loop" (batch-1 reference)
-    batch_size: int = 8  # samples per micro-batch (per-sample tensors alive at once)
+    batch_size: int = 16  # samples per micro-batch (per-sample tensors alive at once)
     seed: int = 0  # seeds sampled labels
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     per_sample_params: str = ATTENTION_PROJECTIONS  # regex: parameters whose g_i are stored
     per_sample_dtype: str = "float16"  # "float16" or "float32" for stored g_i
     fisher_m2_params: str = ATTENTION_PROJECTIONS  # regex: parameters with elementwise M2 of g^2
     chunk_elements: int = 1 << 25  # per-sample elements materialised at once for big tensors
+
+
+@dataclass(frozen=True)
+class ImportanceOptions:
+    """Settings of phase 2."""
+
+    rank_by: str = "mean"  # rank (and colour heatmaps) by Fisher per element ("mean") or per unit ("sum")
+    log_color: bool = True  # heatmap colours on a log scale: Fisher spans orders of magnitude
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in ("mean", "sum"):
+            raise ConfigError(f"importance rank_by must be 'mean' or 'sum', got {self.rank_by!r}")
+
+    @property
+    def score_column(self) -> str:
+        return f"fisher_{self.rank_by}"
+
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Settings of phase 3."""
+
+    sparsities: tuple[float, ...] = (0.5, 0.9)  # fractions of units removed, each in [0, 1]
+    scope: str = "global"  # where units compete: "global", "per_layer" or "per_tensor"
+    granularity: str = "element"  # what a unit is: "element", "head" or "neuron"
+    include: str | None = None  # regex searched in parameter names; only matches are masked (None: all)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
+        if not self.sparsities:
+            raise ConfigError("masks sparsities is empty: list at least one fraction to remove, e.g. [0.5, 0.9]")
+        bad = [s for s in self.sparsities if not 0.0 <= s <= 1.0]
+        if bad:
+            raise ConfigError(f"masks sparsities must lie in [0, 1] (fraction removed), got {bad}")
+        if len({f"{s:g}" for s in self.sparsities}) != len(self.sparsities):  # names as stored
+            raise ConfigError(f"masks sparsities has duplicates: {list(self.sparsities)}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"masks scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"masks granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.include is not None:
+            try:
+                re.compile(self.include)
+            except re.error as err:
+                raise ConfigError(f"masks include {self.include!r} is not a valid regex ({err})") from None
+
+
+
+@dataclass(frozen=True)
+class OverlapOptions:
+    """Settings of phase 4."""
+
+    heatmap_metric: str = "jaccard"  # global metric of the task x task heatmaps: jaccard, dice, overlap_coefficient
+
+    def __post_init__(self) -> None:
+        if self.heatmap_metric not in METRICS:
+            raise ConfigError(f"overlap heatmap_metric must be one of {METRICS}, got {self.heatmap_metric!r}")
+
+
+
+@dataclass(frozen=True)
+class ScaledOptions:
+    """Settings of phase 7."""
+
+    damping: float = 1e-8  # lambda in g / (F + lambda), in Fisher units (token-sum loss); >= 0
+    eta: float = 1.0  # size of the natural-gradient step whose EWC cost is measured
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.damping) or self.damping < 0:
+            raise ConfigError(f"scaled damping (lambda) must be a finite number >= 0, got {self.damping!r}")
+        if not math.isfinite(self.eta):
+            raise ConfigError(f"scaled eta must be finite, got {self.eta!r}")
 
 
 _CHOICES = {

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -104,17 +104,33 @@ class StoreWriter:
         self.n_tokens: list[int] = []
         self.losses: list[float] = []
         self.skipped: list[dict[str, str]] = []
+        self._writer = ThreadPoolExecutor(max_workers=1)  # at most one micro-batch in flight
+        self._pending: Future | None = None
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
                per_sample: dict[str, torch.Tensor]) -> None:
         """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i."""
         start = len(self.ids)
-        for name, array in self.per_sample.items():
-            # torch converts to float16 several times faster than numpy's astype
-            array[start:start + len(ids)] = per_sample[name].detach().to("cpu", self.torch_dtype).numpy()
+        # Own copies in the stored dtype (the caller reuses its buffers; torch converts to
+        # float16 several times faster than numpy), written by a background thread so
+        # that zarr's encoding and the disk overlap the next micro-batch's compute.
+        rows = {name: per_sample[name].detach().to("cpu", self.torch_dtype, copy=True).numpy()
+                for name in self.per_sample}
+        self._wait_for_write()
+        self._pending = self._writer.submit(self._write_rows, start, rows)
         self.ids.extend(ids)
         self.n_tokens.extend(int(n) for n in n_tokens.tolist())
         self.losses.extend(float(x) for x in losses.tolist())
+
+    def _write_rows(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        for name, data in rows.items():
+            self.per_sample[name][start:start + len(data)] = data
+
+    def _wait_for_write(self) -> None:
+        """Block until the write in flight (if any) is done; re-raise its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def skip(self, sample_id: str, reason: str) -> None:
         """Record a sample left out of the statistics, and why."""
@@ -122,6 +138,8 @@ class StoreWriter:
 
     def close(self, accumulator) -> Path:
         """Write the statistics and metadata, then rename the store into place."""
+        self._wait_for_write()
+        self._writer.shutdown()
         n = len(self.ids)
         for array in self.per_sample.values():
             array.resize((n, *array.shape[1:]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +121,6 @@ def prepare_bundled_model(out_dir: str | os.PathLike) -> Path:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)
     return out_dir

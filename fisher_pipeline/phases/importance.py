@@ -34,28 +34,13 @@ import numpy as np
 import pandas as pd
 
 from .. import plots
+from ..config import ImportanceOptions
 from ..errors import ConfigError
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, write_table
 
 HEAD_BLOCKS = ("q", "k", "v", "o")
 TABLES = ("tensors", "groups", "heads", "neurons", "layers")
-
-
-@dataclass(frozen=True)
-class ImportanceOptions:
-    """Settings of phase 2."""
-
-    rank_by: str = "mean"  # rank (and colour heatmaps) by Fisher per element ("mean") or per unit ("sum")
-    log_color: bool = True  # heatmap colours on a log scale: Fisher spans orders of magnitude
-
-    def __post_init__(self) -> None:
-        if self.rank_by not in ("mean", "sum"):
-            raise ConfigError(f"importance rank_by must be 'mean' or 'sum', got {self.rank_by!r}")
-
-    @property
-    def score_column(self) -> str:
-        return f"fisher_{self.rank_by}"
 
 
 def group_table(store: FisherStore, task: str) -> pd.DataFrame:

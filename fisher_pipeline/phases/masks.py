@@ -33,45 +33,15 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from ..config import GRANULARITIES, SCOPES, MaskOptions
 from ..errors import ConfigError
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, sparsity_key, write_table
 from .groups import GroupLayout, load_layout
 
-SCOPES = ("global", "per_layer", "per_tensor")
-GRANULARITIES = ("element", "head", "neuron")
 MASKS_FORMAT = "fisher_pipeline.masks/1"
 SUMMARY_COLUMNS = ["sparsity", "level", "name", "layer", "n_elements", "kept_elements", "kept_fraction",
                    "n_units", "kept_units"]
-
-
-@dataclass(frozen=True)
-class MaskOptions:
-    """Settings of phase 3."""
-
-    sparsities: tuple[float, ...] = (0.5, 0.9)  # fractions of units removed, each in [0, 1]
-    scope: str = "global"  # where units compete: "global", "per_layer" or "per_tensor"
-    granularity: str = "element"  # what a unit is: "element", "head" or "neuron"
-    include: str | None = None  # regex searched in parameter names; only matches are masked (None: all)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
-        if not self.sparsities:
-            raise ConfigError("masks sparsities is empty: list at least one fraction to remove, e.g. [0.5, 0.9]")
-        bad = [s for s in self.sparsities if not 0.0 <= s <= 1.0]
-        if bad:
-            raise ConfigError(f"masks sparsities must lie in [0, 1] (fraction removed), got {bad}")
-        if len({sparsity_key(s) for s in self.sparsities}) != len(self.sparsities):
-            raise ConfigError(f"masks sparsities has duplicates: {list(self.sparsities)}")
-        if self.scope not in SCOPES:
-            raise ConfigError(f"masks scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"masks granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.include is not None:
-            try:
-                re.compile(self.include)
-            except re.error as err:
-                raise ConfigError(f"masks include {self.include!r} is not a valid regex ({err})") from None
 
 
 @dataclass

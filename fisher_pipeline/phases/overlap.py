@@ -36,30 +36,19 @@ import zarr
 from scipy import stats
 
 from .. import plots
+from ..config import METRICS, OverlapOptions
 from ..errors import ConfigError
 from .common import atomic_output_dir, layer_of, relocate, write_table
 from .masks import MASKS_FORMAT
 
 log = logging.getLogger(__name__)
 
-METRICS = ("jaccard", "dice", "overlap_coefficient")
 COUNT_COLUMNS = ["sparsity", "task_a", "task_b", "level", "name", "layer", "n_elements", "kept_a", "kept_b",
                  "intersection"]
 COLUMNS = COUNT_COLUMNS + ["union", *METRICS, "expected_intersection", *(f"expected_{m}" for m in METRICS),
                            "p_value"]
 #: Settings that must agree between the masks of different tasks for overlaps to mean anything.
 _MATCHING_ATTRS = ("sparsities", "scope", "granularity", "include", "weights_hash")
-
-
-@dataclass(frozen=True)
-class OverlapOptions:
-    """Settings of phase 4."""
-
-    heatmap_metric: str = "jaccard"  # global metric of the task x task heatmaps: jaccard, dice, overlap_coefficient
-
-    def __post_init__(self) -> None:
-        if self.heatmap_metric not in METRICS:
-            raise ConfigError(f"overlap heatmap_metric must be one of {METRICS}, got {self.heatmap_metric!r}")
 
 
 def overlap_metrics(n: int, k_a: int, k_b: int, intersection: int) -> dict[str, float]:

@@ -30,26 +30,13 @@ import numpy as np
 import pandas as pd
 
 from .. import plots
+from ..config import ScaledOptions
 from ..errors import ConfigError
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, open_stores, read_finite, relocate, write_table
 from .groups import GroupLayout, load_layout
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class ScaledOptions:
-    """Settings of phase 7."""
-
-    damping: float = 1e-8  # lambda in g / (F + lambda), in Fisher units (token-sum loss); >= 0
-    eta: float = 1.0  # size of the natural-gradient step whose EWC cost is measured
-
-    def __post_init__(self) -> None:
-        if not np.isfinite(self.damping) or self.damping < 0:
-            raise ConfigError(f"scaled damping (lambda) must be a finite number >= 0, got {self.damping!r}")
-        if not np.isfinite(self.eta):
-            raise ConfigError(f"scaled eta must be finite, got {self.eta!r}")
-
 
 def natural_gradient(grad_mean: np.ndarray, fisher: np.ndarray, damping: float) -> np.ndarray:
     """`grad_mean / (fisher + damping)` elementwise, 0 where the denominator is 0 (float64)."""

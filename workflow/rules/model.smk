@@ -6,6 +6,8 @@ rule bundled_model:
         "logs/bundled_model.log",
     benchmark:
         "logs/benchmarks/bundled_model.tsv"
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=4000,

@@ -18,6 +18,8 @@ rule overlap:
         "logs/overlap.log",
     benchmark:
         "logs/benchmarks/overlap.tsv"
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -10,6 +10,8 @@ rule scaled:
         "logs/scaled/{task}.log",
     benchmark:
         "logs/benchmarks/scaled/{task}.tsv"
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=3000,
@@ -39,6 +41,8 @@ rule scaled_cross:
         "logs/scaled/cross_task.log",
     benchmark:
         "logs/benchmarks/scaled/cross_task.tsv"
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=6000,

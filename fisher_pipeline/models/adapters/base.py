@@ -108,6 +108,17 @@ class ArchitectureAdapter(ABC):
     def _range(self, start: int, length: int) -> torch.Tensor:
         return torch.arange(start, start + length, dtype=torch.long)
 
+    def _row_slices(self, module: str, rows: torch.Tensor) -> list[TensorSlice]:
+        """`rows` of `module`'s weight and, when it has one, of its bias (Linear layout)."""
+        return [TensorSlice(f"{module}.{kind}", 0, rows) for kind in ("weight", "bias")
+                if f"{module}.{kind}" in self.params]
+
+    def _set_row_spec(self, specs: dict[str, "GroupSpec"], module: str, spec: "GroupSpec") -> None:
+        """Give `module`'s weight and (when present) bias the row partition `spec`."""
+        for kind in ("weight", "bias"):
+            if f"{module}.{kind}" in self.params:
+                specs[f"{module}.{kind}"] = spec
+
     @abstractmethod
     def head_slices(self, layer: int, block: str, head: int) -> list[TensorSlice]:
         """Positions of block `block` in {q,k,v,o} of query head `head` in `layer`.

@@ -40,11 +40,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
         if block == "o":
             return [TensorSlice(f"{attn}.dense.weight", 1, self._range(head * d, d))]
         rows = self._range(head * 3 * d + _QKV_OFFSET[block] * d, d)
-        return [
-            TensorSlice(f"{attn}.query_key_value.{kind}", 0, rows)
-            for kind in ("weight", "bias")
-            if f"{attn}.query_key_value.{kind}" in self.params
-        ]
+        return self._row_slices(f"{attn}.query_key_value", rows)
 
     def group_specs(self) -> dict[str, GroupSpec]:
         d = self.head_dim
@@ -53,9 +49,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
             attn = f"{self._prefix(layer)}.attention"
             # Row blocks in memory order: q.h0, k.h0, v.h0, q.h1, ...
             qkv = GroupSpec.blocks(0, [(f"{block}.h{h}", d) for h in range(self.n_heads) for block in ("q", "k", "v")])
-            for kind in ("weight", "bias"):
-                if f"{attn}.query_key_value.{kind}" in self.params:
-                    specs[f"{attn}.query_key_value.{kind}"] = qkv
+            self._set_row_spec(specs, f"{attn}.query_key_value", qkv)
             specs[f"{attn}.dense.weight"] = GroupSpec.blocks(1, [(f"o.h{h}", d) for h in range(self.n_heads)])
             mlp = f"{self._prefix(layer)}.mlp"
             width = self.params[f"{mlp}.dense_4h_to_h.weight"].shape[1]

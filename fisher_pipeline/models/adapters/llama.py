@@ -28,11 +28,7 @@ class LlamaAdapter(ArchitectureAdapter):
             return [TensorSlice(f"{attn}.o_proj.weight", 1, self._range(head * d, d))]
         owner = head if block == "q" else self.kv_head(head)
         rows = self._range(owner * d, d)
-        return [
-            TensorSlice(f"{attn}.{block}_proj.{kind}", 0, rows)
-            for kind in ("weight", "bias")
-            if f"{attn}.{block}_proj.{kind}" in self.params
-        ]
+        return self._row_slices(f"{attn}.{block}_proj", rows)
 
     def group_specs(self) -> dict[str, GroupSpec]:
         d = self.head_dim
@@ -42,9 +38,7 @@ class LlamaAdapter(ArchitectureAdapter):
             heads = {"q": self.n_heads, "k": self.n_kv_heads, "v": self.n_kv_heads}
             for block, count in heads.items():
                 spec = GroupSpec.blocks(0, [(f"{block}.h{h}", d) for h in range(count)])
-                for kind in ("weight", "bias"):
-                    if f"{attn}.{block}_proj.{kind}" in self.params:
-                        specs[f"{attn}.{block}_proj.{kind}"] = spec
+                self._set_row_spec(specs, f"{attn}.{block}_proj", spec)
             specs[f"{attn}.o_proj.weight"] = GroupSpec.blocks(1, [(f"o.h{h}", d) for h in range(self.n_heads)])
             mlp = f"{self._prefix(layer)}.mlp"
             width = self.params[f"{mlp}.down_proj.weight"].shape[1]

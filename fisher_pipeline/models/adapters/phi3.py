@@ -37,11 +37,7 @@ class Phi3Adapter(ArchitectureAdapter):
             return [TensorSlice(f"{attn}.o_proj.weight", 1, self._range(head * d, d))]
         owner = head if block == "q" else self.kv_head(head)
         rows = self._range(self._block_start(block) + owner * d, d)
-        return [
-            TensorSlice(f"{attn}.qkv_proj.{kind}", 0, rows)
-            for kind in ("weight", "bias")
-            if f"{attn}.qkv_proj.{kind}" in self.params
-        ]
+        return self._row_slices(f"{attn}.qkv_proj", rows)
 
     def group_specs(self) -> dict[str, GroupSpec]:
         d = self.head_dim
@@ -50,9 +46,7 @@ class Phi3Adapter(ArchitectureAdapter):
             attn = f"{self._prefix(layer)}.self_attn"
             heads = {"q": self.n_heads, "k": self.n_kv_heads, "v": self.n_kv_heads}
             qkv = GroupSpec.blocks(0, [(f"{block}.h{h}", d) for block, count in heads.items() for h in range(count)])
-            for kind in ("weight", "bias"):
-                if f"{attn}.qkv_proj.{kind}" in self.params:
-                    specs[f"{attn}.qkv_proj.{kind}"] = qkv
+            self._set_row_spec(specs, f"{attn}.qkv_proj", qkv)
             specs[f"{attn}.o_proj.weight"] = GroupSpec.blocks(1, [(f"o.h{h}", d) for h in range(self.n_heads)])
             mlp = f"{self._prefix(layer)}.mlp"
             width = self.params[f"{mlp}.down_proj.weight"].shape[1]

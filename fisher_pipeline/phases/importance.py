@@ -27,7 +27,6 @@ GQA-aware: K and V rows are per KV head, as stored (`head_kind == "kv"`), and
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,6 @@ import pandas as pd
 
 from .. import plots
 from ..config import ImportanceOptions
-from ..errors import ConfigError
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, write_table
 

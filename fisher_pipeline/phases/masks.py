@@ -33,8 +33,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from ..config import GRANULARITIES, SCOPES, MaskOptions
-from ..errors import ConfigError
+from ..config import MaskOptions
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, sparsity_key, write_table
 from .groups import GroupLayout, load_layout

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,6 @@ from scipy import stats
 
 from .. import plots
 from ..config import METRICS, OverlapOptions
-from ..errors import ConfigError
 from .common import atomic_output_dir, layer_of, relocate, write_table
 from .masks import MASKS_FORMAT
 

@@ -23,7 +23,6 @@ import itertools
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ import pandas as pd
 
 from .. import plots
 from ..config import ScaledOptions
-from ..errors import ConfigError
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, layer_of, open_stores, read_finite, relocate, write_table
 from .groups import GroupLayout, load_layout

@@ -55,7 +55,6 @@ def family_model(family: str):
 def worker(family: str, variant: str, batch: int, n: int, length: int, threads: int) -> dict:
     import torch
 
-    from fisher_pipeline.config import ATTENTION_PROJECTIONS
     from fisher_pipeline.engine.loss import collate
     from phase1 import _floor, _ours, _samples
 
@@ -70,10 +69,10 @@ def worker(family: str, variant: str, batch: int, n: int, length: int, threads: 
             start = time.perf_counter()
             _floor(model, batches)
             return {"sec_per_sample": (time.perf_counter() - start) / n}
-        _ours(model, warm, batch, Path(tmp) / "warm.zarr", ATTENTION_PROJECTIONS)
+        _ours(model, warm, batch, Path(tmp) / "warm.zarr", "attention")
         # steady state: the store's one-off creation and finalisation are left out here
         return {"sec_per_sample": _ours(model, samples, batch, Path(tmp) / "bench.zarr",
-                                        ATTENTION_PROJECTIONS)["steady_sec_per_sample"]}
+                                        "attention")["steady_sec_per_sample"]}
 
 
 def main() -> None:

@@ -84,16 +84,16 @@ def _loop(model, batches, state: dict) -> None:
 def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
     """Phase 1 into a store; returns the steady per-sample time and the fixed costs."""
     from fisher_pipeline.config import FisherConfig
-    from fisher_pipeline.fisher import compute_fisher, select_params
+    from fisher_pipeline.fisher import compute_fisher, stored_selections
     from fisher_pipeline.models.adapters import adapter_for
     from fisher_pipeline.store import StoreWriter
 
     start = time.perf_counter()
     config = FisherConfig(batch_size=batch_size, per_sample_params=per_sample)
     adapter = adapter_for(model)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    writer = StoreWriter(out, {"task": "bench"}, shapes, {n: adapter.group_spec(n, s) for n, s in shapes.items()},
-                         select_params(list(shapes), per_sample), "float16", len(samples), batch_size)
+    geometry = adapter.geometry()
+    writer = StoreWriter(out, {"task": "bench"}, geometry, stored_selections(geometry, config)[0], "float16",
+                         len(samples), batch_size)
     commits: list[float] = []
 
     def on_commit(batch, losses, grads):
@@ -112,7 +112,6 @@ def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from fisher_pipeline.config import ATTENTION_PROJECTIONS
     from fisher_pipeline.engine.loss import collate
 
     torch.set_num_threads(args.threads)
@@ -132,9 +131,9 @@ def worker(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             _loop(model, batches, {})
         else:
-            _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", ATTENTION_PROJECTIONS)
+            _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", "attention")
             start = time.perf_counter()
-            extra = _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", ATTENTION_PROJECTIONS)
+            extra = _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", "attention")
         elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": args.worker, "batch": args.batch, "n": args.n,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .models.adapters import GroupSpec
+from .layout import GroupSpec
 from .scratch import Scratch
 from .welford import Welford, batch_moments
 
@@ -44,13 +44,14 @@ class FisherAccumulator:
         dtype: torch.dtype = torch.float32,
     ):
         self.shapes = shapes
-        self.specs = {n: GroupSpec(s.dim, s.labels.to(device), s.names) for n, s in specs.items()}
+        self.specs = specs
+        self._labels = {n: s.labels.to(device) for n, s in specs.items()}
         self.m2_names = set(m2_names)
         self.per_sample_names = set(per_sample_names)
         self.device = device
         self.fisher = {n: Welford.zeros(s, n in self.m2_names, device) for n, s in shapes.items()}
         self.grad = {n: Welford.zeros(s, False, device) for n, s in shapes.items()}
-        self.group = {n: Welford.zeros((len(self.specs[n].names),), True, device) for n in shapes}
+        self.group = {n: Welford.zeros((len(self.specs[n].keys),), True, device) for n in shapes}
         zeros = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()}
         self._sum_c = zeros
         self._sum_g = {n: torch.zeros_like(t) for n, t in zeros.items()}
@@ -66,7 +67,7 @@ class FisherAccumulator:
         self._batch_size = batch_size
         self._touched.clear()
         self._group_c = {
-            n: torch.zeros(batch_size, len(s.names), dtype=torch.float64, device=self.device)
+            n: torch.zeros(batch_size, len(s.keys), dtype=torch.float64, device=self.device)
             for n, s in self.specs.items()
         }
         for name in self.per_sample_names:
@@ -99,7 +100,7 @@ class FisherAccumulator:
         other = [d for d in range(1, contributions.dim()) if d != group_dim]
         # float32 within a chunk row (at most a few thousand terms), float64 across samples
         per_position = (contributions.sum(other) if other else contributions).double()
-        labels = spec.labels[start:stop] if spec.dim == 0 else spec.labels
+        labels = self._labels[name][start:stop] if spec.dim == 0 else self._labels[name]
         self._group_c[name].index_add_(1, labels, per_position)
 
     def non_finite_samples(self) -> dict[int, str]:

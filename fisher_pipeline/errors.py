@@ -21,9 +21,17 @@ class TaskError(FisherPipelineError):
     """A task's source is missing, empty or yields no usable sample."""
 
 
-class StoreMismatchError(FisherPipelineError):
+class StoreMismatchError(FisherPipelineError, ValueError):
     """A Fisher store was written for another model, task or configuration."""
 
 
 class StoreFormatError(FisherPipelineError):
     """A path is not a complete Fisher store of a supported format version."""
+
+
+class StoreContentError(FisherPipelineError, ValueError):
+    """A store holds values a phase cannot use (NaN/inf, an all-zero Fisher where one is needed)."""
+
+
+class PhaseInputError(FisherPipelineError, ValueError):
+    """An analysis phase was given inputs it cannot combine (no stores, masks made differently, ...)."""

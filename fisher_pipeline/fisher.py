@@ -10,7 +10,6 @@ Two engines feed the same accumulator:
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,12 @@ from tqdm import tqdm
 
 from . import __version__
 from .accumulate import FisherAccumulator
-from .config import FisherConfig, PipelineConfig, config_hash
+from .config import FisherConfig, PipelineConfig, TaskConfig, config_hash
 from .data import TokenizedSample, load_task
 from .engine.hooks import PerSampleGradients
 from .engine.loss import Batch, collate, per_sample_loss, sample_labels
+from .errors import ConfigError, TaskError
+from .layout import ModelGeometry
 from .models.adapters import ArchitectureAdapter, adapter_for
 from .models.loading import load_model
 from .store import StoreWriter
@@ -36,12 +37,16 @@ log = logging.getLogger(__name__)
 CommitCallback = Callable[[Batch, torch.Tensor, dict[str, torch.Tensor]], None]
 
 
-def select_params(names: list[str], pattern: str) -> set[str]:
-    """Parameter names matching regex `pattern` (empty pattern: none)."""
-    if not pattern:
-        return set()
-    regex = re.compile(pattern)
-    return {n for n in names if regex.search(n)}
+def stored_selections(geometry: ModelGeometry, config: FisherConfig) -> tuple[set[str], set[str]]:
+    """Parameters whose per-sample gradients are stored, and those with elementwise M2.
+
+    Raises:
+        ConfigError: a selection that should select something matches no parameter.
+    """
+    per_sample = geometry.select(config.per_sample_params, config.per_sample_layers,
+                                 what="fisher.per_sample_params")
+    m2 = geometry.select(config.fisher_m2_params, config.fisher_m2_layers, what="fisher.fisher_m2_params")
+    return set(per_sample), set(m2)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,8 +54,23 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("fisher.device is 'cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+        raise ConfigError(
+            "fisher.device is 'cuda' but no CUDA device is visible to torch (torch.cuda.is_available() is "
+            "False: no GPU, no driver, or a CPU-only torch build). Set fisher.device to 'cpu', or 'auto' "
+            "to use a GPU only where there is one."
+        )
     return torch.device(device)
+
+
+def check_context_length(adapter: ArchitectureAdapter, task: TaskConfig) -> None:
+    """Refuse a task whose `max_length` exceeds the positions the model was trained for."""
+    context = adapter.context_length
+    if context is not None and task.max_length > context:
+        raise ConfigError(
+            f"tasks.{task.name}.max_length = {task.max_length} exceeds the model's context length "
+            f"({context} positions, max_position_embeddings of {type(adapter.model).__name__}): positions "
+            f"past it have no learned embedding or were never trained. Set max_length <= {context}."
+        )
 
 
 @dataclass
@@ -151,13 +171,13 @@ def compute_fisher(
     model.eval()
     first = next(model.parameters())
     device = first.device
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    names = list(shapes)
+    geometry = adapter.geometry()
+    per_sample, m2 = stored_selections(geometry, config)
     accumulator = FisherAccumulator(
-        shapes,
-        {n: adapter.group_spec(n, s) for n, s in shapes.items()},
-        select_params(names, config.fisher_m2_params),
-        select_params(names, config.per_sample_params),
+        {n: g.shape for n, g in geometry.params.items()},
+        {n: g.groups for n, g in geometry.params.items()},
+        m2,
+        per_sample,
         device,
         first.dtype,
     )
@@ -194,13 +214,14 @@ def phase1_config_hash(config: PipelineConfig, task: str) -> str:
 def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: bool = True) -> Path:
     """Phase 1 for one task: load model and task, compute, write `out` atomically."""
     if task not in config.tasks:
-        raise KeyError(f"task {task!r} is not in the config; tasks: {', '.join(config.tasks)}")
+        raise ConfigError(f"task {task!r} is not in the config; its tasks are: {', '.join(config.tasks) or 'none'}")
     device = resolve_device(config.fisher.device)
     loaded = load_model(config.model, device)
     adapter = adapter_for(loaded.model)
+    check_context_length(adapter, config.tasks[task])
+    geometry = adapter.geometry()
+    per_sample, _ = stored_selections(geometry, config.fisher)
     samples = load_task(config.tasks[task], loaded.tokenizer)
-    shapes = {n: tuple(p.shape) for n, p in loaded.model.named_parameters() if p.requires_grad}
-    per_sample = select_params(list(shapes), config.fisher.per_sample_params)
     attrs = {
         "model_id": loaded.model_id,
         "model_type": loaded.model.config.model_type,
@@ -214,17 +235,26 @@ def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: boo
         "max_length": config.tasks[task].max_length,
     }
     writer = StoreWriter(
-        out, attrs, shapes, {n: adapter.group_spec(n, s) for n, s in shapes.items()}, per_sample,
-        config.fisher.per_sample_dtype, len(samples), shard_samples=config.fisher.batch_size,
+        out, attrs, geometry, per_sample, config.fisher.per_sample_dtype, len(samples),
+        shard_samples=config.fisher.batch_size,
     )
     log.info("phase 1: task %s, %d samples, model %s on %s", task, len(samples), loaded.model_id, device)
-    result = compute_fisher(
-        loaded.model, adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,
-        on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads),
-        progress=progress,
-    )
+    try:
+        result = compute_fisher(
+            loaded.model, adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,
+            on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads),
+            progress=progress,
+        )
+        if result.accumulator.count == 0:
+            reasons = "; ".join(f"{sample_id}: {reason}" for sample_id, reason in result.skipped[:3])
+            raise TaskError(
+                f"task {task!r}: all {len(samples)} samples were skipped (non-finite loss or gradient; "
+                f"e.g. {reasons}), so there is nothing to store. Check the model's weights (NaN/inf) and "
+                "the task's text; with fisher.labels 'sampled', try 'empirical'."
+            )
+    except BaseException:
+        writer.abort()  # no .partial store left behind
+        raise
     for sample_id, reason in result.skipped:
         writer.skip(sample_id, reason)
-    if result.accumulator.count == 0:
-        raise RuntimeError(f"task {task!r}: every sample was skipped ({result.skipped[:3]}...); nothing to store")
     return writer.close(result.accumulator)

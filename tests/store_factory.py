@@ -9,13 +9,14 @@ dim 2 (GQA: 2 query heads per KV head), MLP width 10, vocab 12.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fisher_pipeline.accumulate import FisherAccumulator
-from fisher_pipeline.models.adapters import GroupSpec
+from fisher_pipeline.layout import AttentionGeometry, GroupSpec, ModelGeometry, ParamGeometry
 from fisher_pipeline.store import StoreWriter
 
 D_MODEL, N_HEADS, N_KV_HEADS, HEAD_DIM, WIDTH, VOCAB = 6, 4, 2, 2, 10, 12
@@ -40,15 +41,32 @@ def llama_layout(n_layers: int = 2) -> tuple[dict[str, tuple[int, ...]], dict[st
             f"model.layers.{layer}.input_layernorm.weight": (D_MODEL,),
         }
         for block, count in (("q", N_HEADS), ("k", N_KV_HEADS), ("v", N_KV_HEADS)):
-            heads = [(f"{block}.h{h}", HEAD_DIM) for h in range(count)]
-            specs[f"{attn}.{block}_proj.weight"] = GroupSpec.blocks(0, heads)
-        specs[f"{attn}.o_proj.weight"] = GroupSpec.blocks(1, [(f"o.h{h}", HEAD_DIM) for h in range(N_HEADS)])
-        neurons = GroupSpec.blocks(0, [(f"neuron.{n}", 1) for n in range(WIDTH)])
-        specs[f"{mlp}.gate_proj.weight"] = specs[f"{mlp}.up_proj.weight"] = neurons
-        specs[f"{mlp}.down_proj.weight"] = GroupSpec(1, neurons.labels, neurons.names)
+            specs[f"{attn}.{block}_proj.weight"] = GroupSpec.heads(0, (block, count, HEAD_DIM))
+        specs[f"{attn}.o_proj.weight"] = GroupSpec.heads(1, ("o", N_HEADS, HEAD_DIM))
+        specs[f"{mlp}.gate_proj.weight"] = specs[f"{mlp}.up_proj.weight"] = GroupSpec.heads(0, ("neuron", WIDTH, 1))
+        specs[f"{mlp}.down_proj.weight"] = GroupSpec.heads(1, ("neuron", WIDTH, 1))
     for name, shape in shapes.items():
         specs.setdefault(name, GroupSpec.whole(shape))
     return shapes, specs
+
+
+#: Roles of the tiny layout's modules (this test layout's own naming, Llama style).
+_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "mlp_in", "up_proj": "mlp_in",
+          "gate_up_proj": "mlp_in", "down_proj": "mlp_out", "embed_tokens": "embed"}
+
+
+def tiny_geometry(shapes: dict[str, tuple[int, ...]], specs: dict[str, GroupSpec],
+                  n_layers: int = 2) -> ModelGeometry:
+    """The geometry phase 1 would store for a tiny Llama-like layout."""
+    params = {}
+    for name, shape in shapes.items():
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        module = name.split(".")[-2]
+        role = _ROLES.get(module, "norm" if "norm" in module else "other")
+        params[name] = ParamGeometry(name, shape, int(layer.group(1)) if layer else None, role,
+                                     specs.get(name) or GroupSpec.whole(shape))
+    gqa = tuple(h // (N_HEADS // N_KV_HEADS) for h in range(N_HEADS))
+    return ModelGeometry(AttentionGeometry(n_layers, N_HEADS, N_KV_HEADS, HEAD_DIM, gqa), params)
 
 
 def random_gradients(shapes: dict[str, tuple[int, ...]], n_samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -83,12 +101,13 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
     if shapes is None:
         shapes, default_specs = llama_layout()
         specs = specs or default_specs
+    specs = {name: (specs or {}).get(name) or GroupSpec.whole(shape) for name, shape in shapes.items()}
     overrides = {name: np.asarray(values, np.float32) for name, values in (grads or {}).items()}
     all_grads = random_gradients(shapes, n_samples, seed) | overrides
     accumulator = FisherAccumulator(shapes, specs, m2_names=set(), per_sample_names=set(per_sample))
     attrs = {"model_id": "tiny-llama", "weights_hash": weights_hash, "task": task, "config_hash": "test",
              "fisher_kind": "empirical", "package_version": "test"}
-    writer = StoreWriter(path, attrs, shapes, specs, per_sample, "float32", max_samples=n_samples)
+    writer = StoreWriter(path, attrs, tiny_geometry(shapes, specs), per_sample, "float32", max_samples=n_samples)
     for start in range(0, n_samples, batch_size):
         stop = min(start + batch_size, n_samples)
         accumulator.begin(stop - start)

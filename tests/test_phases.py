@@ -20,7 +20,7 @@ import pytest
 import zarr
 
 from fisher_pipeline.errors import ConfigError
-from fisher_pipeline.models.adapters import GroupSpec
+from fisher_pipeline.layout import GroupSpec
 from fisher_pipeline.phases import (
     ImportanceOptions, MaskOptions, OverlapOptions, ScaledOptions, compute_masks, cross_task_tables,
     importance_tables, natgrad_norms, overlap_metrics, rank_agreement, run_importance, run_masks, run_overlap,
@@ -235,13 +235,14 @@ def reference_masks(path, scope: str, granularity: str, sparsity: float) -> dict
             fisher = raw(path, "fisher", param)
             units += [(param, np.unravel_index(i, fisher.shape), float(v)) for i, v in enumerate(fisher.ravel())]
             continue
-        sums, attrs = raw(path, "group", param), raw_group(path)[f"group/{param}"].attrs
-        sizes = np.asarray(attrs["sizes"], dtype=np.float64)
+        sums, spec = raw(path, "group", param), SPECS[param]  # the layout the store was written with
+        other = int(np.prod(SHAPES[param])) // SHAPES[param][spec.dim]
+        sizes = np.bincount(spec.label_array, minlength=len(spec.names)).astype(np.float64) * other
         slices = unit_slices(param, granularity)
         if slices[0][0] == "all":
             units.append((param, (Ellipsis,), sums.sum() / sizes.sum()))
         else:
-            names = list(attrs["names"])
+            names = list(spec.names)
             units += [(param, index, sums[names.index(name)] / sizes[names.index(name)]) for name, index in slices]
     scope_of = {"global": lambda p: 0, "per_layer": layer, "per_tensor": lambda p: p}[scope]
     masks = {p: np.zeros(SHAPES[p], dtype=bool) for p in PARAMS}
@@ -308,9 +309,8 @@ def test_mask_options_are_validated():
 def test_split_groups_mask_every_block(tmp_path):
     """A neuron made of two row blocks (Phi-3's fused gate/up) is kept or dropped as one unit."""
     name = "model.layers.0.mlp.gate_up_proj.weight"
-    per_neuron = [(f"neuron.{n}", 1) for n in range(4)]
     path = make_store(tmp_path / "phi.zarr", shapes={name: (8, 3)},
-                      specs={name: GroupSpec.blocks(0, per_neuron + per_neuron)})
+                      specs={name: GroupSpec.heads(0, ("neuron", 4, 1), ("neuron", 4, 1))})
     store = open_store(path)
     fisher = store.fisher(name).astype(np.float64)
     score = (fisher[:4] + fisher[4:]).sum(1)  # both blocks of each neuron

@@ -34,10 +34,11 @@ import pandas as pd
 
 from .. import plots
 from ..config import ImportanceOptions
+from ..errors import StoreContentError
+from ..layout import HEAD_BLOCKS
 from ..store import FisherStore, open_store
-from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, write_table
+from .common import atomic_output_dir, read_finite, relocate, write_table
 
-HEAD_BLOCKS = ("q", "k", "v", "o")
 TABLES = ("tensors", "groups", "heads", "neurons", "layers")
 
 
@@ -45,21 +46,22 @@ def group_table(store: FisherStore, task: str) -> pd.DataFrame:
     """One row per (parameter, stored group) with the group's Fisher sum and its standard error.
 
     Raises:
-        ValueError: a group array holds NaN or inf (naming the store and tensor).
+        StoreContentError: a group array holds NaN or inf (naming the store and tensor).
     """
     frames = []
     for param in store.param_names:
         sums = read_finite(store, "group", param)
         m2 = read_finite(store, "group_m2", param)
-        parsed = [parse_group_name(name) for name in store.group_names(param)]
+        geometry = store.geometry[param]
+        groups = geometry.groups
         frames.append(pd.DataFrame({
             "task": task,
             "param": param,
-            "layer": pd.array([layer_of(param)] * len(sums), dtype="Int64"),
-            "group": store.group_names(param),
-            "block": [block for block, _ in parsed],
-            "index": pd.array([index for _, index in parsed], dtype="Int64"),
-            "n_elements": store.group_sizes(param),
+            "layer": pd.array([geometry.layer] * len(sums), dtype="Int64"),
+            "group": list(groups.names),
+            "block": groups.blocks,
+            "index": pd.array([None if block == "all" else index for block, index in groups.keys], dtype="Int64"),
+            "n_elements": geometry.sizes,
             "fisher_sum": sums,
             "se": _standard_error(m2, store.n_samples),
         }))
@@ -70,13 +72,13 @@ def importance_tables(store: FisherStore, task: str, options: ImportanceOptions)
     """Every phase 2 table of one task: tensors, groups, heads, neurons, layers.
 
     Raises:
-        ValueError: the Fisher is zero for the whole model (shares undefined), or a store
-            array is not finite.
+        StoreContentError: the Fisher is zero for the whole model (shares undefined), or a
+            store array is not finite.
     """
     groups = group_table(store, task)
     total = float(groups["fisher_sum"].sum())
     if total <= 0:
-        raise ValueError(
+        raise StoreContentError(
             f"the Fisher in store {store.path} is zero for every parameter: shares are undefined. "
             f"Check that phase 1 saw labelled tokens (label masks) for task {task!r}."
         )
@@ -85,7 +87,8 @@ def importance_tables(store: FisherStore, task: str, options: ImportanceOptions)
     tables = {
         "tensors": summarize(groups, ["task", "param", "layer"], total, options),
         "groups": summarize(groups, ["task", "param", "layer", "group", "block", "index"], total, options),
-        "heads": _with_gqa_columns(summarize(heads, ["task", "layer", "block", "head"], total, options)),
+        "heads": _with_gqa_columns(summarize(heads, ["task", "layer", "block", "head"], total, options),
+                                   store.geometry.attention.gqa_map),
         "neurons": summarize(neurons, ["task", "layer", "neuron"], total, options),
         "layers": summarize(groups, ["task", "layer"], total, options),
     }
@@ -155,21 +158,14 @@ def _standard_error(m2: np.ndarray, n_samples: int) -> np.ndarray:
     return np.sqrt(m2 / (n_samples - 1) / n_samples)
 
 
-def _with_gqa_columns(heads: pd.DataFrame) -> pd.DataFrame:
-    """Add `head_kind` (query / kv) and `query_heads` (the query heads reading each row's head)."""
+def _with_gqa_columns(heads: pd.DataFrame, gqa_map: tuple[int, ...]) -> pd.DataFrame:
+    """Add `head_kind` (query / kv) and `query_heads` (the query heads reading each row's head).
+
+    `gqa_map[h]` is the KV head query head `h` reads, as the adapter stored it.
+    """
     heads = heads.copy()
     heads["head_kind"] = np.where(heads["block"].isin(("k", "v")), "kv", "query")
-    n_query = heads[heads["block"] == "q"].groupby("layer")["head"].nunique()
-    n_kv = heads[heads["block"] == "k"].groupby("layer")["head"].nunique()
-
-    def readers(row: pd.Series) -> str:
-        if row["head_kind"] == "query":
-            return str(row["head"])
-        q, kv = n_query.get(row["layer"]), n_kv.get(row["layer"])
-        if not q or not kv or q % kv:
-            return ""  # no query heads stored for this layer: the map is unknown
-        per_kv = q // kv
-        return ",".join(str(h) for h in range(row["head"] * per_kv, (row["head"] + 1) * per_kv))
-
-    heads["query_heads"] = heads.apply(readers, axis=1) if len(heads) else pd.Series(dtype=str)
+    readers = {kv: ",".join(str(h) for h, owner in enumerate(gqa_map) if owner == kv) for kv in set(gqa_map)}
+    is_kv = heads["head_kind"] == "kv"
+    heads["query_heads"] = np.where(is_kv, heads["head"].map(readers).fillna(""), heads["head"].astype(str))
     return heads

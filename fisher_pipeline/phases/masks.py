@@ -34,11 +34,12 @@ import pandas as pd
 import zarr
 
 from ..config import MaskOptions
+from ..errors import ConfigError
+from ..layout import HEAD_BLOCKS, ParamGeometry, examples
 from ..store import FisherStore, open_store
-from .common import atomic_output_dir, layer_of, parse_group_name, read_finite, relocate, sparsity_key, write_table
-from .groups import GroupLayout, load_layout
+from .common import atomic_output_dir, read_finite, relocate, sparsity_key, write_table
 
-MASKS_FORMAT = "fisher_pipeline.masks/1"
+MASKS_FORMAT = "fisher_pipeline.masks/2"  # 2: attrs `layers` (parameter -> layer)
 SUMMARY_COLUMNS = ["sparsity", "level", "name", "layer", "n_elements", "kept_elements", "kept_fraction",
                    "n_units", "kept_units"]
 
@@ -58,7 +59,7 @@ class ParamUnits:
     param: str
     shape: tuple[int, ...]
     scores: np.ndarray
-    layout: GroupLayout | None = None
+    layout: ParamGeometry | None = None
     whole: bool = False
 
     def to_mask(self, keep: np.ndarray) -> np.ndarray:
@@ -118,10 +119,10 @@ def param_units(store: FisherStore, param: str, granularity: str) -> ParamUnits:
     sums = read_finite(store, "group", param)
     sizes = store.group_sizes(param)
     shape = tuple(store.array("fisher", param).shape)
-    kinds = {_unit_kind(name) for name in store.group_names(param)}
+    layout = store.geometry[param]
+    kinds = {_unit_kind(block) for block in layout.groups.blocks}
     if kinds != {granularity}:
         return ParamUnits(param, shape, np.array([sums.sum() / sizes.sum()]), whole=True)
-    layout = load_layout(store, param)
     return ParamUnits(param, shape, sums / sizes, layout)
 
 
@@ -129,13 +130,14 @@ def compute_masks(store: FisherStore, options: MaskOptions) -> MaskSet:
     """Masks of every sparsity in `options` for the parameters `options.include` selects.
 
     Raises:
-        ValueError: a store array holds NaN/inf, or `include` matches no parameter.
+        StoreContentError: a store array holds NaN/inf.
+        ConfigError: `include` matches no parameter.
     """
     params = _selected_params(store, options.include)
-    result = MaskSet(layers={p: layer_of(p) for p in params})
+    result = MaskSet(layers={p: store.geometry[p].layer for p in params})
     for s in options.sparsities:
         result.masks[s], result.kept_units[s] = {}, {}
-    for scope_params in _scopes(params, options.scope):
+    for scope_params in _scopes(params, options.scope, result.layers):
         units = [param_units(store, p, options.granularity) for p in scope_params]
         scores = np.concatenate([u.scores for u in units])
         bounds = np.cumsum([0] + [len(u.scores) for u in units])
@@ -194,7 +196,8 @@ def run_masks(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     task = task or str(store.attrs.get("task", Path(store_path).stem))
     mask_set = compute_masks(store, options)
     with atomic_output_dir(out_dir) as staging:
-        paths = {"masks": write_masks(mask_set, staging / "masks.zarr", _masks_attrs(store, task, options))}
+        attrs = _masks_attrs(store, task, options) | {"layers": mask_set.layers}
+        paths = {"masks": write_masks(mask_set, staging / "masks.zarr", attrs)}
         paths |= write_table(mask_summary(mask_set), staging, "mask_summary")
     return relocate(paths, staging, out_dir)
 
@@ -228,26 +231,27 @@ def _masks_attrs(store: FisherStore, task: str, options: MaskOptions) -> dict:
 def _selected_params(store: FisherStore, include: str | None) -> list[str]:
     params = [p for p in store.param_names if include is None or re.search(include, p)]
     if not params:
-        raise ValueError(f"masks include {include!r} matches no parameter of store {store.path}")
+        raise ConfigError(
+            f"masks.include = {include!r} matches no parameter of store {store.path}; it is a regex searched in "
+            f"parameter names such as {examples(store.param_names)} (null masks every parameter)"
+        )
     return params
 
 
-def _scopes(params: list[str], scope: str) -> list[list[str]]:
+def _scopes(params: list[str], scope: str, layers: dict[str, int | None]) -> list[list[str]]:
     """Parameters grouped by the scope their units compete in, each in name order."""
     if scope == "global":
         return [params]
-    key = layer_of if scope == "per_layer" else (lambda p: p)
+    key = layers.get if scope == "per_layer" else (lambda p: p)
     grouped: dict[object, list[str]] = defaultdict(list)
     for p in params:
         grouped[key(p)].append(p)
     return list(grouped.values())
 
 
-def _unit_kind(group_name: str) -> str:
-    block, index = parse_group_name(group_name)
-    if index is None:
-        return block
-    return "neuron" if block == "neuron" else "head"
+def _unit_kind(block: str) -> str:
+    """The mask granularity a group of `block` is a unit of (`head`, `neuron`; `all`: none)."""
+    return "head" if block in HEAD_BLOCKS else block
 
 
 def _layer_name(layer: int | None) -> str:

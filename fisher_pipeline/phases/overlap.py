@@ -36,7 +36,8 @@ from scipy import stats
 
 from .. import plots
 from ..config import METRICS, OverlapOptions
-from .common import atomic_output_dir, layer_of, relocate, write_table
+from ..errors import PhaseInputError
+from .common import atomic_output_dir, relocate, write_table
 from .masks import MASKS_FORMAT
 
 log = logging.getLogger(__name__)
@@ -83,24 +84,24 @@ def open_masks(mask_paths: Mapping[str, str | os.PathLike]) -> dict[str, zarr.Gr
     """Open every task's `masks.zarr` and check they were made alike (same settings and model).
 
     Raises:
-        ValueError: no masks given, a path is not a masks store, or settings differ.
+        PhaseInputError: no masks given, a path is not a masks store, or settings differ.
     """
     if not mask_paths:
-        raise ValueError("no masks given: pass at least one task -> masks.zarr path")
+        raise PhaseInputError("no masks given: pass at least one task -> masks.zarr path")
     groups = {}
     for task, path in mask_paths.items():
         try:
             group = zarr.open_consolidated(path, mode="r")
         except Exception as err:
-            raise ValueError(f"{path} (task {task!r}) is not a masks store from phase 3 ({err})") from None
+            raise PhaseInputError(f"{path} (task {task!r}) is not a masks store from phase 3 ({err})") from None
         if group.attrs.get("format") != MASKS_FORMAT:
-            raise ValueError(f"{path} (task {task!r}) is not a {MASKS_FORMAT} store: rerun phase 3")
+            raise PhaseInputError(f"{path} (task {task!r}) is not a {MASKS_FORMAT} store: rerun phase 3")
         groups[task] = group
     (first_task, first), *others = groups.items()
     for task, group in others:
         for key in _MATCHING_ATTRS:
             if group.attrs.get(key) != first.attrs.get(key):
-                raise ValueError(
+                raise PhaseInputError(
                     f"masks of tasks {first_task!r} and {task!r} differ in {key} ({first.attrs.get(key)!r} vs "
                     f"{group.attrs.get(key)!r}): rerun phase 3 for every task with the same settings."
                 )
@@ -129,7 +130,7 @@ def overlap_counts(masks: Mapping[str, zarr.Group]) -> tuple[pd.DataFrame, dict[
             for task_a, task_b in itertools.combinations(arrays, 2):
                 rows.append({
                     "sparsity": float(key), "task_a": task_a, "task_b": task_b, "level": "tensor", "name": param,
-                    "layer": layer_of(param), "n_elements": arrays[task_a].size, "kept_a": kept[task_a],
+                    "layer": first.attrs["layers"][param], "n_elements": arrays[task_a].size, "kept_a": kept[task_a],
                     "kept_b": kept[task_b],
                     "intersection": int(np.count_nonzero(arrays[task_a] & arrays[task_b])),
                 })
@@ -205,7 +206,7 @@ def run_overlap(mask_paths: Mapping[str, str | os.PathLike], out_dir: str | os.P
 def _read_mask(group: zarr.Group, key: str, param: str, task: str) -> np.ndarray:
     path = f"{key}/{param}"
     if path not in group:
-        raise ValueError(f"masks of task {task!r} have no {path}: rerun phase 3 for every task with one config")
+        raise PhaseInputError(f"masks of task {task!r} have no {path}: rerun phase 3 for every task with one config")
     return np.asarray(group[path][...], dtype=bool)
 
 

@@ -31,8 +31,8 @@ import pandas as pd
 from .. import plots
 from ..config import ScaledOptions
 from ..store import FisherStore, open_store
-from .common import atomic_output_dir, layer_of, open_stores, read_finite, relocate, write_table
-from .groups import GroupLayout, load_layout
+from ..layout import ParamGeometry
+from .common import atomic_output_dir, open_stores, read_finite, relocate, write_table
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def natgrad_norms(store: FisherStore, task: str, options: ScaledOptions) -> pd.D
     for param in store.param_names:
         fisher = read_finite(store, "fisher", param)
         grad = read_finite(store, "grad_mean", param)
-        layout = _checked_layout(store, param, fisher)
+        layout = store.geometry[param]
         rows.append(_group_frame(layout, {
             "task": task, "n_elements": layout.sizes,
             "grad_sq": layout.reduce_sum(grad ** 2),
@@ -85,7 +85,7 @@ def cross_task_tables(stores: Mapping[str, FisherStore], options: ScaledOptions)
         fishers = {task: read_finite(store, "fisher", param) for task, store in stores.items()}
         natgrads = {task: natural_gradient(read_finite(store, "grad_mean", param), fishers[task], options.damping)
                     for task, store in stores.items()}
-        layout = _checked_layout(first, param, fishers[next(iter(stores))])
+        layout = first.geometry[param]
         for task_a, task_b in itertools.combinations(stores, 2):
             cosine_rows.append(_group_frame(layout, {
                 "task_a": task_a, "task_b": task_b,
@@ -93,7 +93,7 @@ def cross_task_tables(stores: Mapping[str, FisherStore], options: ScaledOptions)
                 "sq_a": layout.reduce_sum(natgrads[task_a] ** 2), "sq_b": layout.reduce_sum(natgrads[task_b] ** 2),
             }))
         ewc_rows += [
-            {"task_a": a, "task_b": b, "param": param, "layer": layer_of(param),
+            {"task_a": a, "task_b": b, "param": param, "layer": layout.layer,
              "cost": ewc_cost(fishers[a], natgrads[b], options.eta)}
             for a in stores for b in stores
         ]
@@ -180,14 +180,9 @@ def run_scaled_cross(store_paths: Mapping[str, str | os.PathLike], out_dir: str 
     return relocate(paths, staging, out_dir)
 
 
-def _checked_layout(store: FisherStore, param: str, fisher: np.ndarray) -> GroupLayout:
-    layout = load_layout(store, param)
-    return layout
-
-
-def _group_frame(layout: GroupLayout, columns: dict) -> pd.DataFrame:
+def _group_frame(layout: ParamGeometry, columns: dict) -> pd.DataFrame:
     """One row per group of `layout`, with the parameter, layer, group name and `columns`."""
-    frame = pd.DataFrame({"param": layout.param, "layer": layer_of(layout.param), "group": list(layout.names)})
+    frame = pd.DataFrame({"param": layout.param, "layer": layout.layer, "group": list(layout.groups.names)})
     for key, value in columns.items():
         frame[key] = value
     return frame

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ...errors import UnsupportedArchitectureError
-from .base import BLOCKS, ArchitectureAdapter, GroupSpec, TensorSlice
+from ...layout import GroupSpec, TensorSlice
+from .base import BLOCKS, ArchitectureAdapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter

@@ -1,11 +1,10 @@
-"""What every architecture adapter tells the rest of the code: heads, head slices, groups.
+"""What every architecture adapter tells the rest of the code: the model's geometry.
 
-Adapters are the only code that knows tensor layouts. Everything else asks them:
-
-* `head_slices(layer, block, head)` -> the exact positions of Q/K/V/O head `head` in
-  the parameters (weights and biases), as `TensorSlice`s along one dimension each;
-* `group_specs()` -> how each parameter splits into named groups (heads, neurons) for
-  group-reduced Fisher; parameters not listed form one whole-tensor group.
+Adapters are the only code that knows tensor layouts. A family adapter says, in a few
+lines, how each layer's parameters split into heads and neurons (`group_specs`, as
+`layout.GroupSpec` segments) and what each module is for (`module_roles`); this base
+class turns that into the model-free `layout.ModelGeometry` that phase 1 stores, and
+derives head slices from it, so there is one source of truth per family.
 
 Index conventions: `H` query heads, `H_kv` key/value heads, `d` head_dim. Under
 grouped-query attention query head `h` reads KV head `h // (H // H_kv)`.
@@ -14,72 +13,15 @@ grouped-query attention query head `h` reads KV head `h // (H // H_kv)`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ...errors import UnsupportedArchitectureError
+from ...layout import AttentionGeometry, GroupSpec, ModelGeometry, ParamGeometry, TensorSlice
+
 BLOCKS = ("q", "k", "v", "o")
-
-
-@dataclass(frozen=True)
-class TensorSlice:
-    """Positions of one parameter along one dimension (e.g. the rows of a head).
-
-    Attributes:
-        param: parameter name as in `model.named_parameters()`.
-        dim: dimension of the parameter the positions index.
-        index: sorted int64 positions along `dim`.
-    """
-
-    param: str
-    dim: int
-    index: torch.Tensor
-
-    def take(self, tensor: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
-        """Select this slice from `tensor` shaped `[*batch, *param_shape]`."""
-        return tensor.index_select(self.dim + batch_dims, self.index.to(tensor.device))
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """A partition of a parameter into named groups along one dimension.
-
-    Attributes:
-        dim: dimension along which groups are laid out.
-        labels: int64 `[shape[dim]]`, the group of each position along `dim`.
-        names: group names, `labels` indexes them (e.g. `"q.h0"`, `"neuron.17"`).
-    """
-
-    dim: int
-    labels: torch.Tensor
-    names: tuple[str, ...]
-
-    @classmethod
-    def whole(cls, shape: tuple[int, ...]) -> "GroupSpec":
-        """The single group holding a whole tensor."""
-        return cls(dim=0, labels=torch.zeros(shape[0] if shape else 1, dtype=torch.long), names=("all",))
-
-    @classmethod
-    def blocks(cls, dim: int, parts: list[tuple[str, int]]) -> "GroupSpec":
-        """Consecutive blocks along `dim`: `parts` lists (group name, block length) in order.
-
-        A name may appear several times (its blocks join one group).
-        """
-        ids: dict[str, int] = {}
-        labels: list[int] = []
-        for name, length in parts:
-            labels.extend([ids.setdefault(name, len(ids))] * length)
-        return cls(dim=dim, labels=torch.tensor(labels, dtype=torch.long), names=tuple(ids))
-
-    def reduce(self, values: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
-        """Sum `values` `[*batch, *param_shape]` within each group -> `[*batch, n_groups]`."""
-        dim = self.dim + batch_dims
-        other = [d for d in range(batch_dims, values.dim()) if d != dim]
-        per_position = values.sum(dim=other) if other else values
-        out = per_position.new_zeros(*values.shape[:batch_dims], len(self.names))
-        return out.index_add_(batch_dims, self.labels.to(values.device), per_position)
 
 
 class ArchitectureAdapter(ABC):
@@ -89,6 +31,8 @@ class ArchitectureAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     #: Family name and example checkpoints, for docs and error messages.
     family: ClassVar[str]
+    #: Module path inside a layer -> role of its weight and bias (see `layout.ROLES`).
+    module_roles: ClassVar[dict[str, str]]
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -98,34 +42,16 @@ class ArchitectureAdapter(ABC):
         self.n_kv_heads: int = getattr(self.config, "num_key_value_heads", None) or self.n_heads
         self.head_dim: int = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{self.n_heads} query heads do not split evenly over {self.n_kv_heads} KV heads")
+            raise UnsupportedArchitectureError(
+                f"{self.n_heads} query heads do not split evenly over {self.n_kv_heads} KV heads "
+                f"({type(model).__name__}): the GQA map is undefined"
+            )
         self.params = dict(model.named_parameters(remove_duplicate=False))
 
-    def kv_head(self, head: int) -> int:
-        """KV head read by query head `head` (GQA map)."""
-        return head // (self.n_heads // self.n_kv_heads)
-
-    def _range(self, start: int, length: int) -> torch.Tensor:
-        return torch.arange(start, start + length, dtype=torch.long)
-
-    def _row_slices(self, module: str, rows: torch.Tensor) -> list[TensorSlice]:
-        """`rows` of `module`'s weight and, when it has one, of its bias (Linear layout)."""
-        return [TensorSlice(f"{module}.{kind}", 0, rows) for kind in ("weight", "bias")
-                if f"{module}.{kind}" in self.params]
-
-    def _set_row_spec(self, specs: dict[str, "GroupSpec"], module: str, spec: "GroupSpec") -> None:
-        """Give `module`'s weight and (when present) bias the row partition `spec`."""
-        for kind in ("weight", "bias"):
-            if f"{module}.{kind}" in self.params:
-                specs[f"{module}.{kind}"] = spec
-
+    # --- what a family adapter provides --------------------------------------------
     @abstractmethod
-    def head_slices(self, layer: int, block: str, head: int) -> list[TensorSlice]:
-        """Positions of block `block` in {q,k,v,o} of query head `head` in `layer`.
-
-        For k and v the slice is that of the KV head `kv_head(head)`. Biases are
-        included where the model has them (o has none per head: its bias is shared).
-        """
+    def layer_prefix(self, layer: int) -> str:
+        """Name prefix of the parameters of transformer block `layer` (e.g. `model.layers.3`)."""
 
     @abstractmethod
     def group_specs(self) -> dict[str, GroupSpec]:
@@ -135,11 +61,75 @@ class ArchitectureAdapter(ABC):
     def o_proj_module(self, layer: int) -> nn.Module:
         """The output projection of `layer`; its input is `[..., H * d]`, head-major."""
 
+    # --- derived ---------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        """Positions the model was trained for (`max_position_embeddings`), if the config says."""
+        value = getattr(self.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def kv_head(self, head: int) -> int:
+        """KV head read by query head `head` (GQA map)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def attention_geometry(self) -> AttentionGeometry:
+        return AttentionGeometry(self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim,
+                                 tuple(self.kv_head(h) for h in range(self.n_heads)))
+
+    def geometry(self) -> ModelGeometry:
+        """Layer, role and groups of every trainable parameter (tied weights once)."""
+        if not hasattr(self, "_geometry"):
+            specs = self.group_specs()
+            params: dict[str, ParamGeometry] = {}
+            for name, param in self.model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                shape = tuple(param.shape)
+                layer, role = self._place(name)
+                params[name] = ParamGeometry(name, shape, layer, role, specs.get(name) or GroupSpec.whole(shape))
+            self._geometry = ModelGeometry(self.attention_geometry(), params)
+        return self._geometry
+
     def group_spec(self, name: str, shape: tuple[int, ...]) -> GroupSpec:
         """Group partition of parameter `name` (whole tensor if it has no heads/neurons)."""
-        return self._group_specs_cached().get(name) or GroupSpec.whole(shape)
+        geometry = self.geometry().params.get(name)
+        return geometry.groups if geometry is not None else GroupSpec.whole(shape)
 
-    def _group_specs_cached(self) -> dict[str, GroupSpec]:
-        if not hasattr(self, "_specs"):
-            self._specs = self.group_specs()
-        return self._specs
+    def head_slices(self, layer: int, block: str, head: int) -> list[TensorSlice]:
+        """Positions of block `block` in {q,k,v,o} of query head `head` in `layer`.
+
+        For k and v the slice is that of the KV head `kv_head(head)`. Biases are
+        included where the model has them (o has none per head: its bias is shared).
+        """
+        owner = self.kv_head(head) if block in ("k", "v") else head
+        geometry = self.geometry()
+        return [TensorSlice(name, geometry[name].groups.dim, torch.from_numpy(geometry[name].positions(block)[owner]))
+                for name in geometry.head_params(layer, block)]
+
+    def _place(self, name: str) -> tuple[int | None, str]:
+        """Layer and role of parameter `name`."""
+        module_path = name.rpartition(".")[0]
+        module = self.model.get_submodule(module_path)
+        for layer in range(self.n_layers):
+            prefix = self.layer_prefix(layer) + "."
+            if name.startswith(prefix):
+                relative = module_path[len(prefix):]
+                return layer, self.module_roles.get(relative) or _generic_role(module)
+        if module is self.model.get_output_embeddings():
+            return None, "lm_head"
+        return None, _generic_role(module)
+
+    # --- helpers for family adapters ------------------------------------------------
+    def _set_row_spec(self, specs: dict[str, GroupSpec], module: str, spec: GroupSpec) -> None:
+        """Give `module`'s weight and (when present) bias the row partition `spec`."""
+        for kind in ("weight", "bias"):
+            if f"{module}.{kind}" in self.params:
+                specs[f"{module}.{kind}"] = spec
+
+
+def _generic_role(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embed"
+    if "norm" in type(module).__name__.lower():
+        return "norm"
+    return "other"

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, GroupSpec, TensorSlice
-
-_QKV_OFFSET = {"q": 0, "k": 1, "v": 2}
-
+from .base import ArchitectureAdapter, GroupSpec
 
 class GPT2Adapter(ArchitectureAdapter):
     model_types = ("gpt2",)
     family = "GPT-2 (gpt2, distilgpt2)"
+    module_roles = {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "mlp_in", "mlp.c_proj": "mlp_out"}
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -33,37 +31,23 @@ class GPT2Adapter(ArchitectureAdapter):
         self.n_kv_heads = self.n_heads
         self.head_dim = self.config.hidden_size // self.n_heads
 
-    def _prefix(self, layer: int) -> str:
+    def layer_prefix(self, layer: int) -> str:
         return f"transformer.h.{layer}"
 
-    def head_slices(self, layer: int, block: str, head: int) -> list[TensorSlice]:
-        attn = f"{self._prefix(layer)}.attn"
-        d, width = self.head_dim, self.n_heads * self.head_dim
-        if block == "o":
-            return [TensorSlice(f"{attn}.c_proj.weight", 0, self._range(head * d, d))]
-        columns = self._range(_QKV_OFFSET[block] * width + head * d, d)
-        # Weight: output features are dim 1 (columns); bias: dim 0 of the same features.
-        return [
-            TensorSlice(f"{attn}.c_attn.weight", 1, columns),
-            TensorSlice(f"{attn}.c_attn.bias", 0, columns),
-        ]
-
     def group_specs(self) -> dict[str, GroupSpec]:
-        d = self.head_dim
+        d, h = self.head_dim, self.n_heads
         specs: dict[str, GroupSpec] = {}
         for layer in range(self.n_layers):
-            attn = f"{self._prefix(layer)}.attn"
-            qkv = [(f"{block}.h{h}", d) for block in ("q", "k", "v") for h in range(self.n_heads)]
-            qkv_columns = GroupSpec.blocks(1, qkv)
-            specs[f"{attn}.c_attn.weight"] = qkv_columns
-            specs[f"{attn}.c_attn.bias"] = GroupSpec(0, qkv_columns.labels, qkv_columns.names)
-            specs[f"{attn}.c_proj.weight"] = GroupSpec.blocks(0, [(f"o.h{h}", d) for h in range(self.n_heads)])
-            mlp = f"{self._prefix(layer)}.mlp"
+            attn = f"{self.layer_prefix(layer)}.attn"
+            # Weight: output features are dim 1 (columns); bias: dim 0 of the same features.
+            specs[f"{attn}.c_attn.weight"] = GroupSpec.heads(1, ("q", h, d), ("k", h, d), ("v", h, d))
+            specs[f"{attn}.c_attn.bias"] = GroupSpec.heads(0, ("q", h, d), ("k", h, d), ("v", h, d))
+            specs[f"{attn}.c_proj.weight"] = GroupSpec.heads(0, ("o", h, d))
+            mlp = f"{self.layer_prefix(layer)}.mlp"
             width = self.params[f"{mlp}.c_proj.weight"].shape[0]
-            neurons = GroupSpec.blocks(1, [(f"neuron.{n}", 1) for n in range(width)])
-            specs[f"{mlp}.c_fc.weight"] = neurons
-            specs[f"{mlp}.c_fc.bias"] = GroupSpec(0, neurons.labels, neurons.names)
-            specs[f"{mlp}.c_proj.weight"] = GroupSpec(0, neurons.labels, neurons.names)
+            specs[f"{mlp}.c_fc.weight"] = GroupSpec.heads(1, ("neuron", width, 1))
+            specs[f"{mlp}.c_fc.bias"] = GroupSpec.heads(0, ("neuron", width, 1))
+            specs[f"{mlp}.c_proj.weight"] = GroupSpec.heads(0, ("neuron", width, 1))
         return specs
 
     def o_proj_module(self, layer: int) -> nn.Module:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, GroupSpec, TensorSlice
-
-_QKV_OFFSET = {"q": 0, "k": 1, "v": 2}
-
+from ...layout import Segment
+from .base import ArchitectureAdapter, GroupSpec
 
 class GPTNeoXAdapter(ArchitectureAdapter):
     model_types = ("gpt_neox",)
     family = "GPT-NeoX (Pythia, GPT-NeoX-20B)"
+    module_roles = {"attention.query_key_value": "qkv", "attention.dense": "o",
+                    "mlp.dense_h_to_4h": "mlp_in", "mlp.dense_4h_to_h": "mlp_out"}
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -31,33 +31,22 @@ class GPTNeoXAdapter(ArchitectureAdapter):
         self.n_kv_heads = self.n_heads
         self.head_dim = self.config.hidden_size // self.n_heads
 
-    def _prefix(self, layer: int) -> str:
+    def layer_prefix(self, layer: int) -> str:
         return f"gpt_neox.layers.{layer}"
-
-    def head_slices(self, layer: int, block: str, head: int) -> list[TensorSlice]:
-        attn = f"{self._prefix(layer)}.attention"
-        d = self.head_dim
-        if block == "o":
-            return [TensorSlice(f"{attn}.dense.weight", 1, self._range(head * d, d))]
-        rows = self._range(head * 3 * d + _QKV_OFFSET[block] * d, d)
-        return self._row_slices(f"{attn}.query_key_value", rows)
 
     def group_specs(self) -> dict[str, GroupSpec]:
         d = self.head_dim
         specs: dict[str, GroupSpec] = {}
         for layer in range(self.n_layers):
-            attn = f"{self._prefix(layer)}.attention"
+            attn = f"{self.layer_prefix(layer)}.attention"
             # Row blocks in memory order: q.h0, k.h0, v.h0, q.h1, ...
-            qkv = GroupSpec.blocks(0, [(f"{block}.h{h}", d) for h in range(self.n_heads) for block in ("q", "k", "v")])
-            self._set_row_spec(specs, f"{attn}.query_key_value", qkv)
-            specs[f"{attn}.dense.weight"] = GroupSpec.blocks(1, [(f"o.h{h}", d) for h in range(self.n_heads)])
-            mlp = f"{self._prefix(layer)}.mlp"
+            interleaved = tuple(Segment(block, h, 1, d) for h in range(self.n_heads) for block in ("q", "k", "v"))
+            self._set_row_spec(specs, f"{attn}.query_key_value", GroupSpec(0, interleaved))
+            specs[f"{attn}.dense.weight"] = GroupSpec.heads(1, ("o", self.n_heads, d))
+            mlp = f"{self.layer_prefix(layer)}.mlp"
             width = self.params[f"{mlp}.dense_4h_to_h.weight"].shape[1]
-            neurons = GroupSpec.blocks(0, [(f"neuron.{n}", 1) for n in range(width)])
-            specs[f"{mlp}.dense_h_to_4h.weight"] = neurons
-            if f"{mlp}.dense_h_to_4h.bias" in self.params:
-                specs[f"{mlp}.dense_h_to_4h.bias"] = neurons
-            specs[f"{mlp}.dense_4h_to_h.weight"] = GroupSpec(1, neurons.labels, neurons.names)
+            self._set_row_spec(specs, f"{mlp}.dense_h_to_4h", GroupSpec.heads(0, ("neuron", width, 1)))
+            specs[f"{mlp}.dense_4h_to_h.weight"] = GroupSpec.heads(1, ("neuron", width, 1))
         return specs
 
     def o_proj_module(self, layer: int) -> nn.Module:

@@ -44,8 +44,9 @@ def stored_selections(geometry: ModelGeometry, config: FisherConfig) -> tuple[se
         ConfigError: a selection that should select something matches no parameter.
     """
     per_sample = geometry.select(config.per_sample_params, config.per_sample_layers,
-                                 what="fisher.per_sample_params")
-    m2 = geometry.select(config.fisher_m2_params, config.fisher_m2_layers, what="fisher.fisher_m2_params")
+                                 what="fisher.per_sample_params", layers_what="fisher.per_sample_layers")
+    m2 = geometry.select(config.fisher_m2_params, config.fisher_m2_layers,
+                         what="fisher.fisher_m2_params", layers_what="fisher.fisher_m2_layers")
     return set(per_sample), set(m2)
 
 

@@ -332,7 +332,8 @@ class ModelGeometry:
         return sorted(name for name, geo in self.params.items()
                       if geo.layer == layer and block in geo.head_blocks())
 
-    def select(self, selection: str, layers: Sequence[int] | None = None, *, what: str = "selection") -> list[str]:
+    def select(self, selection: str, layers: Sequence[int] | None = None, *, what: str = "selection",
+               layers_what: str = "layers") -> list[str]:
         """Parameters chosen by a named selection or a regex, optionally in some layers only.
 
         Args:
@@ -340,7 +341,7 @@ class ModelGeometry:
                 regex searched in parameter names (`""` selects nothing).
             layers: layer indices (negative counts from the last layer); None = all layers
                 (and parameters outside layers); a list keeps only parameters in those layers.
-            what: the config key, for error messages.
+            what, layers_what: the config keys of `selection` and `layers`, for error messages.
 
         Raises:
             ConfigError: a layer is out of range, or a selection that should select
@@ -351,8 +352,8 @@ class ModelGeometry:
         if layers is not None:
             bad = [layer for layer in layers if not -n_layers <= layer < n_layers]
             if bad:
-                raise ConfigError(f"{what}: layers {bad} out of range; the model has {n_layers} layers "
-                                  f"(0..{n_layers - 1}, or -1 for the last)")
+                raise ConfigError(f"{layers_what} = {list(layers)}: layer(s) {bad} out of range; the model has "
+                                  f"{n_layers} layers (0..{n_layers - 1}; negative counts from the last, -1)")
             wanted = {layer % n_layers for layer in layers}
         if selection in NAMED_SELECTIONS:
             roles = NAMED_SELECTIONS[selection]

@@ -83,7 +83,7 @@ def random_gradients(shapes: dict[str, tuple[int, ...]], n_samples: int, seed: i
 def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = "task",
                shapes: dict[str, tuple[int, ...]] | None = None, specs: dict[str, GroupSpec] | None = None,
                grads: dict[str, np.ndarray] | None = None, per_sample: tuple[str, ...] = (),
-               batch_size: int = 3, weights_hash: str = "tiny-weights") -> Path:
+               batch_size: int = 3, weights_hash: str = "tiny-weights", attrs: dict | None = None) -> Path:
     """Write a complete phase 1 store at `path` and return it.
 
     Args:
@@ -97,6 +97,7 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
         per_sample: parameters whose per-sample gradients are stored.
         batch_size: micro-batch size fed to the accumulator.
         weights_hash: model identity recorded in the attrs.
+        attrs: store attributes overriding the defaults (e.g. `fisher_kind`).
     """
     if shapes is None:
         shapes, default_specs = llama_layout()
@@ -105,9 +106,9 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
     overrides = {name: np.asarray(values, np.float32) for name, values in (grads or {}).items()}
     all_grads = random_gradients(shapes, n_samples, seed) | overrides
     accumulator = FisherAccumulator(shapes, specs, m2_names=set(), per_sample_names=set(per_sample))
-    attrs = {"model_id": "tiny-llama", "weights_hash": weights_hash, "task": task, "config_hash": "test",
-             "fisher_kind": "empirical", "package_version": "test"}
-    writer = StoreWriter(path, attrs, tiny_geometry(shapes, specs), per_sample, "float32", max_samples=n_samples)
+    store_attrs = {"model_id": "tiny-llama", "weights_hash": weights_hash, "task": task, "config_hash": "test",
+             "fisher_kind": "empirical", "package_version": "test"} | (attrs or {})
+    writer = StoreWriter(path, store_attrs, tiny_geometry(shapes, specs), per_sample, "float32", max_samples=n_samples)
     for start in range(0, n_samples, batch_size):
         stop = min(start + batch_size, n_samples)
         accumulator.begin(stop - start)

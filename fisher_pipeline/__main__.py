@@ -1,7 +1,9 @@
 """Command-line entry points the workflow rules call (`python -m fisher_pipeline ...`).
 
-Each subcommand takes the workflow config as JSON (already validated and filled with
-defaults by Snakemake) or as a YAML file, and calls the phase's plain function.
+Each subcommand takes the workflow config as JSON (what the workflow passes) or as a YAML
+file, validates it against the config schema and calls the phase's plain function. A
+mistake in the input (a bad config, a missing file, ...) ends with one line naming the
+input and the fix, and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,20 +12,14 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from .errors import FisherPipelineError
 
 
 def _load_config(args: argparse.Namespace):
-    from .config import PipelineConfig
+    from .config import PipelineConfig, parse_config_json, read_config_file
 
-    if args.config_json:
-        raw = json.loads(args.config_json)
-    else:
-        import yaml
-
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    raw = parse_config_json(args.config_json) if args.config_json is not None else read_config_file(args.config)
     return PipelineConfig.from_dict(raw)
 
 
@@ -34,6 +30,8 @@ def _cmd_prepare_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_fisher(args: argparse.Namespace) -> None:
+    config = _load_config(args)  # before importing torch: a config mistake is reported at once
+
     import torch
 
     from .fisher import run_fisher
@@ -41,13 +39,19 @@ def _cmd_fisher(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(run_fisher(_load_config(args), args.task, args.out, progress=not args.quiet))
+    print(run_fisher(config, args.task, args.out, progress=not args.quiet))
+
+
+def _cmd_schema(args: argparse.Namespace) -> None:
+    from .config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="workflow config YAML (e.g. config/config.yaml)")
-    source.add_argument("--config-json", help="workflow config as a JSON string")
+    source.add_argument("--config-json", help="workflow config as a JSON object")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--quiet", action="store_true", help="no progress bar")
     fisher.set_defaults(func=_cmd_fisher)
 
+    schema = sub.add_parser("schema", help="print the config's JSON schema (every section, with defaults)")
+    schema.set_defaults(func=_cmd_schema)
+
     from .phases.cli import add_phase_commands
 
     add_phase_commands(sub)
@@ -74,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except FisherPipelineError as err:
-        logging.getLogger("fisher_pipeline").error("%s", err)
+        logging.getLogger("fisher_pipeline").error("%s", str(err).replace("\n", " "))
         return 2
     return 0
 

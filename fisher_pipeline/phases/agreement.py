@@ -100,3 +100,11 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         return float("nan"), float("nan")  # constant or too few scores: correlation undefined
     result = stats.spearmanr(a, b)
     return float(result.statistic), float(result.pvalue)
+
+
+from .registry import PhaseCommand, register_phase  # noqa: E402
+
+register_phase(ImportanceOptions, PhaseCommand(
+    "rank-agreement", run_rank_agreement, "phase 2 across tasks: Spearman rank agreement of importance between tasks",
+    per_task=False, input_flag="--stores", input_help="phase 1 store", out_example="results/importance/rank_agreement",
+    reserves="rank_agreement"))

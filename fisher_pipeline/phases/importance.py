@@ -169,3 +169,10 @@ def _with_gqa_columns(heads: pd.DataFrame, gqa_map: tuple[int, ...]) -> pd.DataF
     is_kv = heads["head_kind"] == "kv"
     heads["query_heads"] = np.where(is_kv, heads["head"].map(readers).fillna(""), heads["head"].astype(str))
     return heads
+
+
+from .registry import PhaseCommand, register_phase  # noqa: E402
+
+register_phase(ImportanceOptions, PhaseCommand(
+    "importance", run_importance, "phase 2: Fisher importance tables and layer x head heatmaps of one task",
+    out_example="results/importance/{task}"))

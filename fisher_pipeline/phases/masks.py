@@ -261,3 +261,10 @@ def _layer_name(layer: int | None) -> str:
 def _total(sparsity: float, level: str, name: str, layer: int | None, members: list[dict]) -> dict:
     sums = {k: sum(m[k] for m in members) for k in ("n_elements", "kept_elements", "n_units", "kept_units")}
     return {"sparsity": sparsity, "level": level, "name": name, "layer": layer, **sums}
+
+
+from .registry import PhaseCommand, register_phase  # noqa: E402
+
+register_phase(MaskOptions, PhaseCommand(
+    "masks", run_masks, "phase 3: pruning masks of one task for every configured sparsity",
+    out_example="results/masks/{task}"))

@@ -212,3 +212,10 @@ def _read_mask(group: zarr.Group, key: str, param: str, task: str) -> np.ndarray
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
+
+
+from .registry import PhaseCommand, register_phase  # noqa: E402
+
+register_phase(OverlapOptions, PhaseCommand(
+    "overlap", run_overlap, "phase 4: overlap of the tasks' masks, with hypergeometric expectations and p-values",
+    per_task=False, input_flag="--masks", input_help="masks.zarr written by phase 3", out_example="results/overlap"))

@@ -218,3 +218,13 @@ def _global_matrix(table: pd.DataFrame, tasks: list[str], column: str, symmetric
         if symmetric:
             matrix.loc[row.task_b, row.task_a] = getattr(row, column)
     return matrix
+
+
+from .registry import PhaseCommand, register_phase  # noqa: E402
+
+register_phase(ScaledOptions, PhaseCommand(
+    "scaled", run_scaled_task, "phase 7: mean and natural-gradient norms of one task",
+    out_example="results/scaled/{task}"), PhaseCommand(
+    "scaled-cross", run_scaled_cross, "phase 7 across tasks: natural-gradient cosines and EWC costs",
+    per_task=False, input_flag="--stores", input_help="phase 1 store", out_example="results/scaled/cross_task",
+    reserves="cross_task"))

@@ -1,15 +1,33 @@
-# Helpers shared by the rules: config validation, task list, inputs, per-rule params.
+# Shared helpers of the workflow: config checks, task list, inputs, per-rule params, final outputs.
 import json
+import shlex
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
+from snakemake.exceptions import WorkflowError
 
-validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+from fisher_pipeline.config import BUNDLED_MODEL_PATH, ConfigError, load_yaml_strict, validate_config
 
-PYTHON = sys.executable
+# Snakemake keeps the last of two equal keys in a config file silently: read each file again,
+# strictly. Nested values given with --config reach the workflow as text (Snakemake parses them
+# with YAML's BaseLoader): validate_config reads them as the types the schema wants, fills in
+# the defaults, and names any bad key.
+try:
+    for _configfile in workflow.configfiles:
+        load_yaml_strict(_configfile)
+    _checked = validate_config(config, command_line=workflow.config_settings.config)
+except ConfigError as err:
+    raise WorkflowError(f"invalid workflow config: {err}") from None
+config.clear()
+config.update(_checked)
+
 TASKS = sorted(config["tasks"])
-BUNDLED_MODEL = "resources/models/SmolLM2-135M-Instruct"
+BUNDLED_MODEL = BUNDLED_MODEL_PATH
+#: What the default target builds: each rule file adds its phase's outputs.
+FINAL_OUTPUTS = []
+
+# The rules run the package with the interpreter that runs Snakemake.
+shell.prefix(f"set -euo pipefail; FISHER_PYTHON={shlex.quote(sys.executable)}; ")
 
 
 wildcard_constraints:
@@ -20,7 +38,7 @@ def model_input():
     """The model path phase 1 reads; the bundled model is built by rule bundled_model."""
     path = config["model"]["path"]
     if path != BUNDLED_MODEL and not Path(path).exists():
-        raise ValueError(
+        raise WorkflowError(
             f"model.path {path!r} does not exist. Point it at a local HuggingFace folder "
             f"(safetensors) or a .gguf file, or leave the default {BUNDLED_MODEL!r}."
         )
@@ -55,15 +73,3 @@ def mask_dirs():
 def task_pairs(paths):
     """`TASK=PATH` arguments of a cross-task phase command, from task -> path."""
     return [f"{task}={path}" for task, path in paths.items()]
-
-
-def all_outputs():
-    return [
-        *expand("results/fisher/{task}.zarr", task=TASKS),
-        *expand("results/importance/{task}", task=TASKS),
-        "results/importance/rank_agreement",
-        *expand("results/masks/{task}", task=TASKS),
-        "results/overlap",
-        *expand("results/scaled/{task}", task=TASKS),
-        "results/scaled/cross_task",
-    ]

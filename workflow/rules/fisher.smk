@@ -1,3 +1,6 @@
+FINAL_OUTPUTS.extend(fisher_stores().values())
+
+
 rule fisher:
     """Phase 1: per-sample gradients -> Welford Fisher statistics -> results/fisher/{task}.zarr."""
     input:
@@ -10,12 +13,10 @@ rule fisher:
         "logs/fisher/{task}.log",
     benchmark:
         "logs/benchmarks/fisher/{task}.tsv"
-    conda:
-        "../../environment.yml"
     threads: 2
     resources:
         mem_mb=12000,
         runtime=60,
     shell:
-        "{PYTHON} -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
+        "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
         "--out {output.store} --threads {threads} 2> {log}"

@@ -1,3 +1,6 @@
+FINAL_OUTPUTS.extend([*expand("results/importance/{task}", task=TASKS), "results/importance/rank_agreement"])
+
+
 rule importance:
     """Phase 2: Fisher per tensor / head / neuron / layer of one task, and layer x head heatmaps."""
     input:
@@ -17,14 +20,12 @@ rule importance:
         "logs/importance/{task}.log",
     benchmark:
         "logs/benchmarks/importance/{task}.tsv"
-    conda:
-        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PYTHON} -m fisher_pipeline importance --config-json {params.config:q} --store {input.store:q} "
+        "$FISHER_PYTHON -m fisher_pipeline importance --config-json {params.config:q} --store {input.store:q} "
         "--task {wildcards.task} --out {output.tables:q} > {log} 2>&1"
 
 
@@ -48,12 +49,10 @@ rule rank_agreement:
         "logs/importance/rank_agreement.log",
     benchmark:
         "logs/benchmarks/importance/rank_agreement.tsv"
-    conda:
-        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PYTHON} -m fisher_pipeline rank-agreement --config-json {params.config:q} --stores {params.stores:q} "
+        "$FISHER_PYTHON -m fisher_pipeline rank-agreement --config-json {params.config:q} --stores {params.stores:q} "
         "--out {output.tables:q} > {log} 2>&1"

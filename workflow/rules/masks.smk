@@ -1,3 +1,6 @@
+FINAL_OUTPUTS.extend(mask_dirs().values())
+
+
 rule masks:
     """Phase 3: pruning masks keeping the highest-Fisher units of one task, per sparsity."""
     input:
@@ -17,12 +20,10 @@ rule masks:
         "logs/masks/{task}.log",
     benchmark:
         "logs/benchmarks/masks/{task}.tsv"
-    conda:
-        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=20,
     shell:
-        "{PYTHON} -m fisher_pipeline masks --config-json {params.config:q} --store {input.store:q} "
+        "$FISHER_PYTHON -m fisher_pipeline masks --config-json {params.config:q} --store {input.store:q} "
         "--task {wildcards.task} --out {output.masks:q} > {log} 2>&1"

@@ -6,11 +6,9 @@ rule bundled_model:
         "logs/bundled_model.log",
     benchmark:
         "logs/benchmarks/bundled_model.tsv"
-    conda:
-        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=10,
     shell:
-        "{PYTHON} -m fisher_pipeline prepare-model --out {output} 2> {log}"
+        "$FISHER_PYTHON -m fisher_pipeline prepare-model --out {output} 2> {log}"

@@ -1,3 +1,6 @@
+FINAL_OUTPUTS.append("results/overlap")
+
+
 rule overlap:
     """Phase 4: overlap of the tasks' masks per sparsity, against random masks of the same density."""
     input:
@@ -18,12 +21,10 @@ rule overlap:
         "logs/overlap.log",
     benchmark:
         "logs/benchmarks/overlap.tsv"
-    conda:
-        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "{PYTHON} -m fisher_pipeline overlap --config-json {params.config:q} --masks {params.masks:q} "
+        "$FISHER_PYTHON -m fisher_pipeline overlap --config-json {params.config:q} --masks {params.masks:q} "
         "--out {output.tables:q} > {log} 2>&1"

@@ -1,3 +1,6 @@
+FINAL_OUTPUTS.extend([*expand("results/scaled/{task}", task=TASKS), "results/scaled/cross_task"])
+
+
 rule scaled:
     """Phase 7: mean and natural-gradient norms of one task per group, tensor, layer and model."""
     input:
@@ -10,14 +13,12 @@ rule scaled:
         "logs/scaled/{task}.log",
     benchmark:
         "logs/benchmarks/scaled/{task}.tsv"
-    conda:
-        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=3000,
         runtime=20,
     shell:
-        "{PYTHON} -m fisher_pipeline scaled --config-json {params.config:q} --store {input.store:q} "
+        "$FISHER_PYTHON -m fisher_pipeline scaled --config-json {params.config:q} --store {input.store:q} "
         "--task {wildcards.task} --out {output.tables:q} > {log} 2>&1"
 
 
@@ -41,12 +42,10 @@ rule scaled_cross:
         "logs/scaled/cross_task.log",
     benchmark:
         "logs/benchmarks/scaled/cross_task.tsv"
-    conda:
-        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=6000,
         runtime=30,
     shell:
-        "{PYTHON} -m fisher_pipeline scaled-cross --config-json {params.config:q} --stores {params.stores:q} "
+        "$FISHER_PYTHON -m fisher_pipeline scaled-cross --config-json {params.config:q} --stores {params.stores:q} "
         "--out {output.tables:q} > {log} 2>&1"

@@ -1,0 +1,124 @@
+"""The analysis phases, each registered once by its own module.
+
+A phase module ends with one call::
+
+    register_phase(MaskOptions, PhaseCommand("masks", run_masks, "phase 3: pruning masks of one task",
+                                             out_example="results/masks/{task}"))
+
+naming its options dataclass (declared with `fisher_pipeline.config.config_section`, which
+carries the config section's name and schema) and its subcommands. Everything else reads
+the registry: the `python -m fisher_pipeline` subcommands (`phases/cli.py`), the sections
+`PipelineConfig.from_dict` parses, the assembled config schema (`config_schema()`) and the
+task names cross-task outputs reserve. Every module of the `fisher_pipeline.phases` package
+is imported on first use, so a new module registers itself without an edit anywhere else
+in the package. docs/adding_a_phase.md walks through adding a phase.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import CORE_SECTIONS
+
+
+@dataclass(frozen=True)
+class PhaseCommand:
+    """One subcommand of `python -m fisher_pipeline` that runs a phase and prints what it wrote.
+
+    `run` is called as `run(input, out_dir, options, task=task)` for a per-task command and
+    as `run({task: input, ...}, out_dir, options)` for a cross-task one, and returns
+    {name: path} of the files it wrote.
+    """
+
+    name: str  # the subcommand, e.g. "masks" (a rule's shell command calls it)
+    run: Callable[..., Mapping[str, Any]]  # the phase's run function (see above)
+    help: str  # one line for --help
+    per_task: bool = True  # one job per task, or one job across all tasks (inputs as TASK=PATH pairs)
+    input_flag: str = "--store"  # the flag naming the input (per task) or inputs (across tasks)
+    input_help: str = "phase 1 store, e.g. results/fisher/prose.zarr"  # what one input is
+    out_example: str = ""  # e.g. "results/masks/{task}", for --help
+    reserves: str | None = None  # output directory named like a task (e.g. "rank_agreement"): no task may take it
+
+    def __post_init__(self) -> None:
+        if not self.input_flag.startswith("--"):
+            raise ValueError(f"PhaseCommand {self.name!r}: input_flag must be a long option such as '--store'")
+        if self.per_task and self.reserves:
+            raise ValueError(f"PhaseCommand {self.name!r}: only a cross-task command reserves a task name")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A registered phase: its config section, options dataclass and subcommands."""
+
+    section: str  # top-level config key (from the options' @config_section)
+    options: type  # the options dataclass; `options.__config_schema__` is the section's schema
+    commands: tuple[PhaseCommand, ...]
+
+
+_PHASES: dict[str, Phase] = {}
+
+
+def register_phase(options: type, *commands: PhaseCommand) -> Phase:
+    """Register (or extend) the phase whose options dataclass is `options`, with its subcommands.
+
+    Call it once at the end of the phase's module. Several modules may register commands
+    of one section (phase 2's `importance` and `rank-agreement` share `ImportanceOptions`).
+    Registering a command of the same name again replaces it (a module imported twice).
+
+    Raises:
+        TypeError: `options` is not declared with `@config_section(...)`.
+        ValueError: the section is phase 1's or is taken by other options, or a
+            subcommand name is taken by another section.
+    """
+    section = getattr(options, "__config_section__", None)
+    if section is None or not hasattr(options, "__config_schema__"):
+        raise TypeError(f"{options!r} is not declared with @config_section(name, schema) (fisher_pipeline.config)")
+    if section in CORE_SECTIONS:
+        raise ValueError(f"config section {section!r} belongs to phase 1; choose another section name")
+    current = _PHASES.get(section)
+    if current is not None and _qualname(current.options) != _qualname(options):
+        raise ValueError(f"config section {section!r} is already registered with {_qualname(current.options)}")
+    for other in _PHASES.values():
+        taken = {c.name for c in other.commands} & {c.name for c in commands}
+        if other.section != section and taken:
+            raise ValueError(f"subcommand(s) {sorted(taken)} already registered by section {other.section!r}")
+    mine = {c.name: c for c in (current.commands if current else ())}
+    mine.update({c.name: c for c in commands})
+    _PHASES[section] = phase = Phase(section, options, tuple(mine.values()))
+    return phase
+
+
+def unregister_phase(section: str) -> None:
+    """Forget a registered section (for tests that register a toy phase)."""
+    _PHASES.pop(section, None)
+
+
+def registered_phases() -> dict[str, Phase]:
+    """Section -> phase, for every phase module of the package (imported on first use)."""
+    _discover()
+    return dict(_PHASES)
+
+
+def phase_commands() -> list[tuple[Phase, PhaseCommand]]:
+    """Every registered subcommand with its phase, in registration order."""
+    return [(phase, command) for phase in registered_phases().values() for command in phase.commands]
+
+
+def reserved_task_names() -> set[str]:
+    """Names no task may take: cross-task outputs sit where a task's output of that name would."""
+    return {command.reserves for _, command in phase_commands() if command.reserves}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _discover() -> None:
+    """Import every module of the `fisher_pipeline.phases` package (each registers itself)."""
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")

@@ -1,6 +1,7 @@
 # fisher_pipeline: set-up, the default run, the tests.
 #   make run    create .venv if needed, prepare the bundled model, run the default workflow
 #   make test   create .venv if needed, prepare the bundled model, run the test suite
+#   make lint   ruff (pinned in requirements.txt) and snakemake --lint
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ CORES ?= 2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv model run test test-fast bench clean-results
+.PHONY: venv model run test test-fast lint bench clean-results
 
 venv: $(VENV)/.installed
 
@@ -35,6 +36,12 @@ test: venv model
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not real_model and not workflow"
+
+# snakemake --lint fails on every lint but "Specify a conda environment or container":
+# the rules run with the interpreter that runs Snakemake (see .ci/snakemake_lint.py).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/python .ci/snakemake_lint.py
 
 bench: venv model
 	$(BIN)/python benchmarks/phase1.py

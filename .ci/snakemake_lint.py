@@ -30,8 +30,8 @@ def main() -> int:
         print(output)
         print(f"snakemake --lint: {len(refused)} lint(s) to fix: {sorted(set(refused))}")
         return 1
-    accepted = len(titles)
-    print(f"snakemake --lint: clean{f' (except {accepted} x {sorted(ACCEPTED)[0]!r}, see {__file__})' if accepted else ''}")
+    accepted = f" (but for {len(titles)} x {sorted(ACCEPTED)[0]!r}, see {__file__})" if titles else ""
+    print(f"snakemake --lint: clean{accepted}")
     return 0
 
 

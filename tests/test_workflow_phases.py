@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from fisher_pipeline.__main__ import main
 from fisher_pipeline.config import validate_config
 from fisher_pipeline.phases import ImportanceOptions, MaskOptions, OverlapOptions, ScaledOptions
 from store_factory import make_store
+from test_cli import documented_blocks, documented_phase_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("code", "prose")
@@ -48,11 +50,12 @@ EXPECTED = {
 }
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str, expect_failure: bool = False) -> str:
+def snakemake(workdir: Path, configfile: Path, *args: str, expect_failure: bool = False,
+              snakefile: Path = ROOT / "Snakefile", env: dict[str, str] | None = None) -> str:
     """Run Snakemake on the repository's Snakefile in `workdir`; return stdout + stderr."""
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory",
                str(workdir), "--configfile", str(configfile), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
     if expect_failure:
@@ -153,6 +156,7 @@ def test_config_on_the_command_line_reruns_the_edited_phases(tiny_run, given, ex
     assert planned_jobs(output) == ({**expected, "all": 1} if expected else {}), output
 
 
+@pytest.mark.workflow
 def test_command_line_config_that_cannot_be_read_explains_how_to_write_it(tmp_path):
     configfile = tmp_path / "c.yaml"
     configfile.write_text(yaml.safe_dump({"tasks": {"prose": {"source": "builtin:prose"}}}))
@@ -161,6 +165,7 @@ def test_command_line_config_that_cannot_be_read_explains_how_to_write_it(tmp_pa
     assert "--config masks='{sparsities: [0.5, 0.9]}'" in output
 
 
+@pytest.mark.workflow
 def test_duplicate_keys_in_a_config_file_stop_the_workflow(tmp_path):
     configfile = tmp_path / "dup.yaml"
     configfile.write_text("tasks:\n  prose:\n    source: builtin:prose\n  prose:\n    source: builtin:code\n")
@@ -199,12 +204,33 @@ def test_default_config_analysis_sections_parse():
     assert parsed.masks.sparsities == (0.5, 0.9)
 
 
+@pytest.mark.workflow
+def test_a_new_phase_joins_the_workflow_without_other_edits(tmp_path):
+    """docs/adding_a_phase.md's module (as another package's entry point) and rule file, dropped
+    into a copy of the workflow: the default target now holds the new phase's jobs."""
+    workflow = tmp_path / "workflow_copy"
+    shutil.copytree(ROOT / "workflow", workflow / "workflow")
+    shutil.copy(ROOT / "Snakefile", workflow / "Snakefile")
+    (workflow / "workflow" / "rules" / "gradnorm.smk").write_text(documented_blocks()[1])
+    plugin = documented_phase_plugin(tmp_path / "site")
+    configfile = tmp_path / "c.yaml"
+    configfile.write_text(yaml.safe_dump({"tasks": {task: {"source": f"builtin:{task}"} for task in TASKS},
+                                          "gradnorm": {"order": 1}}))
+    work = tmp_path / "work"
+    work.mkdir()
+    output = snakemake(work, configfile, "-n", "-p", snakefile=workflow / "Snakefile",
+                       env={"PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])})
+    jobs = planned_jobs(output)
+    assert jobs["gradnorm"] == len(TASKS) and jobs["fisher"] == len(TASKS) and jobs["overlap"] == 1
+    assert "fisher_pipeline gradnorm --config-json '{\"gradnorm\": {\"order\": 1}}'" in output
+
+
+@pytest.mark.workflow
 def test_reserved_task_names_are_refused_by_the_workflow(tmp_path):
-    for name in ("rank_agreement", "cross_task"):
-        configfile = tmp_path / f"{name}.yaml"
-        configfile.write_text(yaml.safe_dump({"tasks": {name: {"source": "builtin:prose"}}}))
-        output = snakemake(tmp_path, configfile, "-n", expect_failure=True)
-        assert f"tasks: the name '{name}' is reserved" in output
+    configfile = tmp_path / "reserved.yaml"
+    configfile.write_text(yaml.safe_dump({"tasks": {"cross_task": {"source": "builtin:prose"}}}))
+    output = snakemake(tmp_path, configfile, "-n", expect_failure=True)
+    assert "tasks: the name 'cross_task' is reserved" in output
 
 
 def test_cli_runs_phases_from_config_json(tmp_path, capsys):

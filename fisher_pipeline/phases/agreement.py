@@ -106,5 +106,5 @@ from .registry import PhaseCommand, register_phase  # noqa: E402
 
 register_phase(ImportanceOptions, PhaseCommand(
     "rank-agreement", run_rank_agreement, "phase 2 across tasks: Spearman rank agreement of importance between tasks",
-    per_task=False, input_flag="--stores", input_help="phase 1 store", out_example="results/importance/rank_agreement",
+    per_task=False, out_example="results/importance/rank_agreement",
     reserves="rank_agreement"))

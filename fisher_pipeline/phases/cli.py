@@ -26,7 +26,8 @@ def add_phase_commands(subparsers: argparse._SubParsersAction) -> None:
         _add_section_args(parser, phase.section)
         out = f", e.g. {command.out_example}" if command.out_example else ""
         if command.per_task:
-            parser.add_argument(command.input_flag, dest="input", required=True, help=f"the task's {command.input_help}")
+            parser.add_argument(command.input_flag, dest="input", required=True,
+                                help=f"the task's {command.input_help}")
             parser.add_argument("--task", help="task name written into the outputs (default: the input's task)")
         else:
             parser.add_argument(command.input_flag, dest="inputs", required=True, nargs="+", metavar="TASK=PATH",

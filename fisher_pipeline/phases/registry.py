@@ -11,15 +11,19 @@ the registry: the `python -m fisher_pipeline` subcommands (`phases/cli.py`), the
 `PipelineConfig.from_dict` parses, the assembled config schema (`config_schema()`) and the
 task names cross-task outputs reserve. Every module of the `fisher_pipeline.phases` package
 is imported on first use, so a new module registers itself without an edit anywhere else
-in the package. docs/adding_a_phase.md walks through adding a phase.
+in the package; so are the modules another installed package names as entry points of
+group `fisher_pipeline.phases`. docs/adding_a_phase.md walks through adding a phase.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from ..config import CORE_SECTIONS
@@ -38,12 +42,14 @@ class PhaseCommand:
     run: Callable[..., Mapping[str, Any]]  # the phase's run function (see above)
     help: str  # one line for --help
     per_task: bool = True  # one job per task, or one job across all tasks (inputs as TASK=PATH pairs)
-    input_flag: str = "--store"  # the flag naming the input (per task) or inputs (across tasks)
+    input_flag: str = ""  # the flag naming the input(s); default "--store" per task, "--stores" across tasks
     input_help: str = "phase 1 store, e.g. results/fisher/prose.zarr"  # what one input is
     out_example: str = ""  # e.g. "results/masks/{task}", for --help
     reserves: str | None = None  # output directory named like a task (e.g. "rank_agreement"): no task may take it
 
     def __post_init__(self) -> None:
+        if not self.input_flag:
+            object.__setattr__(self, "input_flag", "--store" if self.per_task else "--stores")
         if not self.input_flag.startswith("--"):
             raise ValueError(f"PhaseCommand {self.name!r}: input_flag must be a long option such as '--store'")
         if self.per_task and self.reserves:
@@ -117,8 +123,20 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: Entry-point group through which another installed package adds phases (its modules register themselves).
+ENTRY_POINT_GROUP = "fisher_pipeline.phases"
+
+
 def _discover() -> None:
-    """Import every module of the `fisher_pipeline.phases` package (each registers itself)."""
+    """Import every module of the `fisher_pipeline.phases` package and of the entry points
+    of group `fisher_pipeline.phases` (each registers itself)."""
     package = importlib.import_module(__package__)
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{__package__}.{module.name}")
+    for entry_point in _entry_points(tuple(sys.path)):
+        importlib.import_module(entry_point.module)
+
+
+@functools.cache
+def _entry_points(_path: tuple[str, ...]) -> tuple:
+    return tuple(metadata.entry_points(group=ENTRY_POINT_GROUP))

@@ -226,5 +226,5 @@ register_phase(ScaledOptions, PhaseCommand(
     "scaled", run_scaled_task, "phase 7: mean and natural-gradient norms of one task",
     out_example="results/scaled/{task}"), PhaseCommand(
     "scaled-cross", run_scaled_cross, "phase 7 across tasks: natural-gradient cosines and EWC costs",
-    per_task=False, input_flag="--stores", input_help="phase 1 store", out_example="results/scaled/cross_task",
+    per_task=False, out_example="results/scaled/cross_task",
     reserves="cross_task"))

@@ -23,7 +23,6 @@ store, and a rerun starts the partial store afresh.
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
+from .atomic import clean_stale, publish, remove_path
 from .errors import StoreFormatError, StoreMismatchError
 from .models.adapters import GroupSpec, TensorSlice
 
@@ -42,16 +42,13 @@ LOSS_CONVENTION = "token_sum"
 
 
 def partial_path(path: str | os.PathLike) -> Path:
-    """Where a store is written before it is complete."""
+    """Where a store is written before it is complete (then published by `atomic.publish`)."""
     path = Path(path)
     return path.with_name(path.name + ".partial")
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    remove_path(path)
 
 
 class StoreWriter:
@@ -81,7 +78,8 @@ class StoreWriter:
     ):
         self.path = Path(path)
         self.partial = partial_path(path)
-        _remove(self.partial)  # leftovers of an interrupted run
+        clean_stale(self.path)  # old copies and staging left by interrupted runs
+        _remove(self.partial)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.root = zarr.open_group(self.partial, mode="w")
         self.attrs = dict(attrs)
@@ -180,8 +178,7 @@ class StoreWriter:
         with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3
             warnings.simplefilter("ignore", UserWarning)
             zarr.consolidate_metadata(self.partial)
-        _remove(self.path)
-        os.replace(self.partial, self.path)
+        publish(self.partial, self.path)  # the path holds the old or the new store, never neither
         return self.path
 
     def _group_sizes(self, name: str, spec: GroupSpec) -> list[int]:

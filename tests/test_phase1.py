@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from fisher_pipeline.config import ModelConfig, PipelineConfig
 from fisher_pipeline.data import load_task
@@ -94,7 +95,8 @@ def test_store_mismatch_and_missing_store_are_clear(tiny_model_dir, tmp_path):
         open_store(tmp_path / "missing.zarr")
 
 
-def test_killed_run_leaves_no_finished_store_and_rerun_completes(tiny_model_dir, tmp_path):
+def _phase1_command(tiny_model_dir, tmp_path):
+    """A phase 1 CLI command (long enough to be killed mid-run) writing to the `out` given."""
     import yaml
 
     config_file = tmp_path / "config.yaml"
@@ -103,26 +105,75 @@ def test_killed_run_leaves_no_finished_store_and_rerun_completes(tiny_model_dir,
         "tasks": {"arithmetic": {"source": "builtin:arithmetic", "n_samples": 300, "max_length": 48}},
         "fisher": {"batch_size": 1, "engine": "loop", "per_sample_params": r"\.weight$"},
     }))
-    out = tmp_path / "arithmetic.zarr"
-    cmd = [sys.executable, "-m", "fisher_pipeline", "fisher", "--config", str(config_file),
-           "--task", "arithmetic", "--out", str(out), "--threads", "1"]
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "fisher_pipeline", "fisher", "--config", str(config_file),
+                "--task", "arithmetic", "--out", str(out), "--threads", "1"]
+
+    return config_file, command
+
+
+def _shard_files(out: Path) -> list[Path]:
+    """Per-sample shard files (data, not just directories) in the partial store of `out`."""
+    return [p for p in partial_path(out).glob("per_sample/*/c/**/*") if p.is_file() and p.stat().st_size > 0]
+
+
+def _kill_while_writing(cmd: list[str], out: Path) -> list[Path]:
+    """Start `cmd`, SIGKILL it once per-sample data is on disk; the shard files there at the kill."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    shard = partial_path(out) / "per_sample" / "model.embed_tokens.weight" / "c"
-    while time.time() < deadline and not shard.exists() and proc.poll() is None:
-        time.sleep(0.02)  # wait until per-sample data is being written
+    while time.time() < deadline and not _shard_files(out) and proc.poll() is None:
+        time.sleep(0.02)
     assert proc.poll() is None, "run finished before it could be killed; make it longer"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    shards = _shard_files(out)
+    assert shards, "the run was killed before it wrote any per-sample data"
+    return shards
+
+
+def _store_contents(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """A store's attrs and every array its metadata lists, read in full."""
+    store = open_store(path)
+    arrays = {key: array[...] for key, array in store.root.members(max_depth=None) if isinstance(array, zarr.Array)}
+    return store.attrs, arrays
+
+
+def _assert_same_store(path: Path, expected: tuple[dict, dict[str, np.ndarray]]) -> None:
+    attrs, arrays = _store_contents(path)
+    assert attrs == expected[0]
+    assert sorted(arrays) == sorted(expected[1]) and len(arrays) > 20
+    for key, values in expected[1].items():
+        np.testing.assert_array_equal(arrays[key], values, err_msg=key)
+
+
+def test_killed_run_leaves_no_finished_store_and_rerun_completes(tiny_model_dir, tmp_path):
+    import yaml
+
+    config_file, command = _phase1_command(tiny_model_dir, tmp_path)
+    out = tmp_path / "arithmetic.zarr"
+    _kill_while_writing(command(out), out)
     assert not out.exists(), "a killed run left a finished-looking store"
-    assert partial_path(out).exists()
     with pytest.raises(StoreFormatError, match="interrupted"):
         open_store(out)
-    subprocess.run(cmd + ["--quiet"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command(out) + ["--quiet"], cwd=ROOT, check=True, capture_output=True)
+    clean = tmp_path / "clean.zarr"  # the same config, never interrupted
+    subprocess.run(command(clean) + ["--quiet"], cwd=ROOT, check=True, capture_output=True)
+    _assert_same_store(out, _store_contents(clean))
     config = PipelineConfig.from_dict(yaml.safe_load(config_file.read_text()))
     expected = load_task(config.tasks["arithmetic"], load_model(config.model).tokenizer)
     assert open_store(out).sample_ids == [s.id for s in expected]
-    assert not partial_path(out).exists()
+    assert sorted(os.listdir(tmp_path)) == ["arithmetic.zarr", "clean.zarr", "config.yaml"]  # no .partial / .old
+
+
+def test_killed_rerun_keeps_the_old_store(tiny_model_dir, tmp_path):
+    _, command = _phase1_command(tiny_model_dir, tmp_path)
+    out = tmp_path / "arithmetic.zarr"
+    subprocess.run(command(out) + ["--quiet"], cwd=ROOT, check=True, capture_output=True)
+    before = _store_contents(out)
+    _kill_while_writing(command(out), out)
+    _assert_same_store(out, before)  # the complete old store, intact and readable
+    assert partial_path(out).exists()  # the killed run's own work, replaced by the next run
 
 
 class _PoisonGradient(torch.autograd.Function):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
+from ..atomic import staged_dir  # noqa: E402
 from ..config import ModelConfig  # noqa: E402
 from ..errors import ModelLoadError  # noqa: E402
 
@@ -117,10 +117,7 @@ def prepare_bundled_model(out_dir: str | os.PathLike) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
+    with staged_dir(out_dir) as staging:  # published only once complete, replacing any old copy
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return out_dir

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import atomic
+from ..atomic import staged_dir
 from ..store import FisherStore, open_store
 
 #: Kinds of store arrays the analysis phases may read; `per_sample/` is deliberately absent.
@@ -115,27 +115,16 @@ def write_table(table: pd.DataFrame, directory: Path, stem: str) -> dict[str, Pa
 
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory next to `out_dir`; on success it replaces `out_dir`.
+    """Yield a staging directory next to `out_dir`; on success it replaces `out_dir` atomically.
 
-    An interrupted phase leaves the previous outputs (or nothing) and a stray temporary
-    directory, never a half-written `out_dir`.
+    An interrupted phase leaves the previous outputs (or nothing), never a half-written or
+    half-deleted `out_dir`; its staging directory is removed by the next run
+    (`fisher_pipeline.atomic.staged_dir`).
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise stick to the published outputs
-    try:
+    with staged_dir(out_dir) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
-    os.replace(staging, out_dir)
 
 
 def relocate(paths: Mapping[str, Path], staging: Path, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Map paths written under `staging` to where they live once `out_dir` replaced it."""
-    return {key: Path(out_dir) / path.relative_to(staging) for key, path in paths.items()}
+    return atomic.relocate(paths, staging, out_dir)

@@ -4,14 +4,15 @@ Layout (a contract; README "Store layout" documents it for users):
 
     {task}.zarr            attrs: format_version, model_id, weights_hash, task,
                                   n_samples, loss_convention, fisher_kind, config_hash,
-                                  package_version, per_sample_params, skipped, ...
+                                  package_version, per_sample_params, skipped, ...,
+                                  geometry (layer, role, groups of every parameter and
+                                  the attention shape: see `layout.ModelGeometry`)
       samples/id, samples/n_tokens, samples/loss          [N]
       fisher/<param>       mean of g^2, full shape, float32
       grad_mean/<param>    mean of g, full shape, float32
-      group/<param>        sum of fisher within each group (head / neuron), [G] float32
-                           attrs: names, dim, sizes
+      group/<param>        sum of fisher within each group (head / neuron), [G] float32,
+                           groups in the order of the geometry's segments
       group_m2/<param>     Welford M2 of each sample's group-reduced contribution, [G]
-      group_labels/<param> int32 [shape[dim]]: group index of each position along dim
       fisher_m2/<param>    elementwise Welford M2 of g^2 (selected parameters), float32
       per_sample/<param>   g_i, [N, *shape], chunk (1, *shape), sharded by samples
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,9 +37,10 @@ from zarr.codecs import ZstdCodec
 
 from .atomic import clean_stale, publish, remove_path
 from .errors import StoreFormatError, StoreMismatchError
-from .models.adapters import GroupSpec, TensorSlice
+from .layout import GroupSpec, ModelGeometry, TensorSlice
 
-FORMAT_VERSION = 1
+#: 2: head geometry in the attrs (`geometry`), `group_labels/` and group attrs gone.
+FORMAT_VERSION = 2
 LOSS_CONVENTION = "token_sum"
 
 
@@ -57,8 +60,8 @@ class StoreWriter:
     Args:
         path: final store path (`results/fisher/{task}.zarr`).
         attrs: metadata (model id, hashes, task, config...).
-        shapes: parameter name -> shape, for every parameter.
-        specs: parameter name -> group partition.
+        geometry: layer, role and groups of every parameter, and the attention shape
+            (from the architecture adapter); stored so phases never need the model.
         per_sample_names: parameters whose per-sample gradients are stored.
         per_sample_dtype: "float16" or "float32".
         max_samples: upper bound on N (arrays are trimmed on close).
@@ -69,8 +72,7 @@ class StoreWriter:
         self,
         path: str | os.PathLike,
         attrs: dict[str, Any],
-        shapes: dict[str, tuple[int, ...]],
-        specs: dict[str, GroupSpec],
+        geometry: ModelGeometry,
         per_sample_names: Iterable[str],
         per_sample_dtype: str,
         max_samples: int,
@@ -83,8 +85,9 @@ class StoreWriter:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.root = zarr.open_group(self.partial, mode="w")
         self.attrs = dict(attrs)
-        self.shapes = shapes
-        self.specs = specs
+        self.geometry = geometry
+        self.shapes = {name: geo.shape for name, geo in geometry.params.items()}
+        shapes = self.shapes
         self.dtype = np.dtype(per_sample_dtype)
         self.torch_dtype = getattr(torch, per_sample_dtype)
         self.per_sample = {
@@ -131,6 +134,15 @@ class StoreWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
+    def abort(self) -> None:
+        """Give up: stop the background writer and remove the partial store."""
+        try:
+            self._wait_for_write()
+        except Exception:  # the error being handled by the caller matters more
+            pass
+        self._writer.shutdown()
+        _remove(self.partial)
+
     def skip(self, sample_id: str, reason: str) -> None:
         """Record a sample left out of the statistics, and why."""
         self.skipped.append({"id": sample_id, "reason": reason})
@@ -153,11 +165,8 @@ class StoreWriter:
             arrays.append((f"grad_mean/{name}", _mean32(accumulator.grad[name]), {}))
             if welford.m2 is not None:
                 arrays.append((f"fisher_m2/{name}", _float32(welford.m2), {}))
-            spec = self.specs[name]
-            group_attrs = {"names": list(spec.names), "dim": spec.dim, "sizes": self._group_sizes(name, spec)}
-            arrays.append((f"group/{name}", _float32(accumulator.group[name].mean), group_attrs))
+            arrays.append((f"group/{name}", _float32(accumulator.group[name].mean), {}))
             arrays.append((f"group_m2/{name}", _float32(accumulator.group[name].m2), {}))
-            arrays.append((f"group_labels/{name}", spec.labels.numpy().astype(np.int32), {}))
         # Hundreds of small arrays, written concurrently (each costs mostly metadata I/O).
         # Full-shape statistics get zstd level 1: 5-7% smaller for ~0.5 s per 100 MB.
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -174,6 +183,7 @@ class StoreWriter:
             "per_sample_params": sorted(self.per_sample),
             "per_sample_dtype": str(self.dtype),
             "skipped": self.skipped,
+            "geometry": self.geometry.to_attrs(),
         })
         with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3
             warnings.simplefilter("ignore", UserWarning)
@@ -181,11 +191,6 @@ class StoreWriter:
         publish(self.partial, self.path)  # the path holds the old or the new store, never neither
         return self.path
 
-    def _group_sizes(self, name: str, spec: GroupSpec) -> list[int]:
-        shape = self.shapes[name]
-        per_position = int(np.prod(shape)) // (shape[spec.dim] if shape else 1)
-        counts = torch.bincount(spec.labels, minlength=len(spec.names))
-        return [int(c) * per_position for c in counts]
 
 
 
@@ -280,21 +285,20 @@ class FisherStore:
         return self.array("group", name)[...]
 
     def group_names(self, name: str) -> list[str]:
-        return list(self.array("group", name).attrs["names"])
+        """Display names of the groups of `name` (`q.h0`, `k.h1`, `neuron.17`, `all`)."""
+        return list(self.geometry[name].groups.names)
 
     def group_sizes(self, name: str) -> np.ndarray:
         """Number of parameter elements in each group, `[G]`."""
-        return np.array(self.array("group", name).attrs["sizes"], dtype=np.int64)
+        return self.geometry[name].sizes
 
     def group_labels(self, name: str) -> np.ndarray:
         """Group index of each position along the group dimension, `[shape[dim]]`."""
-        return self.array("group_labels", name)[...]
+        return self.geometry[name].groups.label_array
 
     def group_spec(self, name: str) -> GroupSpec:
         """The stored group partition of `name`."""
-        group = self.array("group", name)
-        labels = torch.from_numpy(self.group_labels(name).astype(np.int64))
-        return GroupSpec(int(group.attrs["dim"]), labels, tuple(group.attrs["names"]))
+        return self.geometry[name].groups
 
     def group_m2(self, name: str) -> np.ndarray:
         return self.array("group_m2", name)[...]
@@ -302,6 +306,34 @@ class FisherStore:
     def group_se(self, name: str) -> np.ndarray:
         """Standard error of each group's Fisher (from the spread of per-sample group sums)."""
         return _standard_error(self.group_m2(name), self.n_samples)
+
+    # --- geometry ----------------------------------------------------------------
+    @cached_property
+    def geometry(self) -> ModelGeometry:
+        """Layer, role and groups of every parameter, and the attention shape (GQA map)."""
+        return ModelGeometry.from_attrs(self.attrs["geometry"])
+
+    def heads(self, name: str, block: str, kind: str = "per_sample", ids: Iterable[str] | None = None,
+              rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """The heads of `block` in array `kind/name`, stacked: one read, one reshape.
+
+        Args:
+            name: parameter holding heads of `block` (see `geometry.head_params`).
+            block: q, k, v or o (k and v are per KV head).
+            kind: `per_sample` (then rows are samples), or a full-shape statistic
+                (`fisher`, `grad_mean`, `fisher_m2`).
+            ids, rows: samples to read (by id or store row; default all), per-sample only.
+
+        Returns:
+            `[N, H, *shape']` for per-sample data, `[H, *shape']` for a statistic, where
+            `shape'` is the parameter's shape with the head dim narrowed to head_dim.
+        """
+        geometry = self.geometry[name]
+        array = self.array(kind, name)
+        if kind != "per_sample":
+            return geometry.split_heads(array, block)
+        samples = self.sample_index(ids) if ids is not None else rows
+        return geometry.split_heads(array, block, batch_dims=1, samples=samples)
 
     # --- per-sample data ---------------------------------------------------------
     def per_sample(self, name: str, ids: Iterable[str] | None = None,

@@ -8,7 +8,6 @@ seconds when one of their settings changes.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,82 +17,78 @@ import pandas as pd
 
 from .. import atomic
 from ..atomic import staged_dir
+from ..errors import PhaseInputError, StoreContentError, StoreMismatchError
 from ..store import FisherStore, open_store
 
 #: Kinds of store arrays the analysis phases may read; `per_sample/` is deliberately absent.
 AGGREGATED_KINDS = ("fisher", "grad_mean", "group", "group_m2", "fisher_m2")
 
-_LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
-_HEAD = re.compile(r"^([qkvo])\.h(\d+)$")
-_NEURON = re.compile(r"^neuron\.(\d+)$")
 
-
-def layer_of(param: str) -> int | None:
-    """Layer index of parameter `param` (`...layers.3.` or `...h.3.`), None outside layers."""
-    match = _LAYER.search(param)
-    return int(match.group(1)) if match else None
-
-
-def parse_group_name(name: str) -> tuple[str, int | None]:
-    """Block and index of a group name: `"k.h1"` -> `("k", 1)`, `"neuron.17"` -> `("neuron", 17)`.
-
-    Any other name (`"all"`) is its own block with no index.
-    """
-    if match := _HEAD.match(name):
-        return match.group(1), int(match.group(2))
-    if match := _NEURON.match(name):
-        return "neuron", int(match.group(1))
-    return name, None
-
-
-def open_stores(store_paths: Mapping[str, str | os.PathLike]) -> dict[str, FisherStore]:
+def open_stores(store_paths: Mapping[str, str | os.PathLike], per_sample: bool = False) -> dict[str, FisherStore]:
     """Open the stores of several tasks lazily and check they describe one model.
 
     Args:
         store_paths: task name -> phase 1 store path, in the order outputs should list tasks.
+        per_sample: the phase reads per-sample gradients (see `check_same_model`).
 
     Raises:
-        ValueError: no store given, or the stores come from different models / parameter sets.
+        PhaseInputError: no store given.
+        StoreMismatchError: the stores come from different models, parameter sets or Fisher kinds.
     """
     if not store_paths:
-        raise ValueError("no Fisher store given: pass at least one task -> store path")
+        raise PhaseInputError("no Fisher store given: pass at least one task -> store path")
     stores = {task: open_store(path) for task, path in store_paths.items()}
-    check_same_model(stores)
+    check_same_model(stores, per_sample=per_sample)
     return stores
 
 
-def check_same_model(stores: Mapping[str, FisherStore]) -> None:
-    """Refuse stores that were made from different weights or hold different parameters."""
+def check_same_model(stores: Mapping[str, FisherStore], per_sample: bool = False) -> None:
+    """Refuse stores that cannot be compared: other weights, other parameters, other Fisher kinds.
+
+    Args:
+        stores: task -> opened store.
+        per_sample: also require the same per-sample parameters and dtype (the pair phases
+            compare per-sample gradients element by element).
+
+    Raises:
+        StoreMismatchError: naming both stores, the differing attribute and the fix.
+    """
+    keys = ["weights_hash", "model_id", "fisher_kind"] + (["per_sample_params", "per_sample_dtype"] if per_sample else [])
     (first_task, first), *others = stores.items()
     for task, store in others:
-        for key in ("weights_hash", "model_id"):
+        for key in keys:
             if store.attrs.get(key) != first.attrs.get(key):
-                raise ValueError(
+                raise StoreMismatchError(
                     f"stores of tasks {first_task!r} ({first.path}) and {task!r} ({store.path}) differ in "
-                    f"{key} ({first.attrs.get(key)!r} vs {store.attrs.get(key)!r}): cross-task phases need "
-                    "stores of one model; rerun phase 1 for the stale task."
+                    f"{key} ({_short(first.attrs.get(key))} vs {_short(store.attrs.get(key))}): cross-task phases "
+                    "need stores made from one model with one `fisher` config; rerun phase 1 for the stale task."
                 )
         if store.param_names != first.param_names:
             missing = sorted(set(first.param_names) ^ set(store.param_names))[:5]
-            raise ValueError(
+            raise StoreMismatchError(
                 f"stores {first.path} and {store.path} hold different parameters (e.g. {missing}): "
                 "rerun phase 1 with the same model and config for every task."
             )
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...]"
 
 
 def read_finite(store: FisherStore, kind: str, name: str, dtype: type = np.float64) -> np.ndarray:
     """Read aggregated array `kind/name` of `store` in full, refusing NaN or inf.
 
     Raises:
-        ValueError: naming the store path and tensor if any value is not finite, or if
-            `kind` is not an aggregated array.
+        StoreContentError: naming the store path and tensor if any value is not finite.
+        ValueError: `kind` is not an aggregated array (a programming error).
     """
     if kind not in AGGREGATED_KINDS:
         raise ValueError(f"analysis phases read only aggregated arrays {AGGREGATED_KINDS}, not {kind!r}")
     values = np.asarray(store.array(kind, name)[...], dtype=dtype)
     bad = values.size - int(np.count_nonzero(np.isfinite(values)))
     if bad:
-        raise ValueError(
+        raise StoreContentError(
             f"{kind}/{name} in store {store.path} holds {bad} non-finite value(s) (NaN or inf); "
             "the store is corrupt or phase 1 diverged: rerun phase 1 for this task."
         )

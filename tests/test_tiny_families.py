@@ -1,0 +1,177 @@
+"""Phases 1-3 on a real store of every family's layout: tables and masks follow the adapter.
+
+For each tiny family a phase 1 store is written from the saved model (once per module),
+then phase 2 (importance tables) and phase 3 (head and neuron masks, per layer). The
+checks hold the outputs to what the adapter says about the live model: heads per block
+under GQA, the query heads of each KV head, the positions of every head and neuron.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from transformers import AutoModelForCausalLM
+
+from fisher_pipeline.config import MaskOptions, PipelineConfig
+from fisher_pipeline.fisher import run_fisher
+from fisher_pipeline.models.adapters import ArchitectureAdapter, adapter_for
+from fisher_pipeline.phases import run_importance, run_masks
+from fisher_pipeline.store import open_store
+from tiny_models import FAMILIES
+
+#: Sparsities masked, as phase 3 names them. Two: the Fisher of heads differs by orders of
+#: magnitude between blocks (V, O >> Q, K), so a given sparsity often keeps or drops every
+#: head of a tensor; in every tiny family one of these splits some tensor's heads.
+SPARSITIES = ["0.3", "0.8"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def run(request, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
+    """A family's phase 1 store, phase 2 tables, phase 3 masks and the adapter of its model."""
+    family = request.param
+    model_dir = tiny_model_dir(family)
+    out = tmp_path_factory.mktemp(f"phases-{family}")
+    config = PipelineConfig.from_dict({
+        "model": {"path": str(model_dir)},
+        "tasks": {"prose": {"source": "builtin:prose", "n_samples": 6, "max_length": 24}},
+        "fisher": {"batch_size": 3},
+    })
+    store_path = run_fisher(config, "prose", out / "prose.zarr", progress=False)
+    tables = run_importance(store_path, out / "importance")
+    masks = {}
+    # Heads compete with heads (attention tensors only), neurons with neurons (MLP only).
+    for granularity, include in (("head", r"\.(self_attn|attn|attention)\."), ("neuron", r"\.mlp\.")):
+        options = MaskOptions(sparsities=tuple(map(float, SPARSITIES)), scope="per_layer", granularity=granularity,
+                              include=include)
+        paths = run_masks(store_path, out / f"masks-{granularity}", options)
+        root = zarr.open_group(paths["masks"], mode="r")
+        masks[granularity] = {s: root[s] for s in SPARSITIES}
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return SimpleNamespace(
+        family=family, adapter=adapter_for(model), store=open_store(store_path),
+        heads=pd.read_parquet(tables["heads_parquet"]), neurons=pd.read_parquet(tables["neurons_parquet"]),
+        masks=masks,
+    )
+
+
+def _reader(adapter: ArchitectureAdapter, block: str, head: int) -> int:
+    """A query head whose slices hold `head` of `block` (k/v heads are KV heads)."""
+    if block in ("k", "v"):
+        return next(h for h in range(adapter.n_heads) if adapter.kv_head(h) == head)
+    return head
+
+
+def _intermediate_size(adapter: ArchitectureAdapter) -> int:
+    config = adapter.config
+    return getattr(config, "intermediate_size", None) or config.n_inner  # GPT-2 calls it n_inner
+
+
+def _neuron_positions(adapter: ArchitectureAdapter, layer: int) -> dict[str, tuple[int, list[torch.Tensor]]]:
+    """MLP parameter of `layer` -> (group dim, positions of neuron n for every n)."""
+    out = {}
+    for name, spec in adapter.group_specs().items():
+        if f".{layer}." in name and any(g.startswith("neuron.") for g in spec.names):
+            ids = [spec.names.index(f"neuron.{n}") for n in range(_intermediate_size(adapter))]
+            out[name] = (spec.dim, [torch.nonzero(spec.labels == i).flatten() for i in ids])
+    return out
+
+
+def _values_at(array: np.ndarray, dim: int, index: torch.Tensor) -> np.ndarray:
+    return np.take(array, index.numpy(), axis=dim)
+
+
+def test_heads_table_counts_and_gqa_columns(run):
+    adapter, heads = run.adapter, run.heads
+    expected_rows = adapter.n_layers * (2 * adapter.n_heads + 2 * adapter.n_kv_heads)
+    assert len(heads) == expected_rows, heads[["layer", "block", "head"]].to_string()
+    for layer in range(adapter.n_layers):
+        for block in ("q", "k", "v", "o"):
+            rows = heads[(heads["layer"] == layer) & (heads["block"] == block)].sort_values("head")
+            count = adapter.n_kv_heads if block in ("k", "v") else adapter.n_heads
+            where = f"{run.family} layer {layer} {block}"
+            assert rows["head"].tolist() == list(range(count)), where
+            assert set(rows["head_kind"]) == {"kv" if block in ("k", "v") else "query"}, where
+            for head, readers in zip(rows["head"], rows["query_heads"]):
+                if block in ("k", "v"):
+                    expected = ",".join(str(h) for h in range(adapter.n_heads) if adapter.kv_head(h) == head)
+                else:
+                    expected = str(head)
+                assert readers == expected, (where, head, readers)
+
+
+def test_neurons_table_has_every_neuron(run):
+    adapter, neurons = run.adapter, run.neurons
+    width = _intermediate_size(adapter)
+    for layer in range(adapter.n_layers):
+        rows = neurons[neurons["layer"] == layer]
+        assert sorted(rows["neuron"].tolist()) == list(range(width)), f"{run.family} layer {layer}"
+    assert len(neurons) == adapter.n_layers * width
+
+
+def test_head_and_neuron_fisher_sums_equal_the_stored_fisher_over_their_positions(run):
+    """Phase 2's per-head sums are the store's elementwise Fisher summed over the adapter's
+    head slices (weights and biases); per-neuron sums over the neuron's positions."""
+    adapter, store = run.adapter, run.store
+    fisher = {name: store.fisher(name) for name in store.param_names}
+    for row in run.heads.itertuples():
+        pieces = adapter.head_slices(int(row.layer), row.block, _reader(adapter, row.block, int(row.head)))
+        expected = sum(_values_at(fisher[p.param], p.dim, p.index).sum(dtype=np.float64) for p in pieces)
+        np.testing.assert_allclose(row.fisher_sum, expected, rtol=1e-5,
+                                   err_msg=f"{run.family} layer {row.layer} {row.block} head {row.head}")
+    for layer in range(adapter.n_layers):
+        positions = _neuron_positions(adapter, layer)
+        expected = np.zeros(_intermediate_size(adapter))
+        for name, (dim, per_neuron) in positions.items():
+            expected += [_values_at(fisher[name], dim, index).sum(dtype=np.float64) for index in per_neuron]
+        rows = run.neurons[run.neurons["layer"] == layer].sort_values("neuron")
+        np.testing.assert_allclose(rows["fisher_sum"].to_numpy(), expected, rtol=1e-5,
+                                   err_msg=f"{run.family} layer {layer} neurons")
+
+
+def test_head_masks_keep_or_drop_whole_heads(run):
+    """Every position of a head's slice in a parameter has one mask value, at every sparsity;
+    some sparsity keeps some heads of a parameter and drops others (so a mask that crossed
+    head boundaries would show)."""
+    adapter = run.adapter
+    split_somewhere = False
+    for sparsity, masks in run.masks["head"].items():
+        for layer in range(adapter.n_layers):
+            kept: dict[str, set[bool]] = {}  # parameter -> mask values of its heads
+            for block in ("q", "k", "v", "o"):
+                for head in range(adapter.n_heads):
+                    for piece in adapter.head_slices(layer, block, head):
+                        values = np.unique(_values_at(masks[piece.param][...], piece.dim, piece.index))
+                        where = f"{run.family} sparsity {sparsity} layer {layer} {block} head {head}"
+                        assert len(values) == 1, f"{where}: {piece.param} split"
+                        kept.setdefault(piece.param, set()).add(bool(values[0]))
+            split_somewhere |= any(len(v) == 2 for v in kept.values())
+    assert split_somewhere, f"{run.family}: no sparsity kept some heads of a parameter and dropped others"
+
+
+def test_neuron_masks_keep_or_drop_whole_neurons(run):
+    """All positions of a neuron in a parameter share one mask value (Phi-3: its gate and
+    up rows n and I + n), at every sparsity; some sparsity splits each layer's neurons."""
+    adapter = run.adapter
+    width = _intermediate_size(adapter)
+    for layer in range(adapter.n_layers):
+        positions = _neuron_positions(adapter, layer)
+        assert positions, f"{run.family} layer {layer}: no neuron groups"
+        split_somewhere = False
+        for sparsity, masks in run.masks["neuron"].items():
+            for name, (dim, per_neuron) in positions.items():
+                mask = masks[name][...]
+                kept = set()
+                for neuron, index in enumerate(per_neuron):
+                    values = np.unique(_values_at(mask, dim, index))
+                    assert len(values) == 1, f"{run.family} sparsity {sparsity} {name}: neuron {neuron} split"
+                    kept.add(bool(values[0]))
+                split_somewhere |= len(kept) == 2
+                if name.endswith("gate_up_proj.weight"):  # Phi-3: gate row n and up row I + n are one neuron
+                    assert mask.shape[0] == 2 * width
+                    np.testing.assert_array_equal(mask[:width], mask[width:], err_msg=f"{sparsity} {name}")
+        assert split_somewhere, f"{run.family} layer {layer}: no sparsity kept some neurons and dropped others"

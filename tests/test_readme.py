@@ -50,12 +50,12 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> str:
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None, stdout_only: bool = False) -> str:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{shlex.join(argv)} (in {cwd}) failed:\n{output[-4000:]}"
-    return output
+    return result.stdout if stdout_only else output
 
 
 def executable(argv: list[str]) -> list[str]:
@@ -74,9 +74,15 @@ def default_run_folder(tmp_path: Path) -> Path:
     return work
 
 
-def dry_run(command: str, work: Path, env: dict[str, str] | None = None) -> str:
-    """The README's snakemake `command`, as a dry run printing shell commands, run in `work`."""
+def dry_run(command: str, work: Path, env: dict[str, str] | None = None, from_root: bool = False) -> str:
+    """The README's snakemake `command`, as a dry run printing shell commands, working in `work`.
+
+    `from_root`: run it from the repository root (where its relative paths point), with
+    `--directory work`; else run it in `work`, with `--snakefile` naming the repository's.
+    """
     argv = executable(shlex.split(command))
+    if from_root:
+        return run([*argv, "--directory", str(work), "-n", "-p"], cwd=ROOT, env=env)
     return run([*argv, "--snakefile", str(ROOT / "Snakefile"), "-n", "-p"], cwd=work, env=env)
 
 
@@ -150,7 +156,7 @@ def check_slurm_plugin(command: str, tmp_path: Path, **_) -> None:
     """The pip command resolves (dry run against the venv); what it would install goes into a
     folder of its own, and the SLURM profile then plans the default run (dry run)."""
     argv = executable(shlex.split(command))
-    report = json.loads(run([*argv, "--dry-run", "--quiet", "--report", "-"], cwd=ROOT))
+    report = json.loads(run([*argv, "--dry-run", "--quiet", "--report", "-"], cwd=ROOT, stdout_only=True))
     wanted = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in report["install"]]
     assert any(w.startswith("snakemake-executor-plugin-slurm==") for w in wanted), wanted
     run([*argv[:2], "--quiet", "--no-deps", "--target", str(tmp_path / "site"), *wanted], cwd=ROOT)
@@ -160,13 +166,14 @@ def check_slurm_profile(command: str, tmp_path: Path, **_) -> None:
     site = tmp_path / "site"
     if not site.exists():
         check_slurm_plugin(".venv/bin/pip install snakemake-executor-plugin-slurm", tmp_path)
-    output = dry_run(command, default_run_folder(tmp_path), env={"PYTHONPATH": str(site)})
+    output = dry_run(command, default_run_folder(tmp_path), env={"PYTHONPATH": str(site)}, from_root=True)
     assert planned(output)["fisher"] == 3
-    assert "threads: 8" in output and "mem_mb=16000" in output, output[-3000:]  # the profile's set-threads / -resources
+    # the profile's set-resources of rule fisher, and its default resources (a dry run caps threads to local cores)
+    assert "mem_mb=16000" in output and "runtime=120" in output and "slurm_partition=cpu" in output, output[-3000:]
 
 
 def check_workstation_profile(command: str, tmp_path: Path, **_) -> None:
-    output = dry_run(command, default_run_folder(tmp_path))
+    output = dry_run(command, default_run_folder(tmp_path), from_root=True)
     assert planned(output)["fisher"] == 3 and "threads: 2" in output
 
 

@@ -48,6 +48,12 @@ def _cmd_schema(args: argparse.Namespace) -> None:
     print(json.dumps(config_schema(), indent=2))
 
 
+def _threads(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (0: torch's default)")
+    return int(text)
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="workflow config YAML (e.g. config/config.yaml)")
@@ -66,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(fisher)
     fisher.add_argument("--task", required=True, help="task name (a key of the config's 'tasks')")
     fisher.add_argument("--out", required=True, help="store path, e.g. results/fisher/prose.zarr")
-    fisher.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    fisher.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch default)")
     fisher.add_argument("--quiet", action="store_true", help="no progress bar")
     fisher.set_defaults(func=_cmd_fisher)
 
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FisherPipelineError as err:
         logging.getLogger("fisher_pipeline").error("%s", str(err).replace("\n", " "))
+        return 2
+    except OSError as err:  # a path that cannot be read or written (a file where a folder should be, ...)
+        where = f" {err.filename}" if err.filename else ""
+        logging.getLogger("fisher_pipeline").error("cannot create or open%s: %s", where, err.strerror or err)
         return 2
     return 0
 

@@ -104,6 +104,20 @@ def test_bad_config_values_and_inputs_are_named(tmp_path, caplog):
         ["overlap", "--config-json", "{}", "--masks", str(tmp_path), "--out", str(tmp_path / "o")], caplog)
 
 
+def test_unusable_paths_and_arguments_are_named(tmp_path, caplog, capsys):
+    store = make_store(tmp_path / "a.zarr", n_samples=3, task="a")
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "masks"
+    message = run_main(["masks", "--config-json", "{}", "--store", str(store), "--out", str(out)], caplog)
+    assert message.startswith(f"cannot create or open {tmp_path / 'a_file'}")
+    assert "no Fisher store at" in run_main(["masks", "--config-json", "{}", "--store", str(tmp_path / "none.zarr"),
+                                             "--out", str(tmp_path / "m")], caplog)
+    with pytest.raises(SystemExit) as exit_status:  # argparse: usage and one error line, status 2
+        main(["fisher", "--config-json", "{}", "--task", "a", "--out", str(tmp_path / "o"), "--threads", "-1"])
+    assert exit_status.value.code == 2
+    assert "argument --threads: '-1' is not a whole number >= 0" in capsys.readouterr().err
+
+
 def test_the_shell_sees_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for argv in (["fisher", "--config-json", "{not json", *argv_of("fisher", tmp_path)],

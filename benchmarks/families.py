@@ -7,7 +7,8 @@ the family has GQA), vocab 8192; T=128, B=8, 32 samples, 2 threads. Each measure
 runs in its own subprocess after a warm-up batch; medians of the repeats. "ours" is
 phase 1 as in benchmarks/phase1.py (full-model Fisher + Welford + per-sample attention
 gradients written to a store), in steady state: the per-sample time between the first
-and last committed micro-batch, without the store's one-off creation and finalisation. A regression in one family's per-sample path shows as
+and last committed micro-batch, without the store's one-off creation and finalisation. A regression in one
+family's per-sample path shows as
 that family's ratio moving away from the others.
 """
 
@@ -54,9 +55,9 @@ def family_model(family: str):
 
 def worker(family: str, variant: str, batch: int, n: int, length: int, threads: int) -> dict:
     import torch
+    from phase1 import _floor, _ours, _samples
 
     from fisher_pipeline.engine.loss import collate
-    from phase1 import _floor, _ours, _samples
 
     torch.set_num_threads(threads)
     model = family_model(family)
@@ -96,7 +97,8 @@ def main() -> None:
                        "--n", str(args.n), "--length", str(args.length), "--threads", str(args.threads)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                      env={**os.environ, "TQDM_DISABLE": "1"})
-                results.setdefault((family, variant), []).append(json.loads(out.stdout.splitlines()[-1])["sec_per_sample"])
+                seconds = json.loads(out.stdout.splitlines()[-1])["sec_per_sample"]
+                results.setdefault((family, variant), []).append(seconds)
     print(f"# d_model 256, 4 layers, T={args.length}, B={args.batch}, N={args.n}, threads={args.threads}, "
           f"medians of {args.repeats}")
     print("| family | floor ms/sample | ours ms/sample | ratio |\n|---|---|---|---|")

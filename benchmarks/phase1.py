@@ -178,7 +178,8 @@ def main() -> None:
         for batch in args.batches:
             for variant in args.variants:
                 results.setdefault((variant, batch), []).append(_run(variant, batch, args.n, args))
-    print("| B | variant | s/sample (median) | ratio to floor | steady s/sample, ratio | fixed s (setup + close) | peak RSS MB | runs |")
+    print("| B | variant | s/sample (median) | ratio to floor | steady s/sample, ratio | fixed s (setup + close) "
+          "| peak RSS MB | runs |")
     print("|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         floor = statistics.median(r["sec_per_sample"] for r in results[("floor", batch)]) \
@@ -193,7 +194,8 @@ def main() -> None:
                 value = statistics.median(r["steady_sec_per_sample"] for r in runs)
                 steady = f"{value:.3f}, {value / floor:.2f}x"
                 fixed = f"{statistics.median(r['setup_s'] + r['close_s'] for r in runs):.1f}"
-            print(f"| {batch} | {variant} | {sec:.3f} | {sec / floor:.2f}x | {steady} | {fixed} | {rss:.0f} | {times} |")
+            print(f"| {batch} | {variant} | {sec:.3f} | {sec / floor:.2f}x | {steady} | {fixed} | {rss:.0f} "
+                  f"| {times} |")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "phase1.json").write_text(json.dumps({f"{v}@{b}": r for (v, b), r in results.items()}, indent=1))

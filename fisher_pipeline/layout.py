@@ -25,9 +25,10 @@ heads of a block, `d` head_dim.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +159,8 @@ class GroupSpec:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> GroupSpec:
-        return cls(int(attrs["dim"]), tuple(Segment(str(b), int(f), int(c), int(s)) for b, f, c, s in attrs["segments"]))
+        segments = tuple(Segment(str(b), int(f), int(c), int(s)) for b, f, c, s in attrs["segments"])
+        return cls(int(attrs["dim"]), segments)
 
 
 def group_name(block: str, index: int) -> str:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -360,7 +361,7 @@ class FisherStore:
         return np.square(self.per_sample(name, ids).astype(np.float32))
 
     def check(self, *, weights_hash: str | None = None, config_hash: str | None = None,
-              task: str | None = None) -> "FisherStore":
+              task: str | None = None) -> FisherStore:
         """Raise `StoreMismatchError` if the store was made from another model/config/task."""
         for key, expected in (("weights_hash", weights_hash), ("config_hash", config_hash), ("task", task)):
             found = self.attrs.get(key)

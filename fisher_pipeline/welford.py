@@ -40,7 +40,7 @@ class Welford:
     m2: torch.Tensor | None
 
     @classmethod
-    def zeros(cls, shape: tuple[int, ...], track_m2: bool = True, device: str | torch.device = "cpu") -> "Welford":
+    def zeros(cls, shape: tuple[int, ...], track_m2: bool = True, device: str | torch.device = "cpu") -> Welford:
         """Empty state for tensors of `shape`."""
         total = torch.zeros(shape, dtype=torch.float64, device=device)
         return cls(0, total, torch.zeros_like(total) if track_m2 else None)
@@ -86,6 +86,6 @@ class Welford:
         count, total, m2 = batch_moments(values)
         self.merge_moments(count, total, m2 if self.m2 is not None else None)
 
-    def merge(self, other: "Welford") -> None:
+    def merge(self, other: Welford) -> None:
         """Fold in another state of the same shape (e.g. another shard)."""
         self.merge_moments(other.count, other.total, other.m2)

@@ -8,10 +8,10 @@ says (slices, head counts, the o_proj module) and what the model computes.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -21,7 +21,12 @@ from transformers.pytorch_utils import Conv1D
 
 from fisher_pipeline.errors import UnsupportedArchitectureError
 from fisher_pipeline.models.adapters import (
-    ADAPTERS, BLOCKS, ArchitectureAdapter, TensorSlice, adapter_for, supported_model_types,
+    ADAPTERS,
+    BLOCKS,
+    ArchitectureAdapter,
+    TensorSlice,
+    adapter_for,
+    supported_model_types,
 )
 from tiny_models import FAMILIES, build_tiny
 
@@ -240,7 +245,8 @@ def test_qkv_bias_slices_reach_exactly_their_heads(case, block):
             key_change = (keys - base_keys).abs().amax(dim=(0, 2, 3))  # [H_kv]
             owner = adapter.kv_head if block in ("k", "v") else (lambda h: h)
             expected = torch.tensor([owner(h) == owner(head) for h in range(adapter.n_heads)])
-            where = f"layer {layer} {block} bias head {head}: change per head {change.tolist()}, keys {key_change.tolist()}"
+            where = (f"layer {layer} {block} bias head {head}: change per head {change.tolist()}, "
+                     f"keys {key_change.tolist()}")
             assert (change[~expected] <= UNCHANGED_ATOL).all(), where
             if block == "k":
                 expected_keys = torch.arange(adapter.n_kv_heads) == adapter.kv_head(head)
@@ -269,7 +275,8 @@ def test_biases_are_grouped_like_their_weights_outputs(case):
             assert bias_spec.names == weight_spec.names, name
             assert torch.equal(bias_spec.labels, weight_spec.labels), name
         else:
-            assert bias_spec is None or tuple(bias_spec.names) == ("all",), f"{name} grouped as {bias_spec.names[:4]}..."
+            assert bias_spec is None or tuple(bias_spec.names) == ("all",), (
+                f"{name} grouped as {bias_spec.names[:4]}...")
 
 
 # --- MLP neurons -------------------------------------------------------------------
@@ -357,7 +364,8 @@ def test_mlp_parameters_are_grouped_per_neuron(case):
         for name, spec in {**mlp.inputs, **mlp.outputs}.items():
             assert spec is not None, f"{name} is not grouped per neuron"
             assert set(spec.names) == neurons and len(spec.names) == width, (name, spec.names[:4])
-        assert all(name.endswith(".weight") for name in mlp.outputs), f"shared output bias grouped: {sorted(mlp.outputs)}"
+        assert all(name.endswith(".weight") for name in mlp.outputs), (
+            f"shared output bias grouped: {sorted(mlp.outputs)}")
 
 
 def test_mlp_neuron_input_slices_reach_exactly_their_neuron(case):
@@ -373,7 +381,8 @@ def test_mlp_neuron_input_slices_reach_exactly_their_neuron(case):
                 out = mlp.run()[0]
             change = (out - base).abs().flatten(0, -2).amax(0)  # [I]
             expected = torch.arange(width) == neuron
-            where = f"layer {layer} neuron {neuron}: changed neurons {torch.nonzero(change > UNCHANGED_ATOL).flatten().tolist()}"
+            changed = torch.nonzero(change > UNCHANGED_ATOL).flatten().tolist()
+            where = f"layer {layer} neuron {neuron}: changed neurons {changed}"
             assert change[neuron] > CHANGED_MIN, where
             assert (change[~expected] <= UNCHANGED_ATOL).all(), where
 

@@ -59,7 +59,7 @@ def test_arithmetic_label_mask_is_exactly_the_completion(tiny_tokenizer):
     raw = BUILTIN_TASKS["arithmetic"](10, 3)
     samples = load_task(task("builtin:arithmetic", n_samples=10, seed=3, max_length=1024), tiny_tokenizer)
     assert len(samples) == 10
-    for text, sample in zip(raw, samples):
+    for text, sample in zip(raw, samples, strict=True):
         assert sample.id == text.id
         prompt_ids = tiny_tokenizer(text.prompt, add_special_tokens=True)["input_ids"]
         completion_ids = tiny_tokenizer(text.completion, add_special_tokens=False)["input_ids"]

@@ -52,7 +52,7 @@ def per_sample_from_hooks(model, samples, batch_size: int) -> dict[str, torch.Te
         batch = collate(chunk, pad_id=0)
         pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
 
-        def sink(name, r0, r1, rows):
+        def sink(name, r0, r1, rows, pieces=pieces):
             pieces.setdefault(name, []).append((r0, rows.clone()))
 
         with PerSampleGradients(model, sink, chunk_elements=256) as hooks:  # tiny chunks: chunking is exercised

@@ -105,7 +105,8 @@ def test_a_wrong_position_breaks_the_split():
     with pytest.raises(KeyError, match="no 'o' groups"):
         geometry.split_heads(values, "o")
     # round trip through attrs keeps every position
-    restored = ModelGeometry.from_attrs(ModelGeometry(AttentionGeometry(1, 2, 1, 2, (0, 0)), {"w": geometry}).to_attrs())
+    model = ModelGeometry(AttentionGeometry(1, 2, 1, 2, (0, 0)), {"w": geometry})
+    restored = ModelGeometry.from_attrs(model.to_attrs())
     np.testing.assert_array_equal(restored["w"].split_heads(values, "q"), q)
 
 

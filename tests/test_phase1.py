@@ -49,7 +49,8 @@ def test_store_contract_and_reader(tiny_model_dir, tmp_path):
     assert len(set(store.sample_ids)) == 10 and all(i.startswith("prose:") for i in store.sample_ids)
     assert (store.n_tokens > 0).all() and np.isfinite(store.losses).all()
     name = "model.layers.1.self_attn.q_proj.weight"
-    assert store.per_sample_names == sorted(n for n in store.param_names if n.endswith(("q_proj.weight", "o_proj.weight")))
+    expected = sorted(n for n in store.param_names if n.endswith(("q_proj.weight", "o_proj.weight")))
+    assert store.per_sample_names == expected
     # Fisher of a per-sample parameter is the mean of its stored per-sample squares.
     np.testing.assert_allclose(store.contributions(name).mean(0), store.fisher(name), rtol=1e-5, atol=1e-12)
     np.testing.assert_allclose(store.per_sample(name).mean(0), store.grad_mean(name), rtol=1e-4, atol=1e-9)
@@ -225,7 +226,8 @@ def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir):
     reference = compute_fisher(model, adapter, clean, FisherConfig(batch_size=4), pad_id=0).accumulator
     assert result.accumulator.count == reference.count == 6
     for name in reference.shapes:
-        torch.testing.assert_close(result.accumulator.fisher[name].mean, reference.fisher[name].mean, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(result.accumulator.fisher[name].mean, reference.fisher[name].mean,
+                                   rtol=1e-5, atol=1e-12)
 
 
 def test_missing_model_path_is_named(tmp_path):

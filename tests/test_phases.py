@@ -22,9 +22,22 @@ import zarr
 from fisher_pipeline.errors import ConfigError
 from fisher_pipeline.layout import GroupSpec
 from fisher_pipeline.phases import (
-    ImportanceOptions, MaskOptions, OverlapOptions, ScaledOptions, compute_masks, cross_task_tables,
-    importance_tables, natgrad_norms, overlap_metrics, rank_agreement, run_importance, run_masks, run_overlap,
-    run_rank_agreement, run_scaled_cross, run_scaled_task,
+    ImportanceOptions,
+    MaskOptions,
+    OverlapOptions,
+    ScaledOptions,
+    compute_masks,
+    cross_task_tables,
+    importance_tables,
+    natgrad_norms,
+    overlap_metrics,
+    rank_agreement,
+    run_importance,
+    run_masks,
+    run_overlap,
+    run_rank_agreement,
+    run_scaled_cross,
+    run_scaled_task,
 )
 from fisher_pipeline.store import FisherStore, open_store
 from store_factory import HEAD_DIM, N_HEADS, N_KV_HEADS, WIDTH, llama_layout, make_store, random_gradients
@@ -365,7 +378,7 @@ def test_overlap_table_matches_sets(mask_paths, tmp_path):
     paths = run_overlap(mask_paths, tmp_path / "overlap")
     table = pd.read_parquet(paths["overlap_parquet"])
     masks = {t: zarr.open_group(p, mode="r") for t, p in mask_paths.items()}
-    assert set(zip(table["task_a"], table["task_b"])) == {("a", "b"), ("a", "c"), ("b", "c")}
+    assert set(zip(table["task_a"], table["task_b"], strict=True)) == {("a", "b"), ("a", "c"), ("b", "c")}
     for s, (ta, tb) in itertools.product(("0.5", "0.8"), [("a", "b"), ("b", "c")]):
         sets = {t: {(p, i) for p in PARAMS for i in np.flatnonzero(masks[t][f"{s}/{p}"][...])} for t in (ta, tb)}
         rows = table[(table["sparsity"] == float(s)) & (table["task_a"] == ta) & (table["task_b"] == tb)]

@@ -96,7 +96,7 @@ def test_heads_table_counts_and_gqa_columns(run):
             where = f"{run.family} layer {layer} {block}"
             assert rows["head"].tolist() == list(range(count)), where
             assert set(rows["head_kind"]) == {"kv" if block in ("k", "v") else "query"}, where
-            for head, readers in zip(rows["head"], rows["query_heads"]):
+            for head, readers in zip(rows["head"], rows["query_heads"], strict=True):
                 if block in ("k", "v"):
                     expected = ",".join(str(h) for h in range(adapter.n_heads) if adapter.kv_head(h) == head)
                 else:

@@ -9,7 +9,8 @@ unit norm would otherwise go unnoticed).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers

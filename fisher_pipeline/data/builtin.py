@@ -16,9 +16,9 @@ import re
 import sysconfig
 import textwrap
 import warnings
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .samples import TextSample, seeded_order
 

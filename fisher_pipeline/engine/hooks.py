@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ class PerSampleGradients:
         self._batch_size = 0
         self._model_batch = 0
 
-    def __enter__(self) -> "PerSampleGradients":
+    def __enter__(self) -> PerSampleGradients:
         for param in self.params.values():
             param.requires_grad_(False)
         self._handles.append(self.model.register_forward_pre_hook(self._record_batch_size, with_kwargs=True))

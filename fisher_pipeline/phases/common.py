@@ -53,7 +53,9 @@ def check_same_model(stores: Mapping[str, FisherStore], per_sample: bool = False
     Raises:
         StoreMismatchError: naming both stores, the differing attribute and the fix.
     """
-    keys = ["weights_hash", "model_id", "fisher_kind"] + (["per_sample_params", "per_sample_dtype"] if per_sample else [])
+    keys = ["weights_hash", "model_id", "fisher_kind"]
+    if per_sample:
+        keys += ["per_sample_params", "per_sample_dtype"]
     (first_task, first), *others = stores.items()
     for task, store in others:
         for key in keys:

@@ -145,7 +145,7 @@ def compute_masks(store: FisherStore, options: MaskOptions) -> MaskSet:
             result.n_units[u.param] = len(u.scores)
         for s in options.sparsities:
             keep = select_top(scores, keep_count(s, len(scores)))
-            for u, start, stop in zip(units, bounds[:-1], bounds[1:]):
+            for u, start, stop in zip(units, bounds[:-1], bounds[1:], strict=True):
                 result.masks[s][u.param] = u.to_mask(keep[start:stop])
                 result.kept_units[s][u.param] = int(np.count_nonzero(keep[start:stop]))
     return result

@@ -30,8 +30,8 @@ import pandas as pd
 
 from .. import plots
 from ..config import ScaledOptions
-from ..store import FisherStore, open_store
 from ..layout import ParamGeometry
+from ..store import FisherStore, open_store
 from .common import atomic_output_dir, open_stores, read_finite, relocate, write_table
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .base import ArchitectureAdapter, GroupSpec
 
+
 class GPT2Adapter(ArchitectureAdapter):
     model_types = ("gpt2",)
     family = "GPT-2 (gpt2, distilgpt2)"

@@ -19,6 +19,7 @@ from torch import nn
 from ...layout import Segment
 from .base import ArchitectureAdapter, GroupSpec
 
+
 class GPTNeoXAdapter(ArchitectureAdapter):
     model_types = ("gpt_neox",)
     family = "GPT-NeoX (Pythia, GPT-NeoX-20B)"

@@ -32,7 +32,8 @@ class Phi3Adapter(ArchitectureAdapter):
         specs: dict[str, GroupSpec] = {}
         for layer in range(self.n_layers):
             attn = f"{self.layer_prefix(layer)}.self_attn"
-            self._set_row_spec(specs, f"{attn}.qkv_proj", GroupSpec.heads(0, ("q", h, d), ("k", h_kv, d), ("v", h_kv, d)))
+            qkv = GroupSpec.heads(0, ("q", h, d), ("k", h_kv, d), ("v", h_kv, d))
+            self._set_row_spec(specs, f"{attn}.qkv_proj", qkv)
             specs[f"{attn}.o_proj.weight"] = GroupSpec.heads(1, ("o", h, d))
             mlp = f"{self.layer_prefix(layer)}.mlp"
             width = self.params[f"{mlp}.down_proj.weight"].shape[1]

@@ -166,6 +166,14 @@ def test_command_line_config_that_cannot_be_read_explains_how_to_write_it(tmp_pa
 
 
 @pytest.mark.workflow
+def test_checks_beyond_the_schema_stop_the_workflow_before_any_job(tmp_path):
+    configfile = tmp_path / "c.yaml"
+    configfile.write_text("tasks: {prose: {source: 'builtin:prose'}}\nfisher: {per_sample_params: '(('}\n")
+    output = snakemake(tmp_path, configfile, "-n", expect_failure=True)
+    assert "invalid workflow config: fisher.per_sample_params = '((' is not a valid regex" in output
+
+
+@pytest.mark.workflow
 def test_duplicate_keys_in_a_config_file_stop_the_workflow(tmp_path):
     configfile = tmp_path / "dup.yaml"
     configfile.write_text("tasks:\n  prose:\n    source: builtin:prose\n  prose:\n    source: builtin:code\n")

@@ -6,16 +6,24 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from fisher_pipeline.config import BUNDLED_MODEL_PATH, ConfigError, load_yaml_strict, validate_config
+from fisher_pipeline.config import (
+    BUNDLED_MODEL_PATH,
+    ConfigError,
+    PipelineConfig,
+    load_yaml_strict,
+    validate_config,
+)
 
 # Snakemake keeps the last of two equal keys in a config file silently: read each file again,
 # strictly. Nested values given with --config reach the workflow as text (Snakemake parses them
 # with YAML's BaseLoader): validate_config reads them as the types the schema wants, fills in
-# the defaults, and names any bad key.
+# the defaults, and names any bad key. Building the dataclasses runs the checks a schema cannot
+# express (regex validity, finite numbers, ...) before any job starts.
 try:
     for _configfile in workflow.configfiles:
         load_yaml_strict(_configfile)
     _checked = validate_config(config, command_line=workflow.config_settings.config)
+    PipelineConfig.from_dict(_checked)
 except ConfigError as err:
     raise WorkflowError(f"invalid workflow config: {err}") from None
 config.clear()

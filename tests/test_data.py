@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 
 from fisher_pipeline.config import TaskConfig
 from fisher_pipeline.data import BUILTIN_TASKS, TextSample, TokenizedSample, load_task
-from fisher_pipeline.errors import TaskError
+from fisher_pipeline.errors import ConfigError, TaskError
 
 
 def task(source: str | Path, **options) -> TaskConfig:
@@ -266,12 +265,11 @@ def test_fewer_samples_than_asked_warns_and_uses_all(tmp_path, tiny_tokenizer):
 
 
 def test_no_usable_sample_is_an_error(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "useless.jsonl", [{"text": "   "}, {"text": "a"}])  # "a" + BOS = 2 tokens
-    with pytest.raises(TaskError, match=r"no usable sample \(1 empty text, 1 fewer than 2 tokens among 2\)"):
-        load_task(task(path, max_length=1), tiny_tokenizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert len(load_task(task(path, max_length=2), tiny_tokenizer)) == 1
+    path = write_jsonl(tmp_path / "useless.jsonl", [{"text": "   "}, {"text": ""}])
+    with pytest.raises(TaskError, match=r"no usable sample \(2 empty texts? among 2\)"):
+        load_task(task(path, max_length=2), tiny_tokenizer)
+    with pytest.raises(ConfigError, match=r"tasks.t.max_length = 1: must be >= 2"):
+        task(path, max_length=1)  # one token has no next token to predict
     expected = r"task 't': source 'builtin:arithmetic' has no usable sample.*completion token"
     with pytest.raises(TaskError, match=expected):
         load_task(task("builtin:arithmetic", n_samples=2, max_length=4), tiny_tokenizer)

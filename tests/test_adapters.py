@@ -50,11 +50,25 @@ CHANGED_MIN = 1e-4  # heads it must reach
 NOISE = 0.5
 
 
+#: The cases whose attention projections have q/k/v biases (the bias tests run on these).
+BIAS_CASES = [(family, overrides) for family, overrides in CASES
+              if family in ("qwen2", "gpt2", "gpt_neox") or overrides.get("attention_bias")]
+
+
 @pytest.fixture(scope="module", params=CASES, ids=IDS)
 def case(request) -> tuple[nn.Module, ArchitectureAdapter]:
     family, overrides = request.param
     model = build_tiny(family, **overrides)
     return model, adapter_for(model)
+
+
+@pytest.fixture(scope="module", params=BIAS_CASES, ids=[IDS[CASES.index(c)] for c in BIAS_CASES])
+def bias_case(request) -> tuple[nn.Module, ArchitectureAdapter]:
+    family, overrides = request.param
+    model = build_tiny(family, **overrides)
+    adapter = adapter_for(model)
+    assert _has_qkv_biases(adapter), f"{family} {overrides} was expected to have q/k/v biases"
+    return model, adapter
 
 
 def _input_ids() -> torch.Tensor:
@@ -193,12 +207,10 @@ def _heads_and_keys(model: nn.Module, adapter: ArchitectureAdapter, layer: int) 
     return _per_head(seen["input"], adapter), cache.layers[layer].keys.detach().clone()
 
 
-def test_qkv_biases_are_in_head_slices(case):
+def test_qkv_biases_are_in_head_slices(bias_case):
     """Every position of every q/k/v bias lies in some head's slices, at the same positions
     as the head's weight slice of that module; o's bias is shared and in no head."""
-    _, adapter = case
-    if not _has_qkv_biases(adapter):
-        pytest.skip("no q/k/v biases")
+    _, adapter = bias_case
     for layer in range(adapter.n_layers):
         biases = _qkv_biases(adapter, layer)
         assert biases, f"layer {layer} has no q/k/v biases while another layer has"
@@ -225,7 +237,7 @@ def test_qkv_biases_are_in_head_slices(case):
 
 
 @pytest.mark.parametrize("block", ["q", "k", "v"])
-def test_qkv_bias_slices_reach_exactly_their_heads(case, block):
+def test_qkv_bias_slices_reach_exactly_their_heads(bias_case, block):
     """Perturbing only the bias pieces of a head's slices reaches exactly that head.
 
     q and v: the o_proj input of the query head (q), of every query head sharing the KV
@@ -233,9 +245,7 @@ def test_qkv_bias_slices_reach_exactly_their_heads(case, block):
     query heads. (A key bias adds q.b to every score of a query row; without rotary
     embeddings softmax cancels it, so GPT-2's head outputs cannot show it: the keys do.)
     """
-    model, adapter = case
-    if not _has_qkv_biases(adapter):
-        pytest.skip("no q/k/v biases")
+    model, adapter = bias_case
     for layer in range(adapter.n_layers):
         base, base_keys = _heads_and_keys(model, adapter, layer)
         for head in range(adapter.n_heads):

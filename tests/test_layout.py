@@ -131,6 +131,13 @@ def test_named_selections_resolve_for_every_family(family):
                                                        "lm_head", "norm", "other"}
 
 
+def test_config_and_layout_know_the_same_named_selections():
+    """config.py keeps its own copy (it must import without torch); the adapters resolve these."""
+    from fisher_pipeline import config, layout
+
+    assert config.NAMED_SELECTIONS == tuple(layout.NAMED_SELECTIONS)
+
+
 def test_selection_matching_nothing_names_it_and_real_parameters():
     geometry = adapter_for(build_tiny("llama")).geometry()
     with pytest.raises(ConfigError, match=r"fisher.per_sample_params = 'q_projj'.*matches no parameter.*"

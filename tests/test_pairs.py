@@ -1,0 +1,235 @@
+"""The pair engine: blocked pair matrices against brute force, and one read per stored array."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fisher_pipeline import pairs
+from fisher_pipeline.errors import StoreMismatchError
+from fisher_pipeline.pairs import cosine_matrix, pair_matrices, pair_matrix
+from fisher_pipeline.store import FisherStore
+from store_factory import make_store
+
+MAPS = {"identity": lambda x: x, "square": np.square, "abs": np.abs}
+Q_PROJ, K_PROJ, O_PROJ = (f"model.layers.1.self_attn.{m}_proj.weight" for m in ("q", "k", "o"))
+PER_SAMPLE = (Q_PROJ, K_PROJ, O_PROJ)
+
+
+def brute(a, b, f="identity", h="identity", weight=None):
+    """Explicit triple loop in float64 over i, j, k."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    w = np.ones(a.shape[1]) if weight is None else np.asarray(weight, np.float64)
+    out = np.zeros((len(a), len(b)))
+    for i in range(len(a)):
+        for j in range(len(b)):
+            out[i, j] = sum(MAPS[f](a[i, k]) * w[k] * MAPS[h](b[j, k]) for k in range(a.shape[1]))
+    return out
+
+
+def brute_cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return brute(a, b) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.parametrize("f,h,weighted", list(itertools.product(MAPS, MAPS, (False, True))))
+def test_pair_matrix_matches_brute_force(f, h, weighted):
+    rng = np.random.default_rng(hash((f, h, weighted)) % 2**32)
+    a, b = rng.normal(size=(6, 11)), rng.normal(size=(4, 11))
+    weight = rng.uniform(0.1, 3, size=11) if weighted else None
+    expected = brute(a, b, f, h, weight)
+    np.testing.assert_allclose(pair_matrix(a, b, f, h, weight), expected, rtol=1e-12, atol=1e-12)
+    # blocks that do not divide N (10 rows by 3, 7 by 3 and 4)
+    a, b = rng.normal(size=(10, 13)), rng.normal(size=(7, 13))
+    weight = rng.uniform(0.1, 3, size=13) if weighted else None
+    full = pair_matrix(a, b, f, h, weight, block_rows=10**6)
+    np.testing.assert_allclose(full, brute(a, b, f, h, weight), rtol=1e-12, atol=1e-12)
+    for rows in (1, 3, 4):
+        np.testing.assert_allclose(pair_matrix(a, b, f, h, weight, block_rows=rows), full, rtol=1e-13, atol=1e-13)
+
+
+def test_float16_is_upcast_before_the_product():
+    rng = np.random.default_rng(1)
+    # values whose squares underflow / lose precision in float16 if not upcast first
+    a = (rng.normal(size=(5, 40)) * 3e-3).astype(np.float16)
+    b = (rng.normal(size=(3, 40)) * 3e-3).astype(np.float16)
+    weight = rng.uniform(100, 300, size=40)
+    for f, h in (("square", "abs"), ("identity", "identity"), ("abs", "square")):
+        got = pair_matrix(a, b, f, h, weight, block_rows=2)
+        assert got.dtype == np.float64
+        expected = brute(a.astype(np.float64), b.astype(np.float64), f, h, weight)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(cosine_matrix(a, b, block_rows=2), brute_cosine(a, b), rtol=1e-6)
+
+
+def test_cosine_matrix_and_zero_norm_samples():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(7, 9)), rng.normal(size=(5, 9))
+    np.testing.assert_allclose(cosine_matrix(a, b, block_rows=3), brute_cosine(a, b), rtol=1e-12)
+    a[2] = 0
+    b[4] = 0
+    got = cosine_matrix(a, b, block_rows=3)
+    assert np.isnan(got[2]).all() and np.isnan(got[:, 4]).all()
+    keep = np.isfinite(got)
+    assert keep.sum() == 6 * 4
+    np.testing.assert_allclose(got[keep], brute_cosine(np.delete(a, 2, 0), np.delete(b, 4, 0)).ravel(), rtol=1e-12)
+
+
+def test_pair_matrix_rejects_bad_inputs():
+    a = np.ones((2, 3))
+    with pytest.raises(ValueError, match="same slice length"):
+        pair_matrix(a, np.ones((2, 4)))
+    with pytest.raises(ValueError, match="weight"):
+        pair_matrix(a, a, weight=np.ones(4))
+    with pytest.raises(ValueError, match="unknown transform"):
+        pair_matrix(a, a, f="cube")
+    assert pair_matrix(np.ones((0, 3)), a).shape == (0, 2)
+
+
+# --- stores --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    a = make_store(root / "a.zarr", n_samples=7, seed=1, task="a", per_sample=PER_SAMPLE, batch_size=3)
+    b = make_store(root / "b.zarr", n_samples=5, seed=2, task="b", per_sample=PER_SAMPLE, batch_size=3)
+    return FisherStore(a), FisherStore(b)
+
+
+def head_slice(data, rows=None, cols=None):
+    """Brute-force head slice, written independently of the engine: rows (q, k) or columns (o)."""
+    part = data[:, rows, :] if rows is not None else data[:, :, cols]
+    return part.reshape(len(data), -1)
+
+
+def groups_and_slices(store):
+    """Every whole-param and per-head group, with its slice computed by hand (head_dim 2)."""
+    geometry = store.geometry
+    attention = geometry.attention
+    d = attention.head_dim
+    out = {}
+    for param in PER_SAMPLE:
+        data = store.per_sample(param).astype(np.float64)
+        out[(param, None, None)] = data.reshape(len(data), -1)
+    q, k, o = (store.per_sample(p).astype(np.float64) for p in (Q_PROJ, K_PROJ, O_PROJ))
+    for head in range(attention.n_heads):
+        out[(Q_PROJ, "q", head)] = head_slice(q, rows=slice(head * d, (head + 1) * d))
+        out[(O_PROJ, "o", head)] = head_slice(o, cols=slice(head * d, (head + 1) * d))
+    for kv in range(attention.n_kv_heads):
+        out[(K_PROJ, "k", kv)] = head_slice(k, rows=slice(kv * d, (kv + 1) * d))
+    # the geometry agrees with the hand-written slices
+    assert np.array_equal(geometry[O_PROJ].positions("o")[1], [2, 3]) and geometry[O_PROJ].groups.dim == 1
+    return out
+
+
+def count_reads(monkeypatch):
+    calls = []
+    original = FisherStore.per_sample
+
+    def counting(self, name, ids=None, rows=None):
+        calls.append((str(self.path), name, None if rows is None else (rows.start, rows.stop)))
+        return original(self, name, ids=ids, rows=rows)
+
+    monkeypatch.setattr(FisherStore, "per_sample", counting)
+    return calls
+
+
+@pytest.mark.parametrize("sample_block", [3, 100])
+@pytest.mark.parametrize("f,h,weighted", [("identity", "identity", False), ("square", "abs", True),
+                                          ("abs", "abs", True), ("identity", "identity", True)])
+def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h, weighted, sample_block):
+    store_a, store_b = stores
+    slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
+    groups = list(slices_a)
+    fisher = {p: store_a.fisher(p) for p in PER_SAMPLE}
+    weights = {p: 1.0 / (fisher[p] + 0.1) for p in PER_SAMPLE} if weighted else None
+    flat_weights = {}
+    for group in groups:
+        param, block, head = group
+        w = weights[param] if weighted else np.ones(store_a.geometry[param].shape)
+        flat_weights[group] = groups_and_weight(w, group)
+    calls = count_reads(monkeypatch)
+    got = pair_matrices(store_a, store_b, groups, f, h, weights, within=True, sample_block=sample_block,
+                        block_rows=2)
+    # each per-sample array read once per store: B whole, A in disjoint sample blocks
+    for store, n in ((store_a, 7), (store_b, 5)):
+        for param in PER_SAMPLE:
+            reads = [c[2] for c in calls if c[0] == str(store.path) and c[1] == param]
+            spans = [(0, n) if r is None else (r[0], min(r[1], n)) for r in reads]
+            assert len(spans) == len(set(spans))
+            assert sorted(i for lo, hi in spans for i in range(lo, hi)) == list(range(n))
+    a_reads = [c for c in calls if c[0] == str(store_a.path)]
+    assert len(a_reads) == len(PER_SAMPLE) * (-(-7 // sample_block))
+    assert len([c for c in calls if c[0] == str(store_b.path)]) == len(PER_SAMPLE)
+    assert set(got) == set(groups)
+    for group in groups:
+        w = flat_weights[group]
+        a, b = slices_a[group], slices_b[group]
+        np.testing.assert_allclose(got[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](b)), rtol=1e-10)
+        np.testing.assert_allclose(got.within_a[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](a)),
+                                   rtol=1e-10)
+        np.testing.assert_allclose(got.within_b[group], np.einsum("ik,k,jk->ij", MAPS[f](b), w, MAPS[h](b)),
+                                   rtol=1e-10)
+    # one head checked by the explicit loop too
+    group = (O_PROJ, "o", 3)
+    np.testing.assert_allclose(got[group], brute(slices_a[group], slices_b[group], f, h, flat_weights[group]),
+                               rtol=1e-10)
+
+
+def groups_and_weight(weight, group):
+    """A parameter-shaped weight sliced by hand like `groups_and_slices` (head_dim 2)."""
+    param, block, head = group
+    w = np.asarray(weight, np.float64)[None]
+    if block is None:
+        return w.reshape(-1)
+    if block == "o":
+        return head_slice(w, cols=slice(2 * head, 2 * head + 2))[0]
+    return head_slice(w, rows=slice(2 * head, 2 * head + 2))[0]
+
+
+def test_pair_matrices_cosine(stores):
+    store_a, store_b = stores
+    slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
+    groups = [(Q_PROJ, None, None), (Q_PROJ, "q", 2), (K_PROJ, "k", 1), (O_PROJ, "o", 0)]
+    got = pair_matrices(store_a, store_b, groups, cosine=True, within=True, sample_block=2, block_rows=3)
+    for group in groups:
+        a, b = slices_a[group], slices_b[group]
+        np.testing.assert_allclose(got[group], brute_cosine(a, b), rtol=1e-10)
+        np.testing.assert_allclose(got.within_a[group], brute_cosine(a, a), rtol=1e-10)
+        np.testing.assert_allclose(np.diag(got.within_b[group]), 1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="cosine"):
+        pair_matrices(store_a, store_b, groups, f="square", cosine=True)
+
+
+def test_iter_pair_inputs_reads_each_param_once(stores, monkeypatch):
+    store_a, store_b = stores
+    slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
+    calls = count_reads(monkeypatch)
+    seen = {group: (a, b) for group, a, b in pairs.iter_pair_inputs(store_a, store_b, list(slices_a))}
+    assert len(calls) == 2 * len(PER_SAMPLE)
+    assert set(seen) == set(slices_a)
+    for group, (a, b) in seen.items():
+        np.testing.assert_array_equal(a, slices_a[group])
+        np.testing.assert_array_equal(b, slices_b[group])
+
+
+def test_mismatched_stores_and_groups(stores, tmp_path):
+    store_a, store_b = stores
+    other = FisherStore(make_store(tmp_path / "c.zarr", n_samples=4, seed=3, task="c", per_sample=(Q_PROJ,)))
+    with pytest.raises(StoreMismatchError, match="per_sample_params") as err:
+        pair_matrices(store_a, other, [(Q_PROJ, None, None)])
+    assert str(store_a.path) in str(err.value) and str(other.path) in str(err.value)
+    stranger = FisherStore(make_store(tmp_path / "d.zarr", n_samples=4, task="d", per_sample=PER_SAMPLE,
+                                      weights_hash="other-model"))
+    with pytest.raises(StoreMismatchError, match="weights_hash"):
+        pair_matrices(store_a, stranger, [(Q_PROJ, None, None)])
+    missing = "model.layers.0.self_attn.q_proj.weight"
+    with pytest.raises(StoreMismatchError, match=f"per_sample/{missing}") as err:
+        pair_matrices(store_a, store_b, [(missing, None, None)])
+    assert str(store_a.path) in str(err.value) and str(store_b.path) in str(err.value)
+    with pytest.raises(ValueError, match="heads"):
+        pair_matrices(store_a, store_b, [(K_PROJ, "k", 2)])  # 2 KV heads only
+    with pytest.raises(ValueError, match="block"):
+        pair_matrices(store_a, store_b, [(Q_PROJ, None, 1)])

@@ -137,11 +137,6 @@ class GroupSpec:
         return [block for block, _ in self.keys]
 
     @property
-    def indices(self) -> list[int]:
-        """Index of every group within its block."""
-        return [index for _, index in self.keys]
-
-    @property
     def length(self) -> int:
         """Positions along `dim`."""
         return int(sum(seg.count * seg.size for seg in self.segments))

@@ -35,7 +35,7 @@ import pandas as pd
 from .. import plots
 from ..config import ImportanceOptions
 from ..errors import StoreContentError
-from ..layout import HEAD_BLOCKS
+from ..layout import HEAD_BLOCKS, AttentionGeometry
 from ..store import FisherStore, open_store
 from .common import atomic_output_dir, read_finite, relocate, write_table
 
@@ -88,7 +88,7 @@ def importance_tables(store: FisherStore, task: str, options: ImportanceOptions)
         "tensors": summarize(groups, ["task", "param", "layer"], total, options),
         "groups": summarize(groups, ["task", "param", "layer", "group", "block", "index"], total, options),
         "heads": _with_gqa_columns(summarize(heads, ["task", "layer", "block", "head"], total, options),
-                                   store.geometry.attention.gqa_map),
+                                   store.geometry.attention),
         "neurons": summarize(neurons, ["task", "layer", "neuron"], total, options),
         "layers": summarize(groups, ["task", "layer"], total, options),
     }
@@ -158,14 +158,14 @@ def _standard_error(m2: np.ndarray, n_samples: int) -> np.ndarray:
     return np.sqrt(m2 / (n_samples - 1) / n_samples)
 
 
-def _with_gqa_columns(heads: pd.DataFrame, gqa_map: tuple[int, ...]) -> pd.DataFrame:
+def _with_gqa_columns(heads: pd.DataFrame, attention: AttentionGeometry) -> pd.DataFrame:
     """Add `head_kind` (query / kv) and `query_heads` (the query heads reading each row's head).
 
-    `gqa_map[h]` is the KV head query head `h` reads, as the adapter stored it.
+    The query heads of each KV head come from the GQA map the adapter stored.
     """
     heads = heads.copy()
     heads["head_kind"] = np.where(heads["block"].isin(("k", "v")), "kv", "query")
-    readers = {kv: ",".join(str(h) for h, owner in enumerate(gqa_map) if owner == kv) for kv in set(gqa_map)}
+    readers = {kv: ",".join(map(str, attention.query_heads(kv))) for kv in range(attention.n_kv_heads)}
     is_kv = heads["head_kind"] == "kv"
     heads["query_heads"] = np.where(is_kv, heads["head"].map(readers).fillna(""), heads["head"].astype(str))
     return heads

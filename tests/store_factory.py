@@ -83,7 +83,8 @@ def random_gradients(shapes: dict[str, tuple[int, ...]], n_samples: int, seed: i
 def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = "task",
                shapes: dict[str, tuple[int, ...]] | None = None, specs: dict[str, GroupSpec] | None = None,
                grads: dict[str, np.ndarray] | None = None, per_sample: tuple[str, ...] = (),
-               batch_size: int = 3, weights_hash: str = "tiny-weights", attrs: dict | None = None) -> Path:
+               batch_size: int = 3, weights_hash: str = "tiny-weights", attrs: dict | None = None,
+               per_sample_dtype: str = "float32") -> Path:
     """Write a complete phase 1 store at `path` and return it.
 
     Args:
@@ -98,6 +99,7 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
         batch_size: micro-batch size fed to the accumulator.
         weights_hash: model identity recorded in the attrs.
         attrs: store attributes overriding the defaults (e.g. `fisher_kind`).
+        per_sample_dtype: storage dtype of the per-sample arrays (`float32` or `float16`).
     """
     if shapes is None:
         shapes, default_specs = llama_layout()
@@ -108,7 +110,8 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
     accumulator = FisherAccumulator(shapes, specs, m2_names=set(), per_sample_names=set(per_sample))
     store_attrs = {"model_id": "tiny-llama", "weights_hash": weights_hash, "task": task, "config_hash": "test",
              "fisher_kind": "empirical", "package_version": "test"} | (attrs or {})
-    writer = StoreWriter(path, store_attrs, tiny_geometry(shapes, specs), per_sample, "float32", max_samples=n_samples)
+    writer = StoreWriter(path, store_attrs, tiny_geometry(shapes, specs), per_sample, per_sample_dtype,
+                         max_samples=n_samples)
     for start in range(0, n_samples, batch_size):
         stop = min(start + batch_size, n_samples)
         accumulator.begin(stop - start)

@@ -9,13 +9,15 @@ import pytest
 
 from fisher_pipeline import pairs
 from fisher_pipeline.errors import StoreMismatchError
+from fisher_pipeline.layout import GroupSpec
 from fisher_pipeline.pairs import cosine_matrix, pair_matrices, pair_matrix
 from fisher_pipeline.store import FisherStore
 from store_factory import make_store
 
 MAPS = {"identity": lambda x: x, "square": np.square, "abs": np.abs}
 Q_PROJ, K_PROJ, O_PROJ = (f"model.layers.1.self_attn.{m}_proj.weight" for m in ("q", "k", "o"))
-PER_SAMPLE = (Q_PROJ, K_PROJ, O_PROJ)
+UP_PROJ = "model.layers.1.mlp.up_proj.weight"  # no heads: its whole-parameter matrix is one product
+PER_SAMPLE = (Q_PROJ, K_PROJ, O_PROJ, UP_PROJ)
 
 
 def brute(a, b, f="identity", h="identity", weight=None):
@@ -29,25 +31,36 @@ def brute(a, b, f="identity", h="identity", weight=None):
     return out
 
 
-def brute_cosine(a, b):
+def brute_cosine(a, b, weight=None):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return brute(a, b) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+    w = np.ones(a.shape[1]) if weight is None else np.asarray(weight, np.float64)
+    norm_a, norm_b = (np.sqrt(np.sum(x * x * w, axis=1)) for x in (a, b))
+    return brute(a, b, weight=w) / np.outer(norm_a, norm_b)
 
 
+#: Agreement with float64 brute force, relative to the largest entry: float64 compute is
+#: exact to rounding; float32 compute to ~1e-6 (module docstring of `pairs`).
+TOLERANCE = {"float64": 1e-12, "float32": 2e-6}
+
+
+def assert_close(got, expected, dtype):
+    scale = np.nanmax(np.abs(expected)) if np.size(expected) else 1.0
+    np.testing.assert_allclose(got, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("f,h,weighted", list(itertools.product(MAPS, MAPS, (False, True))))
-def test_pair_matrix_matches_brute_force(f, h, weighted):
-    rng = np.random.default_rng(hash((f, h, weighted)) % 2**32)
+def test_pair_matrix_matches_brute_force(f, h, weighted, dtype):
+    rng = np.random.default_rng()  # fresh inputs every run
     a, b = rng.normal(size=(6, 11)), rng.normal(size=(4, 11))
     weight = rng.uniform(0.1, 3, size=11) if weighted else None
-    expected = brute(a, b, f, h, weight)
-    np.testing.assert_allclose(pair_matrix(a, b, f, h, weight), expected, rtol=1e-12, atol=1e-12)
+    assert_close(pair_matrix(a, b, f, h, weight, dtype=dtype), brute(a, b, f, h, weight), dtype)
     # blocks that do not divide N (10 rows by 3, 7 by 3 and 4)
     a, b = rng.normal(size=(10, 13)), rng.normal(size=(7, 13))
     weight = rng.uniform(0.1, 3, size=13) if weighted else None
-    full = pair_matrix(a, b, f, h, weight, block_rows=10**6)
-    np.testing.assert_allclose(full, brute(a, b, f, h, weight), rtol=1e-12, atol=1e-12)
-    for rows in (1, 3, 4):
-        np.testing.assert_allclose(pair_matrix(a, b, f, h, weight, block_rows=rows), full, rtol=1e-13, atol=1e-13)
+    expected = brute(a, b, f, h, weight)
+    for rows in (1, 3, 4, 10**6):
+        assert_close(pair_matrix(a, b, f, h, weight, block_rows=rows, dtype=dtype), expected, dtype)
 
 
 def test_float16_is_upcast_before_the_product():
@@ -62,15 +75,18 @@ def test_float16_is_upcast_before_the_product():
         expected = brute(a.astype(np.float64), b.astype(np.float64), f, h, weight)
         np.testing.assert_allclose(got, expected, rtol=1e-6)
     np.testing.assert_allclose(cosine_matrix(a, b, block_rows=2), brute_cosine(a, b), rtol=1e-6)
+    weight = rng.uniform(0.5, 2, size=40)
+    np.testing.assert_allclose(cosine_matrix(a, b, block_rows=2, weight=weight), brute_cosine(a, b, weight),
+                               rtol=1e-6)
 
 
 def test_cosine_matrix_and_zero_norm_samples():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(7, 9)), rng.normal(size=(5, 9))
-    np.testing.assert_allclose(cosine_matrix(a, b, block_rows=3), brute_cosine(a, b), rtol=1e-12)
+    np.testing.assert_allclose(cosine_matrix(a, b, block_rows=3, dtype="float64"), brute_cosine(a, b), rtol=1e-12)
     a[2] = 0
     b[4] = 0
-    got = cosine_matrix(a, b, block_rows=3)
+    got = cosine_matrix(a, b, block_rows=3, dtype="float64")
     assert np.isnan(got[2]).all() and np.isnan(got[:, 4]).all()
     keep = np.isfinite(got)
     assert keep.sum() == 6 * 4
@@ -85,16 +101,22 @@ def test_pair_matrix_rejects_bad_inputs():
         pair_matrix(a, a, weight=np.ones(4))
     with pytest.raises(ValueError, match="unknown transform"):
         pair_matrix(a, a, f="cube")
+    with pytest.raises(ValueError, match="compute dtype"):
+        pair_matrix(a, a, dtype="float16")
     assert pair_matrix(np.ones((0, 3)), a).shape == (0, 2)
 
 
 # --- stores --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def stores(tmp_path_factory, request):
+    """Stores of 7 and 5 samples, per-sample arrays stored in float32 or float16."""
     root = tmp_path_factory.mktemp("pairs")
-    a = make_store(root / "a.zarr", n_samples=7, seed=1, task="a", per_sample=PER_SAMPLE, batch_size=3)
-    b = make_store(root / "b.zarr", n_samples=5, seed=2, task="b", per_sample=PER_SAMPLE, batch_size=3)
+    seeds = np.random.default_rng().integers(2**31, size=2)  # fresh data every run
+    a = make_store(root / "a.zarr", n_samples=7, seed=seeds[0], task="a", per_sample=PER_SAMPLE, batch_size=3,
+                   per_sample_dtype=request.param)
+    b = make_store(root / "b.zarr", n_samples=5, seed=seeds[1], task="b", per_sample=PER_SAMPLE, batch_size=3,
+                   per_sample_dtype=request.param)
     return FisherStore(a), FisherStore(b)
 
 
@@ -136,10 +158,11 @@ def count_reads(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("sample_block", [3, 100])
 @pytest.mark.parametrize("f,h,weighted", [("identity", "identity", False), ("square", "abs", True),
                                           ("abs", "abs", True), ("identity", "identity", True)])
-def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h, weighted, sample_block):
+def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h, weighted, sample_block, dtype):
     store_a, store_b = stores
     slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
     groups = list(slices_a)
@@ -152,7 +175,7 @@ def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h
         flat_weights[group] = groups_and_weight(w, group)
     calls = count_reads(monkeypatch)
     got = pair_matrices(store_a, store_b, groups, f, h, weights, within=True, sample_block=sample_block,
-                        block_rows=2)
+                        dtype=dtype)
     # each per-sample array read once per store: B whole, A in disjoint sample blocks
     for store, n in ((store_a, 7), (store_b, 5)):
         for param in PER_SAMPLE:
@@ -167,15 +190,12 @@ def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h
     for group in groups:
         w = flat_weights[group]
         a, b = slices_a[group], slices_b[group]
-        np.testing.assert_allclose(got[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](b)), rtol=1e-10)
-        np.testing.assert_allclose(got.within_a[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](a)),
-                                   rtol=1e-10)
-        np.testing.assert_allclose(got.within_b[group], np.einsum("ik,k,jk->ij", MAPS[f](b), w, MAPS[h](b)),
-                                   rtol=1e-10)
-    # one head checked by the explicit loop too
-    group = (O_PROJ, "o", 3)
-    np.testing.assert_allclose(got[group], brute(slices_a[group], slices_b[group], f, h, flat_weights[group]),
-                               rtol=1e-10)
+        assert_close(got[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](b)), dtype)
+        assert_close(got.within_a[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](a)), dtype)
+        assert_close(got.within_b[group], np.einsum("ik,k,jk->ij", MAPS[f](b), w, MAPS[h](b)), dtype)
+    # one head and one whole parameter (the sum of its heads) checked by the explicit loop too
+    for group in ((O_PROJ, "o", 3), (O_PROJ, None, None)):
+        assert_close(got[group], brute(slices_a[group], slices_b[group], f, h, flat_weights[group]), dtype)
 
 
 def groups_and_weight(weight, group):
@@ -193,12 +213,16 @@ def test_pair_matrices_cosine(stores):
     store_a, store_b = stores
     slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
     groups = [(Q_PROJ, None, None), (Q_PROJ, "q", 2), (K_PROJ, "k", 1), (O_PROJ, "o", 0)]
-    got = pair_matrices(store_a, store_b, groups, cosine=True, within=True, sample_block=2, block_rows=3)
-    for group in groups:
-        a, b = slices_a[group], slices_b[group]
-        np.testing.assert_allclose(got[group], brute_cosine(a, b), rtol=1e-10)
-        np.testing.assert_allclose(got.within_a[group], brute_cosine(a, a), rtol=1e-10)
-        np.testing.assert_allclose(np.diag(got.within_b[group]), 1.0, rtol=1e-12)
+    weights = {p: 1.0 / (store_a.fisher(p) + store_b.fisher(p) + 0.1) for p in PER_SAMPLE}
+    for weighted, dtype in itertools.product((False, True), ("float32", "float64")):
+        got = pair_matrices(store_a, store_b, groups, weights=weights if weighted else None, cosine=True,
+                            within=True, sample_block=2, dtype=dtype)
+        for group in groups:
+            a, b = slices_a[group], slices_b[group]
+            w = groups_and_weight(weights[group[0]], group) if weighted else None
+            assert_close(got[group], brute_cosine(a, b, w), dtype)
+            assert_close(got.within_a[group], brute_cosine(a, a, w), dtype)
+            assert_close(np.diag(got.within_b[group]), np.ones(len(b)), dtype)
     with pytest.raises(ValueError, match="cosine"):
         pair_matrices(store_a, store_b, groups, f="square", cosine=True)
 
@@ -233,3 +257,23 @@ def test_mismatched_stores_and_groups(stores, tmp_path):
         pair_matrices(store_a, store_b, [(K_PROJ, "k", 2)])  # 2 KV heads only
     with pytest.raises(ValueError, match="block"):
         pair_matrices(store_a, store_b, [(Q_PROJ, None, 1)])
+
+
+def test_fused_qkv_whole_is_the_sum_of_three_blocks(tmp_path):
+    """A fused Q|K|V parameter (Phi-3 layout): its whole matrix sums heads of three blocks."""
+    fused = "model.layers.0.self_attn.qkv_proj.weight"
+    shapes = {fused: (16, 6), "model.norm.weight": (6,)}
+    specs = {fused: GroupSpec.heads(0, ("q", 4, 2), ("k", 2, 2), ("v", 2, 2))}
+    seeds = np.random.default_rng().integers(2**31, size=2)
+    store_a, store_b = (FisherStore(make_store(tmp_path / f"{t}.zarr", n_samples=n, seed=s, task=t, shapes=shapes,
+                                               specs=specs, per_sample=(fused,)))
+                        for t, n, s in (("a", 6, seeds[0]), ("b", 4, seeds[1])))
+    a, b = (s.per_sample(fused).astype(np.float64) for s in (store_a, store_b))
+    groups = [(fused, None, None), (fused, "q", 3), (fused, "k", 0), (fused, "v", 1)]
+    rows = {(fused, None, None): slice(0, 16), (fused, "q", 3): slice(6, 8), (fused, "k", 0): slice(8, 10),
+            (fused, "v", 1): slice(14, 16)}
+    got = pair_matrices(store_a, store_b, groups, f="square", h="abs", within=True, dtype="float64")
+    for group in groups:
+        sa, sb = a[:, rows[group]].reshape(len(a), -1), b[:, rows[group]].reshape(len(b), -1)
+        assert_close(got[group], brute(sa, sb, "square", "abs"), "float64")
+        assert_close(got.within_a[group], brute(sa, sa, "square", "abs"), "float64")

@@ -75,7 +75,9 @@ def test_default_config_is_valid_and_parses():
     parsed = PipelineConfig.from_dict(raw)
     assert sorted(parsed.tasks) == ["arithmetic", "code", "prose"]
     assert parsed.fisher.per_sample_params == parsed.fisher.fisher_m2_params == "attention"
-    assert parsed.fisher.per_sample_layers == parsed.fisher.fisher_m2_layers == (0, -1)
+    assert parsed.fisher.per_sample_layers is None  # every layer, for phase 5
+    assert parsed.fisher.fisher_m2_layers == (0, -1)
+    assert parsed.conflicts.similarity == "cosine" and parsed.conflicts.pairs is None
     assert parsed.masks.sparsities == (0.5, 0.9)
     assert isinstance(parsed.scaled, ScaledOptions) and parsed.scaled.damping == 1e-5
 

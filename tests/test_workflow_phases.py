@@ -1,6 +1,6 @@
 """The analysis phases as workflow rules and CLI commands.
 
-One tiny end-to-end run (phase 1 on a tiny random Llama, then phases 2, 3, 4 and 7)
+One tiny end-to-end run (phase 1 on a tiny random Llama, then phases 2, 3, 4, 5 and 7)
 shows that every output is written, that editing one phase's section reruns only that
 phase and its dependants (never phase 1), and that `snakemake --report` builds the
 HTML report. The CLI and the config sections are also checked in-process, without
@@ -24,17 +24,17 @@ import yaml
 
 from fisher_pipeline.__main__ import main
 from fisher_pipeline.config import validate_config
-from fisher_pipeline.phases import ImportanceOptions, MaskOptions, OverlapOptions, ScaledOptions
+from fisher_pipeline.phases import ConflictsOptions, ImportanceOptions, MaskOptions, OverlapOptions, ScaledOptions
 from store_factory import make_store
 from test_cli import documented_blocks, documented_phase_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("code", "prose")
 SECTIONS = {"importance": ImportanceOptions, "masks": MaskOptions, "overlap": OverlapOptions,
-            "scaled": ScaledOptions}
+            "conflicts": ConflictsOptions, "scaled": ScaledOptions}
 TINY_CONFIG = {
     "tasks": {task: {"source": f"builtin:{task}", "n_samples": 3, "max_length": 16} for task in TASKS},
-    "fisher": {"batch_size": 2, "per_sample_params": "", "fisher_m2_params": ""},
+    "fisher": {"batch_size": 2, "per_sample_params": "attention", "fisher_m2_params": ""},
     "masks": {"sparsities": [0.5, 0.9]},
 }
 #: Files each output directory must hold (beyond these, whatever the phase writes).
@@ -45,6 +45,7 @@ EXPECTED = {
     **{f"results/masks/{t}": ["mask_summary.parquet", "mask_summary.csv", "masks.zarr"] for t in TASKS},
     "results/overlap": ["overlap.parquet", "overlap.csv", "overlap_heatmaps.png"],
     **{f"results/scaled/{t}": ["natgrad_norms.parquet", "natgrad_norms.csv"] for t in TASKS},
+    "results/conflicts/code__prose": ["conflicts.parquet", "conflicts.csv", "heatmap_code__prose.png"],
     "results/scaled/cross_task": ["natgrad_cosine.parquet", "natgrad_cosine.csv", "natgrad_cosine.png",
                                   "ewc_cost.parquet", "ewc_cost.csv", "ewc_cost.png"],
 }
@@ -120,6 +121,10 @@ def test_every_output_is_written_and_non_empty(tiny_run):
     assert set(overlap[["task_a", "task_b"]].itertuples(index=False, name=None)) == {TASKS}
     heads = pd.read_parquet(workdir / "results/importance/code/heads.parquet")
     assert set(heads["block"]) == {"q", "k", "v", "o"}
+    conflicts = pd.read_parquet(workdir / "results/conflicts/code__prose/conflicts.parquet")
+    assert set(conflicts["block"].dropna()) == {"q", "k", "v", "o"} and (conflicts["status"] == "ok").all()
+    assert (workdir / "results/conflicts/code__prose/top_pairs.csv").exists()
+    assert "conflicts/code__prose.tsv" in benchmarks
 
 
 @pytest.mark.workflow
@@ -134,6 +139,7 @@ def test_completed_run_has_nothing_left_to_do(tiny_run):
     ("masks", {"granularity": "head"}, {"masks": 2, "overlap": 1}),
     ("importance", {"rank_by": "sum"}, {"importance": 2, "rank_agreement": 1}),
     ("overlap", {"heatmap_metric": "dice"}, {"overlap": 1}),
+    ("conflicts", {"similarity": "fisher"}, {"conflicts": 1}),
     ("scaled", {"damping": 1e-3}, {"scaled": 2, "scaled_cross": 1}),
 ])
 def test_editing_a_phase_section_reruns_only_that_phase_and_its_dependants(tiny_run, tmp_path, section, change,
@@ -187,7 +193,7 @@ def test_report_holds_the_figures_and_tables(tiny_run):
     output = snakemake(tiny_run["workdir"], tiny_run["configfile"], "--report", str(report))
     assert report.stat().st_size > 10_000
     for name in ("heads_heatmap.png", "tensors.csv", "rank_agreement.png", "mask_summary.csv",
-                 "overlap_heatmaps.png", "overlap.csv", "natgrad_cosine.png", "ewc_cost.png", "ewc_cost.csv"):
+                 "overlap_heatmaps.png", "overlap.csv", "heatmap_code__prose.png", "conflicts.csv", "natgrad_cosine.png", "ewc_cost.png", "ewc_cost.csv"):
         assert f"Adding {name}" in output, name
     assert "Adding groups.csv" not in output  # large tables stay out of the HTML
 

@@ -81,3 +81,22 @@ def mask_dirs():
 def task_pairs(paths):
     """`TASK=PATH` arguments of a cross-task phase command, from task -> path."""
     return [f"{task}={path}" for task, path in paths.items()]
+
+
+def conflict_pairs():
+    """Task pairs of phase 5: `conflicts.pairs` (checked against the tasks) or every unordered pair.
+
+    None when phase 1 stores no per-sample gradients (`fisher.per_sample_params: none`):
+    phase 5 has nothing to compare then.
+    """
+    if config["fisher"]["per_sample_params"] in ("none", ""):
+        return []
+    listed = config["conflicts"]["pairs"]
+    if listed is None:
+        return [(a, b) for i, a in enumerate(TASKS) for b in TASKS[i + 1:]]
+    for pair in listed:
+        unknown = [task for task in pair if task not in TASKS]
+        if unknown:
+            raise WorkflowError(f"conflicts.pairs lists {list(pair)}, but {unknown} is not a task of this config "
+                                f"(tasks: {TASKS}): list pairs of configured tasks.")
+    return [tuple(pair) for pair in listed]

@@ -1,0 +1,419 @@
+"""Phase 5 — where do two tasks' per-sample gradients point against each other?
+
+For tasks A and B and a group G of parameters (one layer's module, or one attention
+head's slice of it), every sample pair (i of A, j of B) has a similarity
+
+    cosine:  s_ij = <g_i, g_j> / (|g_i| |g_j|)                         over the elements of G
+    fisher:  s_ij = <g_i, g_j>_W / (|g_i|_W |g_j|_W),  W = 1 / (F_pool + lambda)
+
+(`fisher` is the cosine after whitening each element by the pooled Fisher
+`F_pool = (N_A F_A + N_B F_B) / (N_A + N_B)`, with `lambda = fisher_damping x` the mean of
+`F_pool` over the parameter; both lie in [-1, 1]). The group's score is the mean over all
+`N_A x N_B` pairs. Null hypothesis, in plain words: *in this group, a random sample of A
+and a random sample of B have gradients that are, on average, orthogonal* (mean
+similarity 0). It is tested with the two-sample U-statistic variance of
+`fisher_pipeline.pair_stats` (every sample sits in many pairs, so pairs are not
+independent), two-sided, and Benjamini-Hochberg q-values over all groups of the task pair.
+A group is a `conflict` (mean < 0) or `synergy` (mean > 0) when q < `alpha` and the
+effect size `mean / sd(pairs)` is at least `min_effect_size` in magnitude.
+
+Within-task baselines (mean similarity of distinct pairs i != j of A, and of B) sit
+beside each cross-task mean: gradients of one task are usually aligned, so a cross-task
+mean far below them is unusual even when it is positive.
+
+Groups come from the stores' geometry: every per-sample parameter as a whole (layer x
+module), and each attention head of it (Q and O per query head, K and V per KV head under
+GQA). Samples whose gradient is exactly zero in a group have no direction there and are
+left out of that group (`n_a`, `n_b` count the samples used).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import plots
+from ..config import config_section
+from ..errors import ConfigError, PhaseInputError
+from ..layout import ROLES, ModelGeometry
+from ..pair_stats import bh_qvalues, effect_size, label, pair_mean_test
+from ..pairs import DTYPES, Group, iter_param_pairs
+from ..store import FisherStore
+from .common import atomic_output_dir, open_stores, relocate, write_table
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["task_a", "task_b", "layer", "module", "block", "head", "param", "similarity", "n_a", "n_b", "n_pairs",
+           "mean", "se", "effect_size", "p", "q", "label", "within_a_mean", "within_b_mean", "df", "se_floored",
+           "status"]
+TOP_COLUMNS = ["task_a", "task_b", "layer", "module", "block", "head", "rank", "sample_a", "sample_b", "similarity"]
+#: Status of a group: `ok` (tested), or why it could not be tested (then p = q = 1, label `none`).
+STATUSES = ("ok", "too_few_samples", "zero_gradients", "constant")
+
+
+@config_section("conflicts", """
+description: phase 5, cross-task gradient conflicts per layer, module and head (ConflictsOptions)
+properties:
+  similarity:
+    enum: [cosine, fisher]
+    default: cosine
+    description: cosine of per-sample gradients, or their cosine in the metric 1 / (F_pool + lambda)
+  fisher_damping:
+    type: number
+    minimum: 0
+    default: 0.01
+    description: lambda of the fisher similarity, relative to the parameter's mean pooled Fisher
+  alpha:
+    type: number
+    exclusiveMinimum: 0
+    exclusiveMaximum: 1
+    default: 0.05
+    description: false discovery rate of the Benjamini-Hochberg step over a task pair's groups
+  min_effect_size:
+    type: number
+    minimum: 0
+    default: 0.2
+    description: smallest |mean / sd of pair similarities| labelled conflict or synergy
+  top_pairs:
+    type: integer
+    minimum: 0
+    default: 10
+    description: most conflicting sample pairs listed per conflicting group
+  pairs:
+    type: [array, "null"]
+    items:
+      type: array
+      items: {type: string}
+      minItems: 2
+      maxItems: 2
+    default: null
+    description: task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair
+  sample_block:
+    type: integer
+    minimum: 1
+    default: 256
+    description: samples of task A read and multiplied at once (memory, not results)
+  compute_dtype:
+    enum: [float32, float64]
+    default: float32
+    description: dtype of the pair products (results are float64)
+""")
+class ConflictsOptions:
+    """Settings of phase 5."""
+
+    similarity: str = "cosine"  # cosine | fisher (cosine in the metric 1 / (F_pool + lambda))
+    fisher_damping: float = 0.01  # lambda of `fisher`, relative to the parameter's mean pooled Fisher
+    alpha: float = 0.05  # BH false discovery rate over one task pair's groups
+    min_effect_size: float = 0.2  # smallest |mean / sd(pairs)| labelled conflict or synergy
+    top_pairs: int = 10  # most conflicting sample pairs listed per conflicting group
+    pairs: tuple[tuple[str, str], ...] | None = None  # task pairs; None: every unordered pair
+    sample_block: int = 256  # samples of A read at once (memory only)
+    compute_dtype: str = "float32"  # float32 | float64 products
+
+    def __post_init__(self) -> None:
+        if self.pairs is not None:
+            pairs = tuple(tuple(pair) for pair in self.pairs)
+            for task_a, task_b in pairs:
+                if task_a == task_b:
+                    raise ConfigError(f"conflicts.pairs: [{task_a}, {task_b}] pairs a task with itself; "
+                                      "list two different tasks (the within-task baselines come with every pair)")
+            object.__setattr__(self, "pairs", pairs)
+        assert self.compute_dtype in DTYPES
+
+
+@dataclass
+class GroupResult:
+    """One group of one task pair: its table row and its most conflicting sample pairs."""
+
+    row: dict
+    top: list[tuple[int, int, float]]  # (row of A, row of B, similarity), most negative first
+
+
+# --- groups ------------------------------------------------------------------------------
+
+def conflict_groups(store: FisherStore) -> list[Group]:
+    """Every per-sample parameter as a whole, then each of its attention heads, in layer order.
+
+    Raises:
+        PhaseInputError: the store holds no per-sample gradients.
+    """
+    geometry = store.geometry
+    names = store.per_sample_names
+    if not names:
+        raise PhaseInputError(
+            f"{store.path} stores no per-sample gradients, which phase 5 compares: set "
+            "fisher.per_sample_params (e.g. attention) and rerun phase 1."
+        )
+    ordered = sorted(names, key=lambda name: (_layer_key(geometry[name].layer), ROLES.index(geometry[name].role),
+                                              names.index(name)))
+    groups: list[Group] = []
+    for param in ordered:
+        groups.append((param, None, None))
+        for block in geometry[param].head_blocks():
+            groups.extend((param, block, head) for head in range(geometry[param].positions(block).shape[0]))
+    return groups
+
+
+def _layer_key(layer: int | None) -> float:
+    return math.inf if layer is None else layer
+
+
+def module_name(param: str) -> str:
+    """Display name of a parameter's module: the last name component before `weight`/`bias`."""
+    parts = param.split(".")
+    return parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") else parts[-1]
+
+
+# --- one task pair -----------------------------------------------------------------------
+
+def fisher_weights(store_a: FisherStore, store_b: FisherStore, params: Sequence[str],
+                   damping: float) -> dict[str, np.ndarray]:
+    """`1 / (F_pool + lambda)` per parameter, `lambda = damping x mean(F_pool)` over the parameter.
+
+    A parameter whose pooled Fisher is zero everywhere gets weight 1 (its gradients are zero:
+    every similarity there is undefined anyway).
+    """
+    n_a, n_b = store_a.n_samples, store_b.n_samples
+    weights = {}
+    for param in params:
+        pooled = (n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param)) / (n_a + n_b)
+        scale = float(pooled.mean())
+        weights[param] = 1.0 / (pooled + damping * scale) if scale > 0 else np.ones_like(pooled)
+    return weights
+
+
+def group_statistics(cross: np.ndarray, within_a: np.ndarray | None = None,
+                     within_b: np.ndarray | None = None, top_pairs: int = 0) -> GroupResult:
+    """Test and baselines of one group's similarity matrices (before BH and labels).
+
+    Rows of `cross` that are entirely NaN (a sample of A with a zero gradient in the group)
+    and such columns (of B) are dropped. Where no test is possible the row says why in
+    `status` and holds finite placeholders: `se = inf`, `p = 1`, `effect_size = 0`, means
+    over the pairs available (0 without any).
+
+    Args:
+        cross: `[N_A, N_B]` similarities of A's samples with B's.
+        within_a, within_b: `[N_A, N_A]`, `[N_B, N_B]` (diagonals ignored), or None.
+        top_pairs: how many of the most negative pairs to keep (row and column indices of
+            `cross`).
+    """
+    rows_ok = ~np.isnan(cross).all(axis=1) if cross.shape[1] else np.zeros(cross.shape[0], bool)
+    cols_ok = ~np.isnan(cross).all(axis=0) if cross.shape[0] else np.zeros(cross.shape[1], bool)
+    used = cross[np.ix_(rows_ok, cols_ok)]
+    n_a, n_b = int(rows_ok.sum()), int(cols_ok.sum())
+    row = {"n_a": n_a, "n_b": n_b, "n_pairs": n_a * n_b,
+           "within_a_mean": _off_diagonal_mean(within_a, rows_ok),
+           "within_b_mean": _off_diagonal_mean(within_b, cols_ok),
+           "mean": float(used.mean()) if used.size else 0.0, "se": math.inf, "effect_size": 0.0, "p": 1.0,
+           "df": 0.0, "se_floored": False}
+    if n_a == 0 or n_b == 0:
+        row["status"] = "zero_gradients"
+    elif n_a < 2 or n_b < 2:
+        row["status"] = "too_few_samples"
+    else:
+        test = pair_mean_test(used)
+        if not np.isfinite(test.p):
+            row["status"] = "constant"
+        else:
+            row |= {"mean": test.mean, "se": test.se, "effect_size": float(effect_size(test.mean, test.sd)),
+                    "p": test.p, "df": test.df, "se_floored": test.floored, "status": "ok"}
+    top: list[tuple[int, int, float]] = []
+    if top_pairs and used.size:
+        flat = used.ravel()
+        k = min(top_pairs, flat.size)
+        best = np.argpartition(flat, k - 1)[:k]
+        best = best[np.argsort(flat[best], kind="stable")]
+        rows_index, cols_index = np.flatnonzero(rows_ok), np.flatnonzero(cols_ok)
+        top = [(int(rows_index[i // n_b]), int(cols_index[i % n_b]), float(flat[i])) for i in best]
+    return GroupResult(row, top)
+
+
+def _off_diagonal_mean(matrix: np.ndarray | None, keep: np.ndarray) -> float:
+    """Mean over pairs i != j of the kept samples; 0 when fewer than two are kept (see status)."""
+    if matrix is None or keep.sum() < 2:
+        return 0.0
+    used = matrix[np.ix_(keep, keep)]
+    n = used.shape[0]
+    return float((used.sum() - np.trace(used)) / (n * (n - 1)))
+
+
+def pair_conflicts(store_a: FisherStore, store_b: FisherStore, options: ConflictsOptions | None = None,
+                   groups: Sequence[Group] | None = None, task_a: str | None = None,
+                   task_b: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Phase 5 for one task pair: the group table (columns `COLUMNS`) and top pairs (`TOP_COLUMNS`).
+
+    Each stored per-sample array of both stores is read once (`pairs.iter_param_pairs`);
+    the similarity matrices of one parameter are reduced to statistics and dropped before
+    the next is read.
+
+    Args:
+        store_a, store_b: the two tasks' stores (same model and per-sample selection).
+        options: phase settings (defaults if None).
+        groups: `(param, block, head)` groups; None: `conflict_groups(store_a)`.
+        task_a, task_b: names in the outputs (default: the stores' `task` attributes).
+
+    Raises:
+        PhaseInputError: a store holds no per-sample gradients.
+        StoreMismatchError: the stores differ in model or per-sample selection.
+    """
+    options = options or ConflictsOptions()
+    task_a = task_a or store_a.attrs.get("task", "A")
+    task_b = task_b or store_b.attrs.get("task", "B")
+    groups = list(groups) if groups is not None else conflict_groups(store_a)
+    if store_a.n_samples < 2 or store_b.n_samples < 2:
+        log.warning("%s has %d and %s has %d samples: a test needs at least 2 per task; every group of this "
+                    "pair is reported untested (status too_few_samples)", task_a, store_a.n_samples, task_b,
+                    store_b.n_samples)
+    params = list(dict.fromkeys(group[0] for group in groups))
+    weights = (fisher_weights(store_a, store_b, params, options.fisher_damping)
+               if options.similarity == "fisher" else None)
+    results: dict[Group, GroupResult] = {}
+    for _, matrices in iter_param_pairs(store_a, store_b, groups, weights=weights, cosine=True, within=True,
+                                        sample_block=options.sample_block, dtype=options.compute_dtype):
+        for group, cross in matrices.items():
+            results[group] = group_statistics(cross, matrices.within_a[group], matrices.within_b[group],
+                                              options.top_pairs)
+    table = conflict_table(store_a.geometry, {group: results[group].row for group in groups}, options, task_a, task_b)
+    return table, _top_table(table, results, groups, store_a.sample_ids, store_b.sample_ids)
+
+
+def conflict_table(geometry: ModelGeometry, rows: Mapping[Group, dict], options: ConflictsOptions,
+                   task_a: str, task_b: str) -> pd.DataFrame:
+    """Rows of `group_statistics` -> the pair's table: names, BH q-values over tested groups, labels."""
+    records = []
+    for (param, block, head), row in rows.items():
+        records.append({"task_a": task_a, "task_b": task_b, "layer": geometry[param].layer,
+                        "module": module_name(param), "block": block, "head": head, "param": param,
+                        "similarity": options.similarity} | row)
+    table = pd.DataFrame(records, columns=[c for c in COLUMNS if c not in ("q", "label")])
+    tested = (table["status"] == "ok").to_numpy()
+    q = np.ones(len(table))
+    q[tested] = bh_qvalues(table.loc[tested, "p"].to_numpy(dtype=float))
+    table["q"] = q
+    table["label"] = label(table["mean"].to_numpy(dtype=float), q, table["effect_size"].to_numpy(dtype=float),
+                           options.alpha, options.min_effect_size)
+    table.loc[~tested, "label"] = "none"
+    table["layer"] = table["layer"].astype("Int64")
+    table["head"] = table["head"].astype("Int64")
+    table = table[COLUMNS]
+    for status in STATUSES[1:]:
+        count = int((table["status"] == status).sum())
+        if count:
+            log.warning("%s vs %s: %d group(s) untested (%s), e.g. %s", task_a, task_b, count, status,
+                        _group_text(table[table["status"] == status].iloc[0]))
+    return table
+
+
+def _top_table(table: pd.DataFrame, results: Mapping[Group, GroupResult], groups: Sequence[Group],
+               ids_a: Sequence[str], ids_b: Sequence[str]) -> pd.DataFrame:
+    rows = []
+    for (_, info), group in zip(table.iterrows(), groups, strict=True):
+        if info["label"] != "conflict":
+            continue
+        for rank, (i, j, value) in enumerate(results[group].top, start=1):
+            rows.append({"task_a": info["task_a"], "task_b": info["task_b"], "layer": info["layer"],
+                         "module": info["module"], "block": info["block"], "head": info["head"], "rank": rank,
+                         "sample_a": ids_a[i], "sample_b": ids_b[j], "similarity": value})
+    top = pd.DataFrame(rows, columns=TOP_COLUMNS)
+    top["layer"] = top["layer"].astype("Int64")
+    top["head"] = top["head"].astype("Int64")
+    return top
+
+
+def _group_text(row: pd.Series) -> str:
+    where = f"layer {row['layer']} {row['module']}"
+    return where if pd.isna(row["block"]) else f"{where} {row['block']} head {row['head']}"
+
+
+def group_conflict(store_a: FisherStore, store_b: FisherStore, group: Group,
+                   options: ConflictsOptions | None = None) -> tuple[dict, np.ndarray]:
+    """Phase 5 for a single group: its table row (BH over this one group) and its `[N_A, N_B]` similarities.
+
+    Args:
+        group: `(param, None, None)` for a whole parameter or `(param, block, head)`.
+    """
+    options = options or ConflictsOptions()
+    weights = (fisher_weights(store_a, store_b, [group[0]], options.fisher_damping)
+               if options.similarity == "fisher" else None)
+    (_, matrices), = iter_param_pairs(store_a, store_b, [group], weights=weights, cosine=True, within=True,
+                                      sample_block=options.sample_block, dtype=options.compute_dtype)
+    row = group_statistics(matrices[group], matrices.within_a[group], matrices.within_b[group]).row
+    table = conflict_table(store_a.geometry, {group: row}, options, store_a.attrs.get("task", "A"),
+                           store_b.attrs.get("task", "B"))
+    return table.iloc[0].to_dict(), matrices[group]
+
+
+# --- all pairs ---------------------------------------------------------------------------
+
+def task_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None) -> list[tuple[str, str]]:
+    """The task pairs to compare: `pairs` if given (each checked), else every unordered pair.
+
+    Raises:
+        PhaseInputError: a listed task has no store.
+    """
+    if pairs is None:
+        return list(itertools.combinations(tasks, 2))
+    for pair in pairs:
+        missing = [task for task in pair if task not in tasks]
+        if missing:
+            raise PhaseInputError(f"conflicts.pairs lists {list(pair)}, but {missing} has no store here "
+                                  f"(tasks: {list(tasks)}): list only configured tasks")
+    return [tuple(pair) for pair in pairs]
+
+
+def run_conflicts(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
+                  options: ConflictsOptions | None = None) -> dict[str, Path]:
+    """Phase 5 over task pairs: write `conflicts`, `top_pairs` (Parquet + CSV) and heatmaps.
+
+    With exactly two stores the pair is compared (whatever `options.pairs` says: the
+    workflow runs one job per pair); with more, every pair of `options.pairs` (default:
+    every unordered pair, in the order given).
+
+    Args:
+        store_paths: task -> phase 1 store with per-sample gradients.
+        out_dir: directory to (re)create, atomically.
+        options: phase settings (defaults if None).
+
+    Returns:
+        output key -> path: `conflicts_parquet`, `conflicts_csv`, `top_pairs_parquet`,
+        `top_pairs_csv`, and `heatmap_<A>__<B>` per pair.
+    """
+    options = options or ConflictsOptions()
+    stores = open_stores(store_paths, per_sample=True)
+    tasks = list(stores)
+    if len(tasks) < 2:
+        raise PhaseInputError(f"phase 5 compares two tasks; got only {tasks}: pass two or more --stores")
+    pairs = [tuple(tasks)] if len(tasks) == 2 else task_pairs(tasks, options.pairs)
+    tables, tops = [], []
+    for task_a, task_b in pairs:
+        log.info("conflicts: %s vs %s", task_a, task_b)
+        table, top = pair_conflicts(stores[task_a], stores[task_b], options, task_a=task_a, task_b=task_b)
+        tables.append(table)
+        tops.append(top)
+    table = pd.concat(tables, ignore_index=True)
+    top = pd.concat(tops, ignore_index=True) if tops else pd.DataFrame(columns=TOP_COLUMNS)
+    with atomic_output_dir(out_dir) as staging:
+        paths = write_table(table, staging, "conflicts") | write_table(top, staging, "top_pairs")
+        for (task_a, task_b), pair_table in zip(pairs, tables, strict=True):
+            key = f"heatmap_{task_a}__{task_b}"
+            paths[key] = plots.conflict_heatmaps(
+                pair_table, f"Gradient {options.similarity} similarity, {task_a} vs {task_b}",
+                f"mean {options.similarity} similarity", staging / f"{key}.png")
+    return relocate(paths, staging, out_dir)
+
+
+from .registry import PhaseCommand, register_phase  # noqa: E402
+
+register_phase(ConflictsOptions, PhaseCommand(
+    "conflicts", run_conflicts,
+    "phase 5: cross-task gradient conflicts per layer, module and head, with U-statistic tests and BH",
+    per_task=False, input_help="phase 1 stores with per-sample gradients (two for one pair)",
+    out_example="results/conflicts/code__prose"))

@@ -180,6 +180,20 @@ def test_checks_beyond_the_schema_stop_the_workflow_before_any_job(tmp_path):
 
 
 @pytest.mark.workflow
+def test_conflict_pairs_come_from_the_config(tiny_run, tmp_path):
+    model = tiny_run["model"]
+    bad = write_config(tmp_path / "bad.yaml", model, conflicts={"pairs": [["code", "nope"]]})
+    output = snakemake(tmp_path, bad, "-n", expect_failure=True)
+    assert "conflicts.pairs lists ['code', 'nope'], but ['nope'] is not a task of this config" in output
+    listed = write_config(tmp_path / "listed.yaml", model, conflicts={"pairs": [["prose", "code"]]})
+    output = snakemake(tmp_path, listed, "-n", "--quiet", "rules")
+    assert planned_jobs(output)["conflicts"] == 1
+    none = write_config(tmp_path / "none.yaml", model, fisher={"per_sample_params": "none"})
+    output = snakemake(tmp_path, none, "-n", "--quiet", "rules")
+    assert "conflicts" not in planned_jobs(output) and "fisher" in planned_jobs(output)
+
+
+@pytest.mark.workflow
 def test_duplicate_keys_in_a_config_file_stop_the_workflow(tmp_path):
     configfile = tmp_path / "dup.yaml"
     configfile.write_text("tasks:\n  prose:\n    source: builtin:prose\n  prose:\n    source: builtin:code\n")

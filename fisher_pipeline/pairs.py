@@ -11,8 +11,10 @@ similarity). The phase 6 unsigned score is f = square, h = abs, w = 1 / Fhat; si
 symmetric likewise.
 
 Batched heads. All heads of one block of a parameter are one batched product
-`[H, n_A, S_h] @ [H, S_h, n_B]` (`torch.bmm`): the stored array is split into heads by
-the store's geometry (`ParamGeometry.split_heads`) with one reshape. A whole parameter
+`[H, n_A, S_h] @ [H, S_h, n_B]` (`torch.bmm`): the heads are cut from the stored array
+as a strided view at the positions the store's geometry gives, and converted in one copy
+into a buffer reused across parameters (a fresh buffer would cost a page fault per 4 kB,
+10x the conversion itself). A whole parameter
 whose head blocks partition it (q/k/v/o projections, fused QKV) is the sum of its heads'
 matrices, because M is a sum over elements: it costs no extra product. Other parameters
 (MLP, norms) are one product over all their elements.
@@ -21,7 +23,7 @@ Precision. Stored blocks are converted to the compute dtype (`float32` by defaul
 `float64` on request) *before* f, w and h are applied, so float16 stores never square or
 multiply in float16 (squares of gradients ~1e-4 underflow there). float32 products of
 length S carry a relative error of about `sqrt(S) * 6e-8` of `sum_k |f(a_k) w_k h(b_k)|`
-(~1e-5 for a 576 x 576 projection): two orders below the 5e-4 rounding of float16
+(~3e-5 for a 576 x 576 projection): two orders below the 5e-4 rounding of float16
 storage, and far below the sampling noise the pair phases test against. Results are
 returned in float64 and heads are summed in float64. float64 compute costs ~3x (its
 conversion and product), which on CPU is more than reading the stores.
@@ -30,14 +32,16 @@ Reading and memory (`pair_matrices`, `iter_param_pairs`). Per parameter, task B'
 per-sample array is read once in full and task A's once, in blocks of `sample_block`
 samples; all groups (whole parameter and heads) come from those reads, so every stored
 array is read once per task pair. Memory is per parameter, not per model: B's array in
-the compute dtype (x2 with `within` and f != h), `sample_block` rows of A (all of A
-with `within`, for the A-A matrices), and the `N_A x N_B` (and `N_A^2`, `N_B^2`) float64
-matrices of the parameter's groups. `iter_param_pairs` yields them one parameter at a
-time so a caller can reduce and drop them.
+the compute dtype, `sample_block` rows of A, and the `N_A x N_B` float64 matrices of the
+parameter's groups. `iter_param_pairs` yields them
+one parameter at a time so a caller can reduce and drop them. Within-task baselines
+(mean cosine of distinct pairs of one task) come from O(N S) sums, not N x N matrices.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -262,18 +266,19 @@ def iter_pair_inputs(store_a: FisherStore, store_b: FisherStore,
 
 @dataclass
 class PairMatrices:
-    """Pair matrices per group, float64.
+    """Pair matrices per group, float64, and within-task baselines.
 
     Attributes:
         cross: group -> `[N_A, N_B]` (A's sample i against B's sample j).
-        within_a: group -> `[N_A, N_A]` (empty unless asked for). The diagonal i == i (a
-            sample with itself) is kept; a baseline over distinct pairs must exclude it.
-        within_b: group -> `[N_B, N_B]`, likewise.
+        within_a: group -> mean cosine similarity of distinct pairs (i != j) of A's
+            samples with a non-zero gradient in the group (NaN with fewer than two);
+            filled when asked for (`within=True`, cosine only).
+        within_b: group -> the same for B.
     """
 
     cross: dict[Group, np.ndarray] = field(default_factory=dict)
-    within_a: dict[Group, np.ndarray] = field(default_factory=dict)
-    within_b: dict[Group, np.ndarray] = field(default_factory=dict)
+    within_a: dict[Group, float] = field(default_factory=dict)
+    within_b: dict[Group, float] = field(default_factory=dict)
 
     def __getitem__(self, group: Group) -> np.ndarray:
         return self.cross[group]
@@ -318,28 +323,134 @@ class _Units:
     def __init__(self, geometry: ParamGeometry, groups: Sequence[Group]):
         self.geometry = geometry
         blocks = {block for _, block, _ in groups if block is not None}
-        wants_whole = any(block is None for _, block, _ in groups)
-        self.whole_from_heads = wants_whole and heads_partition(geometry)
+        self.wants_whole = any(block is None for _, block, _ in groups)
+        self.whole_from_heads = self.wants_whole and heads_partition(geometry)
         if self.whole_from_heads:
             blocks |= set(geometry.head_blocks())
         ordered = [b for b in geometry.head_blocks() if b in blocks]
-        self.units: list[str | None] = [*ordered, *([None] if wants_whole and not self.whole_from_heads else [])]
+        self.units: list[str | None] = [*ordered, *([None] if self.wants_whole and not self.whole_from_heads else [])]
 
-    def split(self, data: np.ndarray, unit: str | None) -> np.ndarray:
-        """`[n, *shape]` -> `[n, H, S_h]` (no copy for a whole parameter)."""
+    def tensor(self, data: np.ndarray, unit: str | None, dtype: torch.dtype,
+               scratch: _Scratch | None = None, slot: str = "") -> torch.Tensor:
+        """`[n, *shape]` stored rows -> `[H, n, S_h]` of `dtype`, in one converting copy.
+
+        The heads are cut from the stored array as a strided view (an index copy only for
+        non-contiguous layouts such as NeoX's interleaved heads) and copied into a
+        `scratch` buffer of `dtype` reused across parameters of the same shape.
+        """
+        source = _from_numpy(data)
         if unit is None:
-            return data.reshape(data.shape[0], 1, -1)
-        heads = self.geometry.split_heads(data, unit, batch_dims=1)
-        return heads.reshape(heads.shape[0], heads.shape[1], -1)
+            view = source.reshape(1, source.shape[0], -1)
+        else:
+            positions = self.geometry.positions(unit)  # [H, d]
+            n_heads, size = positions.shape
+            dim = 1 + self.geometry.groups.dim
+            flat = positions.ravel()
+            start = int(flat[0])
+            if np.array_equal(flat, np.arange(start, start + flat.size)):
+                view = source.narrow(dim, start, flat.size)
+            else:
+                view = source.index_select(dim, torch.from_numpy(flat))
+            view = view.unflatten(dim, (n_heads, size)).movedim(dim, 0)  # [H, n, ..., d, ...]
+        out = (scratch or _Scratch()).take(slot, tuple(view.shape), dtype)
+        out.copy_(view)
+        return out.view(out.shape[0], out.shape[1], -1)
 
-    def matrix(self, per_unit: Mapping[str | None, np.ndarray], group: Group) -> np.ndarray:
-        """Group `group`'s matrix `[..., n, m]` from per-unit stacks `[H, ..., n, m]`."""
-        _, block, head = group
-        if block is not None:
-            return per_unit[block][head]
+    def whole(self, per_unit: Mapping[str | None, np.ndarray]) -> np.ndarray:
+        """The whole parameter's value from per-unit stacks `[H, ...]`."""
         if self.whole_from_heads:
             return sum(per_unit[unit].sum(axis=0) for unit in self.units)
         return per_unit[None][0]
+
+    def matrix(self, per_unit: Mapping[str | None, np.ndarray], group: Group) -> np.ndarray:
+        """Group `group`'s value from per-unit stacks `[H, ...]`."""
+        _, block, head = group
+        return per_unit[block][head] if block is not None else self.whole(per_unit)
+
+
+class _Scratch:
+    """Conversion buffers reused across parameters of the same shape.
+
+    A fresh tensor of tens of MB is new memory, and touching it costs a page fault per
+    4 kB: about 1 ns per element on CPU, ten times the float16 -> float32 conversion
+    itself (0.1 ns). Every layer's q/k/v/o projections have the same few shapes, so a
+    handful of buffers serves the whole model.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (slot, shape, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype)
+        return self._buffers[key]
+
+
+def _from_numpy(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x if x.flags.writeable else np.array(x))
+
+
+def _reads(store_a: FisherStore, store_b: FisherStore, params: Sequence[str],
+           sample_block: int) -> Iterator[tuple[str, int | None, np.ndarray]]:
+    """`(param, None, B's rows)` then `(param, lo, A's rows lo..)` per sample block, per parameter."""
+    for param in params:
+        data_b = store_b.per_sample(param)
+        if data_b.shape[0] != store_b.n_samples:
+            raise StoreMismatchError(f"per_sample/{param} of {store_b.path} holds {data_b.shape[0]} rows, the "
+                                     f"store {store_b.n_samples} samples: the store is incomplete; rerun phase 1")
+        yield param, None, data_b
+        for lo in range(0, store_a.n_samples, sample_block):
+            yield param, lo, store_a.per_sample(param, rows=slice(lo, min(lo + sample_block, store_a.n_samples)))
+
+
+class _Within:
+    """Streamed sums for the mean cosine of distinct pairs within one task, per unit.
+
+    With `u_i = x_i / |x_i|` (0 for a zero vector) over n_ok non-zero samples,
+    `sum_{i != j} cos(x_i, x_j) = |sum_i u_i|^2 - n_ok`: O(N S), no N x N matrix.
+    """
+
+    def __init__(self, units: _Units):
+        self.units = units
+        self.heads: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of head-normalised rows
+        self.whole: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of rows normalised by the whole
+        self.n_heads: dict[str | None, np.ndarray] = {}  # unit -> [H] non-zero samples per head
+        self.n_whole = 0
+
+    def add(self, raw: Mapping[str | None, torch.Tensor], sq: Mapping[str | None, torch.Tensor]) -> None:
+        """One block of rows: `raw[unit]` `[H, n, S]`, `sq[unit]` `[H, n]` squared norms (float64)."""
+        whole_sq = sum(s.sum(0) for s in sq.values()) if self.units.whole_from_heads else None
+        for unit, x in raw.items():
+            # one pass over x: sum_i x_i / |x_i|_head and, for a whole made of heads, / |x_i|_whole
+            coefficients = [_inverse_norm(sq[unit])]  # [H, n]
+            if whole_sq is not None:
+                coefficients.append(_inverse_norm(whole_sq)[None].expand(x.shape[0], -1))
+            sums = torch.bmm(torch.stack(coefficients, 1).to(x.dtype), x)  # [H, 1 or 2, S]
+            self._accumulate(self.heads, unit, sums[:, 0])
+            if whole_sq is not None:
+                self._accumulate(self.whole, unit, sums[:, 1])
+            self.n_heads[unit] = self.n_heads.get(unit, 0) + (sq[unit] > 0).sum(1).numpy()
+        if whole_sq is not None:
+            self.n_whole += int((whole_sq > 0).sum())
+
+    @staticmethod
+    def _accumulate(target: dict, unit: str | None, value: torch.Tensor) -> None:
+        value = value.double()
+        target[unit] = target[unit] + value if unit in target else value
+
+    def mean(self, group: Group) -> float:
+        _, block, head = group
+        if block is not None or not self.units.whole_from_heads:
+            unit, index = (block, head) if block is not None else (None, 0)
+            total, n = float(torch.sum(self.heads[unit][index] ** 2)), int(self.n_heads[unit][index])
+        else:
+            total, n = sum(float(torch.sum(s ** 2)) for s in self.whole.values()), self.n_whole
+        return (total - n) / (n * (n - 1)) if n > 1 else math.nan
+
+
+def _inverse_norm(sq: torch.Tensor) -> torch.Tensor:
+    return torch.where(sq > 0, sq.clamp_min(1e-300).rsqrt(), torch.zeros((), dtype=sq.dtype))
 
 
 def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequence[Group],
@@ -349,73 +460,89 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                      dtype: str = DEFAULT_DTYPE) -> Iterator[tuple[str, PairMatrices]]:
     """Like `pair_matrices`, one parameter at a time: yields `(param, PairMatrices of its groups)`.
 
-    Memory is one parameter's operands and matrices (module docstring); a caller that
-    reduces each parameter's matrices and drops them holds no more.
+    Memory is one parameter's operands and matrices (module docstring);
+    a caller that reduces each parameter's matrices and drops them holds no more.
     """
     if cosine and (f != "identity" or h != "identity"):
         raise ValueError("cosine=True needs f = h = 'identity' (a weight gives the cosine in that metric)")
+    if within and not cosine:
+        raise ValueError("within-task baselines are mean cosines: within=True needs cosine=True")
     if sample_block < 1:
         raise ValueError(f"sample_block must be >= 1, got {sample_block}")
     f_, h_, torch_dtype = _transform(f), _transform(h), _dtype(dtype)
     groups = list(groups)
     check_groups(store_a, store_b, groups)
+    by_param = _by_param(groups)
     n_a, n_b = store_a.n_samples, store_b.n_samples
-    for param, param_groups in _by_param(groups).items():
-        units = _Units(store_a.geometry[param], param_groups)
-        data_b = store_b.per_sample(param)
-        if data_b.shape[0] != n_b:
-            raise StoreMismatchError(f"per_sample/{param} of {store_b.path} holds {data_b.shape[0]} rows, "
-                                     f"the store {n_b} samples: the store is incomplete; rerun phase 1")
+    reads = _reads(store_a, store_b, list(by_param), sample_block)
+    scratch = _Scratch()
+    for param, items in itertools.groupby(reads, key=lambda item: item[0]):
+        param_groups, units = by_param[param], _Units(store_a.geometry[param], by_param[param])
         param_weight = None if weights is None else weights.get(param)
-        w, hb, fb = {}, {}, {}
-        for unit in units.units:
-            w[unit] = None if param_weight is None else _tensor(
-                units.split(np.asarray(param_weight, dtype=np.float64)[None], unit), torch_dtype)
-            raw = _tensor(units.split(data_b, unit), torch_dtype)
-            hb[unit] = h_(raw)
-            if within or cosine:
-                fb[unit] = _weighted(f_(raw), w[unit])
+        # cosine in the metric w: scale both sides by sqrt(w); otherwise w multiplies f(a)
+        if param_weight is not None:
+            param_weight = np.asarray(param_weight, dtype=np.float64)
+            param_weight = np.sqrt(param_weight) if cosine else param_weight
+        scale = {u: None if param_weight is None else units.tensor(param_weight[None], u, torch_dtype)
+                 for u in units.units}  # no scratch: small, and alive with the operands
+        blocks_a = items  # B's read first, then A's sample blocks
+        _, _, data_b = next(blocks_a)
+        raw_b = {u: units.tensor(data_b, u, torch_dtype, scratch, f"b{u}") for u in units.units}
+        if cosine:
+            raw_b = {u: _scaled(x, scale[u]) for u, x in raw_b.items()}
         del data_b
-        cross = {u: np.full((hb[u].shape[0], n_a, n_b), np.nan) for u in units.units}
-        sq_a = {u: np.zeros((hb[u].shape[0], n_a)) for u in units.units}
-        kept_a: dict[str | None, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        within_a = {u: np.full((hb[u].shape[0], n_a, n_a), np.nan) for u in units.units} if within else {}
-        for lo in range(0, n_a, sample_block):
-            hi = min(lo + sample_block, n_a)
-            data_a = store_a.per_sample(param, rows=slice(lo, hi))
-            for unit in units.units:
-                raw = _tensor(units.split(data_a, unit), torch_dtype)
-                fa = _weighted(f_(raw), w[unit])
-                cross[unit][:, lo:hi] = _bmm(fa, hb[unit])
-                if cosine:
-                    sq_a[unit][:, lo:hi] = (fa * raw).sum(-1).double().numpy()
-                if within:
-                    kept_a[unit].append((lo, raw))
-                    for plo, prev in kept_a[unit]:
-                        phi = plo + prev.shape[1]
-                        within_a[unit][:, lo:hi, plo:phi] = _bmm(fa, h_(prev))
-                        if plo != lo:
-                            within_a[unit][:, plo:phi, lo:hi] = _bmm(_weighted(f_(prev), w[unit]), h_(raw))
+        hb = {u: h_(x) for u, x in raw_b.items()}
+        cross = {u: np.full((x.shape[0], n_a, n_b), np.nan) for u, x in raw_b.items()}
+        sq_a = {u: np.zeros((x.shape[0], n_a)) for u, x in raw_b.items()}
+        sq_b = {u: _squares(x) for u, x in raw_b.items()} if cosine else {}
+        within_a, within_b = (_Within(units), _Within(units)) if within else (None, None)
+        if within_b is not None:
+            within_b.add(raw_b, sq_b)
+        del raw_b
+        for _, lo, data_a in blocks_a:
+            raw = {u: units.tensor(data_a, u, torch_dtype, scratch, f"a{u}") for u in units.units}
             del data_a
-        within_b = {u: _bmm(fb[u], hb[u]) for u in units.units} if within else {}
-        sq_b = {u: (fb[u] * hb[u]).sum(-1).double().numpy() for u in units.units} if cosine else {}
-        result = PairMatrices()
-        for group in param_groups:
-            result.cross[group] = units.matrix(cross, group)
-            if within:
-                result.within_a[group] = units.matrix(within_a, group)
-                result.within_b[group] = units.matrix(within_b, group)
             if cosine:
-                norm_a, norm_b = np.sqrt(units.matrix(sq_a, group)), np.sqrt(units.matrix(sq_b, group))
-                result.cross[group] = normalise(result.cross[group], norm_a, norm_b)
-                if within:
-                    result.within_a[group] = normalise(result.within_a[group], norm_a, norm_a)
-                    result.within_b[group] = normalise(result.within_b[group], norm_b, norm_b)
+                raw = {u: _scaled(x, scale[u]) for u, x in raw.items()}
+                sq = {u: _squares(x) for u, x in raw.items()}
+                for u in units.units:
+                    sq_a[u][:, lo:lo + raw[u].shape[1]] = sq[u].numpy()
+                if within_a is not None:
+                    within_a.add(raw, sq)
+            for u, x in raw.items():
+                fa = f_(x) if cosine else _weighted(f_(x), scale[u])
+                cross[u][:, lo:lo + x.shape[1]] = _bmm(fa, hb[u])
+            del raw
+        result = PairMatrices()
+        whole_sq_a = units.whole(sq_a) if cosine and units.wants_whole else None
+        whole_sq_b = units.whole({u: s.numpy() for u, s in sq_b.items()}) if cosine and units.wants_whole else None
+        for group in param_groups:
+            matrix = units.matrix(cross, group)
+            if cosine:
+                if group[1] is None:
+                    norm_a, norm_b = np.sqrt(whole_sq_a), np.sqrt(whole_sq_b)
+                else:
+                    norm_a, norm_b = np.sqrt(sq_a[group[1]][group[2]]), np.sqrt(sq_b[group[1]][group[2]].numpy())
+                matrix = normalise(matrix, norm_a, norm_b)
+            result.cross[group] = matrix
+            if within:
+                result.within_a[group] = within_a.mean(group)
+                result.within_b[group] = within_b.mean(group)
         yield param, result
+
+
+def _squares(x: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the rows, `[H, n, S] -> [H, n]` float64."""
+    return torch.linalg.vector_norm(x, dim=-1).double() ** 2
 
 
 def _weighted(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return x if w is None else x * w
+
+
+def _scaled(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """`x * w` in place (x is a scratch buffer of this parameter)."""
+    return x if w is None else x.mul_(w)
 
 
 def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[Group],
@@ -440,8 +567,8 @@ def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[G
         cosine: divide by the per-sample norms of the group slice, in the metric of the
             weight when there is one (requires f = h = identity); zero-norm samples give
             NaN rows / columns (see `cosine_matrix`).
-        within: also compute the A-A and B-B matrices (same f, h, weight) for baselines;
-            their diagonals (a sample with itself) are kept, callers exclude them.
+        within: also the within-task baselines `within_a`, `within_b` (mean cosine of
+            distinct sample pairs of one task; cosine only), from O(N S) sums.
         sample_block: samples of A read at once.
         dtype: compute dtype, `float32` or `float64` (results are float64).
 

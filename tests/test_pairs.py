@@ -12,7 +12,7 @@ from fisher_pipeline.errors import StoreMismatchError
 from fisher_pipeline.layout import GroupSpec
 from fisher_pipeline.pairs import cosine_matrix, pair_matrices, pair_matrix
 from fisher_pipeline.store import FisherStore
-from store_factory import make_store
+from store_factory import llama_layout, make_store
 
 MAPS = {"identity": lambda x: x, "square": np.square, "abs": np.abs}
 Q_PROJ, K_PROJ, O_PROJ = (f"model.layers.1.self_attn.{m}_proj.weight" for m in ("q", "k", "o"))
@@ -43,8 +43,10 @@ def brute_cosine(a, b, weight=None):
 TOLERANCE = {"float64": 1e-12, "float32": 2e-6}
 
 
-def assert_close(got, expected, dtype):
-    scale = np.nanmax(np.abs(expected)) if np.size(expected) else 1.0
+def assert_close(got, expected, dtype, scale=None):
+    """Cosines pass `scale=1` (their natural unit) where the expected value itself may be ~0."""
+    if scale is None:
+        scale = np.nanmax(np.abs(expected)) if np.size(expected) else 1.0
     np.testing.assert_allclose(got, expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
 
 
@@ -174,8 +176,7 @@ def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h
         w = weights[param] if weighted else np.ones(store_a.geometry[param].shape)
         flat_weights[group] = groups_and_weight(w, group)
     calls = count_reads(monkeypatch)
-    got = pair_matrices(store_a, store_b, groups, f, h, weights, within=True, sample_block=sample_block,
-                        dtype=dtype)
+    got = pair_matrices(store_a, store_b, groups, f, h, weights, sample_block=sample_block, dtype=dtype)
     # each per-sample array read once per store: B whole, A in disjoint sample blocks
     for store, n in ((store_a, 7), (store_b, 5)):
         for param in PER_SAMPLE:
@@ -191,8 +192,6 @@ def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h
         w = flat_weights[group]
         a, b = slices_a[group], slices_b[group]
         assert_close(got[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](b)), dtype)
-        assert_close(got.within_a[group], np.einsum("ik,k,jk->ij", MAPS[f](a), w, MAPS[h](a)), dtype)
-        assert_close(got.within_b[group], np.einsum("ik,k,jk->ij", MAPS[f](b), w, MAPS[h](b)), dtype)
     # one head and one whole parameter (the sum of its heads) checked by the explicit loop too
     for group in ((O_PROJ, "o", 3), (O_PROJ, None, None)):
         assert_close(got[group], brute(slices_a[group], slices_b[group], f, h, flat_weights[group]), dtype)
@@ -221,10 +220,34 @@ def test_pair_matrices_cosine(stores):
             a, b = slices_a[group], slices_b[group]
             w = groups_and_weight(weights[group[0]], group) if weighted else None
             assert_close(got[group], brute_cosine(a, b, w), dtype)
-            assert_close(got.within_a[group], brute_cosine(a, a, w), dtype)
-            assert_close(np.diag(got.within_b[group]), np.ones(len(b)), dtype)
+            assert_close(got.within_a[group], off_diagonal_mean(brute_cosine(a, a, w)), dtype, scale=1)
+            assert_close(got.within_b[group], off_diagonal_mean(brute_cosine(b, b, w)), dtype, scale=1)
+    with pytest.raises(ValueError, match="within=True needs cosine=True"):
+        pair_matrices(store_a, store_b, groups, within=True)
     with pytest.raises(ValueError, match="cosine"):
         pair_matrices(store_a, store_b, groups, f="square", cosine=True)
+
+
+def off_diagonal_mean(matrix):
+    """Mean over i != j, by an explicit loop."""
+    n = len(matrix)
+    return np.mean([matrix[i, j] for i in range(n) for j in range(n) if i != j])
+
+
+def test_within_baselines_skip_zero_samples(tmp_path):
+    shapes, specs = llama_layout()
+    grads = {Q_PROJ: np.random.default_rng().normal(size=(6, *shapes[Q_PROJ]))}
+    grads[Q_PROJ][2] = 0.0  # no direction anywhere in q_proj
+    grads[Q_PROJ][4, :2] = 0.0  # none in query head 0 only
+    store = FisherStore(make_store(tmp_path / "z.zarr", n_samples=6, task="z", grads=grads, per_sample=(Q_PROJ,)))
+    got = pair_matrices(store, store, [(Q_PROJ, None, None), (Q_PROJ, "q", 0), (Q_PROJ, "q", 1)], cosine=True,
+                        within=True, dtype="float64")
+    data = store.per_sample(Q_PROJ).astype(np.float64)
+    for group, keep, part in (((Q_PROJ, None, None), [0, 1, 3, 4, 5], data.reshape(6, -1)),
+                              ((Q_PROJ, "q", 0), [0, 1, 3, 5], data[:, :2].reshape(6, -1)),
+                              ((Q_PROJ, "q", 1), [0, 1, 3, 4, 5], data[:, 2:4].reshape(6, -1))):
+        assert_close(got.within_a[group], off_diagonal_mean(brute_cosine(part[keep], part[keep])), "float64")
+        assert np.isnan(got[group][2]).all()
 
 
 def test_iter_pair_inputs_reads_each_param_once(stores, monkeypatch):
@@ -272,8 +295,10 @@ def test_fused_qkv_whole_is_the_sum_of_three_blocks(tmp_path):
     groups = [(fused, None, None), (fused, "q", 3), (fused, "k", 0), (fused, "v", 1)]
     rows = {(fused, None, None): slice(0, 16), (fused, "q", 3): slice(6, 8), (fused, "k", 0): slice(8, 10),
             (fused, "v", 1): slice(14, 16)}
-    got = pair_matrices(store_a, store_b, groups, f="square", h="abs", within=True, dtype="float64")
+    got = pair_matrices(store_a, store_b, groups, f="square", h="abs", dtype="float64")
+    cosines = pair_matrices(store_a, store_b, groups, cosine=True, within=True, dtype="float64")
     for group in groups:
         sa, sb = a[:, rows[group]].reshape(len(a), -1), b[:, rows[group]].reshape(len(b), -1)
         assert_close(got[group], brute(sa, sb, "square", "abs"), "float64")
-        assert_close(got.within_a[group], brute(sa, sa, "square", "abs"), "float64")
+        assert_close(cosines[group], brute_cosine(sa, sb), "float64")
+        assert_close(cosines.within_a[group], off_diagonal_mean(brute_cosine(sa, sa)), "float64")

@@ -207,7 +207,8 @@ def test_report_holds_the_figures_and_tables(tiny_run):
     output = snakemake(tiny_run["workdir"], tiny_run["configfile"], "--report", str(report))
     assert report.stat().st_size > 10_000
     for name in ("heads_heatmap.png", "tensors.csv", "rank_agreement.png", "mask_summary.csv",
-                 "overlap_heatmaps.png", "overlap.csv", "heatmap_code__prose.png", "conflicts.csv", "natgrad_cosine.png", "ewc_cost.png", "ewc_cost.csv"):
+                 "overlap_heatmaps.png", "overlap.csv", "heatmap_code__prose.png", "conflicts.csv",
+                 "natgrad_cosine.png", "ewc_cost.png", "ewc_cost.csv"):
         assert f"Adding {name}" in output, name
     assert "Adding groups.csv" not in output  # large tables stay out of the HTML
 

@@ -190,8 +190,8 @@ def fisher_weights(store_a: FisherStore, store_b: FisherStore, params: Sequence[
     return weights
 
 
-def group_statistics(cross: np.ndarray, within_a: np.ndarray | None = None,
-                     within_b: np.ndarray | None = None, top_pairs: int = 0) -> GroupResult:
+def group_statistics(cross: np.ndarray, within_a: float = math.nan, within_b: float = math.nan,
+                     top_pairs: int = 0) -> GroupResult:
     """Test and baselines of one group's similarity matrices (before BH and labels).
 
     Rows of `cross` that are entirely NaN (a sample of A with a zero gradient in the group)
@@ -201,7 +201,8 @@ def group_statistics(cross: np.ndarray, within_a: np.ndarray | None = None,
 
     Args:
         cross: `[N_A, N_B]` similarities of A's samples with B's.
-        within_a, within_b: `[N_A, N_A]`, `[N_B, N_B]` (diagonals ignored), or None.
+        within_a, within_b: mean similarity of distinct sample pairs within A and within B
+            (`PairMatrices.within_a`), NaN if undefined (then reported as 0, see status).
         top_pairs: how many of the most negative pairs to keep (row and column indices of
             `cross`).
     """
@@ -210,8 +211,8 @@ def group_statistics(cross: np.ndarray, within_a: np.ndarray | None = None,
     used = cross[np.ix_(rows_ok, cols_ok)]
     n_a, n_b = int(rows_ok.sum()), int(cols_ok.sum())
     row = {"n_a": n_a, "n_b": n_b, "n_pairs": n_a * n_b,
-           "within_a_mean": _off_diagonal_mean(within_a, rows_ok),
-           "within_b_mean": _off_diagonal_mean(within_b, cols_ok),
+           "within_a_mean": float(within_a) if np.isfinite(within_a) else 0.0,
+           "within_b_mean": float(within_b) if np.isfinite(within_b) else 0.0,
            "mean": float(used.mean()) if used.size else 0.0, "se": math.inf, "effect_size": 0.0, "p": 1.0,
            "df": 0.0, "se_floored": False}
     if n_a == 0 or n_b == 0:
@@ -234,15 +235,6 @@ def group_statistics(cross: np.ndarray, within_a: np.ndarray | None = None,
         rows_index, cols_index = np.flatnonzero(rows_ok), np.flatnonzero(cols_ok)
         top = [(int(rows_index[i // n_b]), int(cols_index[i % n_b]), float(flat[i])) for i in best]
     return GroupResult(row, top)
-
-
-def _off_diagonal_mean(matrix: np.ndarray | None, keep: np.ndarray) -> float:
-    """Mean over pairs i != j of the kept samples; 0 when fewer than two are kept (see status)."""
-    if matrix is None or keep.sum() < 2:
-        return 0.0
-    used = matrix[np.ix_(keep, keep)]
-    n = used.shape[0]
-    return float((used.sum() - np.trace(used)) / (n * (n - 1)))
 
 
 def pair_conflicts(store_a: FisherStore, store_b: FisherStore, options: ConflictsOptions | None = None,

@@ -274,11 +274,14 @@ class PairMatrices:
             samples with a non-zero gradient in the group (NaN with fewer than two);
             filled when asked for (`within=True`, cosine only).
         within_b: group -> the same for B.
+        products: name -> group -> `[N_A, N_B]` of each extra product asked for
+            (`products={name: (f, h)}`, same weight), from the same reads.
     """
 
     cross: dict[Group, np.ndarray] = field(default_factory=dict)
     within_a: dict[Group, float] = field(default_factory=dict)
     within_b: dict[Group, float] = field(default_factory=dict)
+    products: dict[str, dict[Group, np.ndarray]] = field(default_factory=dict)
 
     def __getitem__(self, group: Group) -> np.ndarray:
         return self.cross[group]
@@ -299,6 +302,8 @@ class PairMatrices:
         self.cross.update(other.cross)
         self.within_a.update(other.within_a)
         self.within_b.update(other.within_b)
+        for name, matrices in other.products.items():
+            self.products.setdefault(name, {}).update(matrices)
 
 
 def heads_partition(geometry: ParamGeometry) -> bool:
@@ -457,7 +462,8 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                      f: str = "identity", h: str = "identity",
                      weights: Mapping[str, np.ndarray] | None = None, *, cosine: bool = False,
                      within: bool = False, sample_block: int = SAMPLE_BLOCK,
-                     dtype: str = DEFAULT_DTYPE) -> Iterator[tuple[str, PairMatrices]]:
+                     dtype: str = DEFAULT_DTYPE,
+                     products: Mapping[str, tuple[str, str]] | None = None) -> Iterator[tuple[str, PairMatrices]]:
     """Like `pair_matrices`, one parameter at a time: yields `(param, PairMatrices of its groups)`.
 
     Memory is one parameter's operands and matrices (module docstring);
@@ -467,9 +473,13 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
         raise ValueError("cosine=True needs f = h = 'identity' (a weight gives the cosine in that metric)")
     if within and not cosine:
         raise ValueError("within-task baselines are mean cosines: within=True needs cosine=True")
+    if products and cosine:
+        raise ValueError("products are raw (un-normalised) matrices: not with cosine=True")
+    specs = {"": (_transform(f), _transform(h))} | {
+        name: (_transform(fp), _transform(hp)) for name, (fp, hp) in (products or {}).items()}
     if sample_block < 1:
         raise ValueError(f"sample_block must be >= 1, got {sample_block}")
-    f_, h_, torch_dtype = _transform(f), _transform(h), _dtype(dtype)
+    torch_dtype = _dtype(dtype)
     groups = list(groups)
     check_groups(store_a, store_b, groups)
     by_param = _by_param(groups)
@@ -491,8 +501,9 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
         if cosine:
             raw_b = {u: _scaled(x, scale[u]) for u, x in raw_b.items()}
         del data_b
-        hb = {u: h_(x) for u, x in raw_b.items()}
-        cross = {u: np.full((x.shape[0], n_a, n_b), np.nan) for u, x in raw_b.items()}
+        h_names = {h_name: TRANSFORMS[h_name] for h_name in {_name_of(h_) for _, h_ in specs.values()}}
+        hb = {h_name: {u: h_(x) for u, x in raw_b.items()} for h_name, h_ in h_names.items()}
+        cross = {name: {u: np.full((x.shape[0], n_a, n_b), np.nan) for u, x in raw_b.items()} for name in specs}
         sq_a = {u: np.zeros((x.shape[0], n_a)) for u, x in raw_b.items()}
         sq_b = {u: _squares(x) for u, x in raw_b.items()} if cosine else {}
         within_a, within_b = (_Within(units), _Within(units)) if within else (None, None)
@@ -509,15 +520,18 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                     sq_a[u][:, lo:lo + raw[u].shape[1]] = sq[u].numpy()
                 if within_a is not None:
                     within_a.add(raw, sq)
-            for u, x in raw.items():
-                fa = f_(x) if cosine else _weighted(f_(x), scale[u])
-                cross[u][:, lo:lo + x.shape[1]] = _bmm(fa, hb[u])
+            for name, (f_, h_) in specs.items():
+                for u, x in raw.items():
+                    fa = f_(x) if cosine else _weighted(f_(x), scale[u])
+                    cross[name][u][:, lo:lo + x.shape[1]] = _bmm(fa, hb[_name_of(h_)][u])
             del raw
         result = PairMatrices()
         whole_sq_a = units.whole(sq_a) if cosine and units.wants_whole else None
         whole_sq_b = units.whole({u: s.numpy() for u, s in sq_b.items()}) if cosine and units.wants_whole else None
         for group in param_groups:
-            matrix = units.matrix(cross, group)
+            matrix = units.matrix(cross[""], group)
+            for name in specs.keys() - {""}:
+                result.products.setdefault(name, {})[group] = units.matrix(cross[name], group)
             if cosine:
                 if group[1] is None:
                     norm_a, norm_b = np.sqrt(whole_sq_a), np.sqrt(whole_sq_b)
@@ -529,6 +543,10 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                 result.within_a[group] = within_a.mean(group)
                 result.within_b[group] = within_b.mean(group)
         yield param, result
+
+
+def _name_of(transform: Callable) -> str:
+    return next(name for name, value in TRANSFORMS.items() if value is transform)
 
 
 def _squares(x: torch.Tensor) -> torch.Tensor:
@@ -549,7 +567,8 @@ def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[G
                   f: str = "identity", h: str = "identity",
                   weights: Mapping[str, np.ndarray] | None = None, *, cosine: bool = False,
                   within: bool = False, sample_block: int = SAMPLE_BLOCK,
-                  dtype: str = DEFAULT_DTYPE) -> PairMatrices:
+                  dtype: str = DEFAULT_DTYPE,
+                  products: Mapping[str, tuple[str, str]] | None = None) -> PairMatrices:
     """Pair matrices of many groups of two stores, each stored per-sample array read once.
 
     Per parameter: B's per-sample array is read once in full; A's once, in blocks of
@@ -571,12 +590,15 @@ def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[G
             distinct sample pairs of one task; cosine only), from O(N S) sums.
         sample_block: samples of A read at once.
         dtype: compute dtype, `float32` or `float64` (results are float64).
+        products: more products from the same reads, `name -> (f, h)`, each with `weights`
+            on A's side (`PairMatrices.products[name]`), e.g. phase 6's signed alignment
+            beside its unsigned score. Not with `cosine`.
 
     Raises:
         StoreMismatchError: see `check_groups`.
     """
     result = PairMatrices()
     for _, part in iter_param_pairs(store_a, store_b, groups, f, h, weights, cosine=cosine, within=within,
-                                    sample_block=sample_block, dtype=dtype):
+                                    sample_block=sample_block, dtype=dtype, products=products):
         result.update(part)
     return result

@@ -302,3 +302,22 @@ def test_fused_qkv_whole_is_the_sum_of_three_blocks(tmp_path):
         assert_close(got[group], brute(sa, sb, "square", "abs"), "float64")
         assert_close(cosines[group], brute_cosine(sa, sb), "float64")
         assert_close(cosines.within_a[group], off_diagonal_mean(brute_cosine(sa, sa)), "float64")
+
+
+def test_products_come_from_the_same_reads(stores, monkeypatch):
+    store_a, store_b = stores
+    slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
+    groups = list(slices_a)
+    weights = {p: 1.0 / (store_a.fisher(p) + 0.1) for p in PER_SAMPLE}
+    calls = count_reads(monkeypatch)
+    got = pair_matrices(store_a, store_b, groups, "abs", "abs", weights, dtype="float64",
+                        products={"unsigned": ("square", "abs"), "signed": ("identity", "identity")})
+    assert len(calls) == 2 * len(PER_SAMPLE)  # one read per array and store, whatever the products
+    for group in groups:
+        w = groups_and_weight(weights[group[0]], group)
+        a, b = slices_a[group], slices_b[group]
+        assert_close(got[group], np.einsum("ik,k,jk->ij", np.abs(a), w, np.abs(b)), "float64")
+        assert_close(got.products["unsigned"][group], np.einsum("ik,k,jk->ij", a * a, w, np.abs(b)), "float64")
+        assert_close(got.products["signed"][group], np.einsum("ik,k,jk->ij", a, w, b), "float64")
+    with pytest.raises(ValueError, match="not with cosine"):
+        pair_matrices(store_a, store_b, groups, cosine=True, products={"x": ("square", "abs")})

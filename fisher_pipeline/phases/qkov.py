@@ -1,0 +1,378 @@
+"""Phase 6 — Q/K/V/O interference between two tasks, per layer, block and head.
+
+For an ordered task pair (A, B), layer l, block X in {q, k, v, o} and head h, with S the
+head's slice of X's parameter (K and V per KV head under GQA) and
+
+    w_k = 1 / (max(F_k, eps) + lambda)         F from A (default), B, or pooled over both
+
+every sample pair (i of A, j of B) has the score
+
+    M[i, j] = agg_{k in S} a(g_A,i,k) * w_k * b(g_B,j,k)       agg: mean (default) or sum
+
+`unsigned` (default): a = g^2, b = |g|; `signed`: a = b = g; `symmetric`: a = b = |g|.
+One cell is one batched matrix product over all pairs (`fisher_pipeline.pairs`).
+
+What the averages show. With F from A and eps, lambda negligible, `mean_i g_A,i,k^2 / F_A,k
+= 1` at every k, so the mean of the unsigned M over all pairs is `agg_k mean_j |g_B,j,k|`:
+A cancels, and a heatmap of mean unsigned M shows where B's updates are large, not where
+the tasks interfere. A's part lives in the per-pair structure, which the sample forensics
+read. The signed mean `agg_k gbar_A,k w_k gbar_B,k` is the first-order change of A's loss
+under a Fisher-preconditioned step on B through that head (negative: conflict). It is the
+quantity tested, cell by cell. Null hypothesis, in plain words: *through this head, A's
+and B's gradients are orthogonal in the Fisher metric* (`E M_signed[i, j] = 0`), with the
+two-sample U-statistic test of `fisher_pipeline.pair_stats` and Benjamini-Hochberg over
+the cells of the run. The unsigned (or symmetric) score is reported with a bootstrap
+confidence interval over samples of A and of B, not tested.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import plots
+from ..config import config_section
+from ..errors import PhaseInputError
+from ..pair_stats import bh_qvalues, pair_mean_test
+from ..pairs import Group, iter_param_pairs
+from ..store import FisherStore
+from .common import atomic_output_dir, open_stores, relocate, write_table
+
+log = logging.getLogger(__name__)
+
+#: Variant -> (f applied to A's g, h applied to B's g).
+VARIANTS = {"unsigned": ("square", "abs"), "signed": ("identity", "identity"), "symmetric": ("abs", "abs")}
+CELL_COLUMNS = ["task_a", "task_b", "layer", "block", "head", "param", "n_a", "n_b", "slice_size", "variant",
+                "aggregate", "fisher_pool", "signed_mean", "signed_se", "signed_p", "signed_q", "df", "se_floored",
+                "label", "score_mean", "score_ci_low", "score_ci_high", "status"]
+HEALTH_COLUMNS = ["layer", "block", "head", "param", "slice_size", "fisher_pool", "fisher_min", "fisher_median",
+                  "fisher_max", "fraction_below_eps", "eps", "ridge_lambda"]
+TOP_COLUMNS = ["task_a", "task_b", "layer", "block", "head", "variant", "rank", "sample_a", "sample_b", "score",
+               "b_alone", "excess"]
+
+
+@config_section("qkov", """
+description: phase 6, Q/K/V/O interference per layer, block and head (QkovOptions)
+properties:
+  variant:
+    enum: [unsigned, signed, symmetric]
+    default: unsigned
+    description: "per-pair score: unsigned g_A^2 |g_B| / Fhat, signed g_A g_B / Fhat, symmetric |g_A| |g_B| / Fhat"
+  aggregate:
+    enum: [mean, sum]
+    default: mean
+    description: mean or sum of the score over the head's slice
+  fisher_pool:
+    enum: [a, b, pooled]
+    default: a
+    description: whose Fisher normalises, A's, B's, or both pooled (sample-weighted)
+  eps:
+    type: number
+    minimum: 0
+    default: 1.0e-10
+    description: floor on the Fisher before lambda is added, in Fisher units
+  ridge_lambda:
+    type: number
+    minimum: 0
+    default: 0.0
+    description: lambda added to the floored Fisher, in Fisher units
+  alpha:
+    type: number
+    exclusiveMinimum: 0
+    exclusiveMaximum: 1
+    default: 0.05
+    description: false discovery rate of the Benjamini-Hochberg step over all cells of the run
+  top_k:
+    type: integer
+    minimum: 0
+    default: 20
+    description: sample pairs listed in top_conflicts per task pair
+  n_bootstrap:
+    type: integer
+    minimum: 0
+    default: 200
+    description: bootstrap resamples (of samples of A and of B) for the score's 95% interval; 0 skips it
+  pairs:
+    type: [array, "null"]
+    items:
+      type: array
+      items: {type: string}
+      minItems: 2
+      maxItems: 2
+    default: null
+    description: ordered task pairs [A, B]; null takes every ordered pair
+  sample_block:
+    type: integer
+    minimum: 1
+    default: 256
+    description: samples of task A read and multiplied at once (memory, not results)
+  compute_dtype:
+    enum: [float32, float64]
+    default: float32
+    description: dtype of the pair products (results are float64)
+""")
+class QkovOptions:
+    """Settings of phase 6."""
+
+    variant: str = "unsigned"  # unsigned | signed | symmetric per-pair score
+    aggregate: str = "mean"  # mean | sum over the head's slice
+    fisher_pool: str = "a"  # a | b | pooled: whose Fisher normalises
+    eps: float = 1e-10  # floor on F before lambda, Fisher units
+    ridge_lambda: float = 0.0  # lambda added to the floored F, Fisher units
+    alpha: float = 0.05  # BH false discovery rate over the cells of the run
+    top_k: int = 20  # sample pairs in top_conflicts per task pair
+    n_bootstrap: int = 200  # resamples of samples for the score's 95% interval
+    pairs: tuple[tuple[str, str], ...] | None = None  # ordered pairs; None: every ordered pair
+    sample_block: int = 256  # samples of A read at once (memory only)
+    compute_dtype: str = "float32"  # float32 | float64 products
+
+    def __post_init__(self) -> None:
+        if self.pairs is not None:
+            object.__setattr__(self, "pairs", tuple(tuple(pair) for pair in self.pairs))
+
+
+# --- cells -------------------------------------------------------------------------------
+
+def qkov_cells(store: FisherStore) -> list[Group]:
+    """Every (param, block, head) of the stored per-sample parameters, in layer order.
+
+    Raises:
+        PhaseInputError: the store holds no per-sample gradient of an attention head.
+    """
+    geometry = store.geometry
+    cells: list[Group] = []
+    for param in store.per_sample_names:
+        for block in geometry[param].head_blocks():
+            cells.extend((param, block, head) for head in range(geometry[param].positions(block).shape[0]))
+    if not cells:
+        raise PhaseInputError(
+            f"{store.path} stores no per-sample gradients of attention heads (per-sample parameters: "
+            f"{store.per_sample_names[:4] or 'none'}), which phase 6 needs: set fisher.per_sample_params to "
+            "attention and rerun phase 1."
+        )
+    layer = {param: geometry[param].layer for param in store.per_sample_names}
+    order = {block: index for index, block in enumerate("qkvo")}
+    return sorted(cells, key=lambda c: (math.inf if layer[c[0]] is None else layer[c[0]], order[c[1]], c[2]))
+
+
+def fisher_hat(store_a: FisherStore, store_b: FisherStore, param: str, options: QkovOptions) -> np.ndarray:
+    """`max(F, eps) + lambda` of the chosen pool, float64, the parameter's shape."""
+    if options.fisher_pool == "a":
+        fisher = store_a.fisher(param).astype(np.float64)
+    elif options.fisher_pool == "b":
+        fisher = store_b.fisher(param).astype(np.float64)
+    else:
+        n_a, n_b = store_a.n_samples, store_b.n_samples
+        fisher = (n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param)) / max(n_a + n_b, 1)
+    return np.maximum(fisher, options.eps) + options.ridge_lambda
+
+
+# --- one ordered pair --------------------------------------------------------------------
+
+def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions | None = None,
+              cells: Sequence[Group] | None = None, task_a: str | None = None, task_b: str | None = None,
+              ) -> dict[str, pd.DataFrame]:
+    """Phase 6 for one ordered pair: `cells` (before BH: `signed_q`, `label` over these cells
+    only), `health` and `top_conflicts` tables.
+
+    Each per-sample array of both stores is read once (`pairs.iter_param_pairs`): the
+    chosen variant and the signed score come from the same reads.
+    """
+    options = options or QkovOptions()
+    task_a = task_a or store_a.attrs.get("task", "A")
+    task_b = task_b or store_b.attrs.get("task", "B")
+    cells = list(cells) if cells is not None else qkov_cells(store_a)
+    if store_a.n_samples < 2 or store_b.n_samples < 2:
+        log.warning("%s has %d and %s has %d samples: the signed test needs at least 2 per task; every cell of this "
+                    "pair is reported untested (status too_few_samples)", task_a, store_a.n_samples, task_b,
+                    store_b.n_samples)
+    params = list(dict.fromkeys(cell[0] for cell in cells))
+    hats = {param: fisher_hat(store_a, store_b, param, options) for param in params}
+    weights = {param: 1.0 / hat for param, hat in hats.items()}
+    f, h = VARIANTS[options.variant]
+    products = {} if options.variant == "signed" else {"signed": VARIANTS["signed"]}
+    geometry = store_a.geometry
+    rng = np.random.default_rng(0)
+    draws_a = rng.multinomial(store_a.n_samples, np.full(store_a.n_samples, 1 / max(store_a.n_samples, 1)),
+                              size=options.n_bootstrap) if store_a.n_samples else None
+    draws_b = rng.multinomial(store_b.n_samples, np.full(store_b.n_samples, 1 / max(store_b.n_samples, 1)),
+                              size=options.n_bootstrap) if store_b.n_samples else None
+    rows, health, candidates = [], [], []
+    for param, matrices in iter_param_pairs(store_a, store_b, cells, f, h, weights,
+                                            sample_block=options.sample_block, dtype=options.compute_dtype,
+                                            products=products):
+        for cell, score in matrices.items():
+            _, block, head = cell
+            signed = matrices.products["signed"][cell] if products else score
+            size = int(geometry[param].positions(block).shape[1] * np.prod(geometry[param].shape)
+                       // geometry[param].shape[geometry[param].groups.dim])
+            if options.aggregate == "mean":
+                score, signed = score / size, signed / size
+            row = {"task_a": task_a, "task_b": task_b, "layer": geometry[param].layer, "block": block, "head": head,
+                   "param": param, "n_a": score.shape[0], "n_b": score.shape[1], "slice_size": size,
+                   "variant": options.variant, "aggregate": options.aggregate, "fisher_pool": options.fisher_pool}
+            row |= _signed_test(signed) | _score_interval(score, draws_a, draws_b)
+            rows.append(row)
+            hat = store_a.geometry[param].split_heads(hats[param], block)[head]
+            health.append({"layer": geometry[param].layer, "block": block, "head": head, "param": param,
+                           "slice_size": size, "fisher_pool": options.fisher_pool,
+                           "fisher_min": float(hat.min()), "fisher_median": float(np.median(hat)),
+                           "fisher_max": float(hat.max()),
+                           "fraction_below_eps": float(np.mean(hat - options.ridge_lambda <= options.eps)),
+                           "eps": options.eps, "ridge_lambda": options.ridge_lambda})
+            candidates.extend(_forensics(score if options.variant != "signed" else signed, options, row))
+    table = pd.DataFrame(rows, columns=[c for c in CELL_COLUMNS if c not in ("signed_q", "label")])
+    table = label_cells(table, options.alpha)
+    top = _top_conflicts(candidates, options, store_a.sample_ids, store_b.sample_ids)
+    for status in ("too_few_samples", "zero_gradients"):
+        count = int((table["status"] == status).sum())
+        if count:
+            first = table[table["status"] == status].iloc[0]
+            log.warning("%s -> %s: %d cell(s) untested (%s), e.g. layer %s %s head %s", task_a, task_b, count,
+                        status, first["layer"], first["block"], first["head"])
+    return {"cells": table, "health": pd.DataFrame(health, columns=HEALTH_COLUMNS), "top_conflicts": top}
+
+
+def _signed_test(signed: np.ndarray) -> dict:
+    """U-statistic test of the signed alignment; finite placeholders where none is possible."""
+    out = {"signed_mean": float(signed.mean()) if signed.size else 0.0, "signed_se": math.inf, "signed_p": 1.0,
+           "df": 0.0, "se_floored": False}
+    if signed.shape[0] < 2 or signed.shape[1] < 2:
+        return out | {"status": "too_few_samples"}
+    if not np.any(signed):
+        return out | {"status": "zero_gradients"}
+    test = pair_mean_test(signed)
+    if not np.isfinite(test.p):
+        return out | {"status": "constant"}
+    return {"signed_mean": test.mean, "signed_se": test.se, "signed_p": test.p, "df": test.df,
+            "se_floored": test.floored, "status": "ok"}
+
+
+def _score_interval(score: np.ndarray, draws_a: np.ndarray | None, draws_b: np.ndarray | None) -> dict:
+    """Mean of the score matrix and its 95% percentile bootstrap interval over samples (not pairs)."""
+    mean = float(score.mean()) if score.size else 0.0
+    if draws_a is None or draws_b is None or not len(draws_a) or score.size == 0:
+        return {"score_mean": mean, "score_ci_low": mean, "score_ci_high": mean}
+    resampled = np.einsum("ri,ij,rj->r", draws_a, score, draws_b) / score.size
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return {"score_mean": mean, "score_ci_low": float(low), "score_ci_high": float(high)}
+
+
+def _forensics(score: np.ndarray, options: QkovOptions, row: dict) -> list[tuple]:
+    """Candidate sample pairs of one cell: `(key, i, j, score, b_alone, excess, row)`.
+
+    signed: the most negative pairs (key = score). unsigned / symmetric: the pairs whose
+    score most exceeds what B's sample alone explains, `excess = M[i, j] / b_alone[j]` with
+    `b_alone[j] = mean_i M[i, j]` (B's sample j against an average sample of A; with F from
+    A it is `agg_k |g_B,j,k|`): a large excess is a sample of A unusually sensitive exactly
+    where B's sample pushes (key = -excess, so smaller keys rank first).
+    """
+    if not options.top_k or score.size == 0:
+        return []
+    b_alone = score.mean(axis=0)  # [N_B]
+    if options.variant == "signed":
+        key = score
+        excess = np.zeros_like(score)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            excess = np.where(b_alone > 0, score / np.where(b_alone > 0, b_alone, 1.0), 0.0)
+        key = -excess
+    flat = key.ravel()
+    k = min(options.top_k, flat.size)
+    best = np.argpartition(flat, k - 1)[:k]
+    n_b = score.shape[1]
+    return [(float(flat[index]), index // n_b, index % n_b, float(score.ravel()[index]),
+             float(b_alone[index % n_b]), float(excess.ravel()[index]), row) for index in best]
+
+
+def _top_conflicts(candidates: list[tuple], options: QkovOptions, ids_a: Sequence[str],
+                   ids_b: Sequence[str]) -> pd.DataFrame:
+    best = sorted(candidates, key=lambda c: c[0])[:options.top_k]
+    rows = [{"task_a": row["task_a"], "task_b": row["task_b"], "layer": row["layer"], "block": row["block"],
+             "head": row["head"], "variant": options.variant, "rank": rank, "sample_a": ids_a[i],
+             "sample_b": ids_b[j], "score": score, "b_alone": b_alone,
+             "excess": excess if options.variant != "signed" else float("nan")}  # no ratio for signed scores
+            for rank, (_, i, j, score, b_alone, excess, row) in enumerate(best, start=1)]
+    top = pd.DataFrame(rows, columns=TOP_COLUMNS)
+    top["layer"] = top["layer"].astype("Int64")
+    return top
+
+
+def label_cells(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """BH q-values over the tested cells of `table` and labels `conflict` / `synergy` / `none`."""
+    tested = (table["status"] == "ok").to_numpy()
+    q = np.ones(len(table))
+    q[tested] = bh_qvalues(table.loc[tested, "signed_p"].to_numpy(dtype=float))
+    table = table.assign(signed_q=q)
+    mean = table["signed_mean"].to_numpy(dtype=float)
+    significant = tested & (q < alpha)
+    table["label"] = np.where(significant & (mean < 0), "conflict", np.where(significant & (mean > 0), "synergy",
+                                                                             "none"))
+    table["layer"] = table["layer"].astype("Int64")
+    return table[CELL_COLUMNS]
+
+
+# --- all pairs ---------------------------------------------------------------------------
+
+def ordered_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None) -> list[tuple[str, str]]:
+    """`pairs` if given (each checked), else every ordered pair of distinct tasks."""
+    if pairs is None:
+        return list(itertools.permutations(tasks, 2))
+    for pair in pairs:
+        missing = [task for task in pair if task not in tasks]
+        if missing:
+            raise PhaseInputError(f"qkov.pairs lists {list(pair)}, but {missing} has no store here "
+                                  f"(tasks: {list(tasks)}): list only configured tasks")
+    return [tuple(pair) for pair in pairs]
+
+
+def run_qkov(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
+             options: QkovOptions | None = None, pairs: Sequence[Sequence[str]] | None = None) -> dict[str, Path]:
+    """Phase 6: write `cells`, `health`, `top_conflicts` (Parquet + CSV) and one figure per ordered pair.
+
+    With exactly two stores given in order (A, B) the ordered pair A -> B is computed (the
+    workflow's job per pair); with more, `pairs` or `options.pairs` (default: every ordered
+    pair). BH q-values are taken over all cells written.
+
+    Returns:
+        output key -> path: `cells_parquet`, `cells_csv`, `health_parquet`, `health_csv`,
+        `top_conflicts_parquet`, `top_conflicts_csv`, `figure_<A>__<B>` per pair.
+    """
+    options = options or QkovOptions()
+    stores = open_stores(store_paths, per_sample=True)
+    tasks = list(stores)
+    if len(tasks) < 2:
+        raise PhaseInputError(f"phase 6 compares two tasks; got only {tasks}: pass two or more --stores")
+    chosen = [tuple(tasks)] if len(tasks) == 2 and pairs is None else ordered_pairs(tasks, pairs or options.pairs)
+    results = []
+    for task_a, task_b in chosen:
+        log.info("qkov: %s -> %s", task_a, task_b)
+        results.append(pair_qkov(stores[task_a], stores[task_b], options, task_a=task_a, task_b=task_b))
+    cells = label_cells(pd.concat([r["cells"] for r in results], ignore_index=True), options.alpha)
+    health = pd.concat([r["health"].assign(task_a=a, task_b=b) for r, (a, b) in zip(results, chosen, strict=True)],
+                       ignore_index=True)
+    top = pd.concat([r["top_conflicts"] for r in results], ignore_index=True)
+    with atomic_output_dir(out_dir) as staging:
+        paths = write_table(cells, staging, "cells") | write_table(health, staging, "health")
+        paths |= write_table(top, staging, "top_conflicts")
+        for task_a, task_b in chosen:
+            key = f"figure_{task_a}__{task_b}"
+            pair_cells = cells[(cells["task_a"] == task_a) & (cells["task_b"] == task_b)]
+            paths[key] = plots.qkov_figure(pair_cells, task_a, task_b, options, staging / f"{key}.png")
+    return relocate(paths, staging, out_dir)
+
+
+from .registry import PhaseCommand, register_phase  # noqa: E402
+
+register_phase(QkovOptions, PhaseCommand(
+    "qkov", run_qkov,
+    "phase 6: Q/K/V/O interference per layer, block and head, signed alignment tested with BH",
+    per_task=False, input_help="phase 1 stores with per-sample gradients, A then B for one ordered pair",
+    out_example="results/qkov/code__prose"))

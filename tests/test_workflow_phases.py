@@ -1,6 +1,6 @@
 """The analysis phases as workflow rules and CLI commands.
 
-One tiny end-to-end run (phase 1 on a tiny random Llama, then phases 2, 3, 4, 5 and 7)
+One tiny end-to-end run (phase 1 on a tiny random Llama, then phases 2 to 7)
 shows that every output is written, that editing one phase's section reruns only that
 phase and its dependants (never phase 1), and that `snakemake --report` builds the
 HTML report. The CLI and the config sections are also checked in-process, without
@@ -25,13 +25,14 @@ import yaml
 from fisher_pipeline.__main__ import main
 from fisher_pipeline.config import validate_config
 from fisher_pipeline.phases import ConflictsOptions, ImportanceOptions, MaskOptions, OverlapOptions, ScaledOptions
+from fisher_pipeline.phases.qkov import QkovOptions
 from store_factory import make_store
 from test_cli import documented_blocks, documented_phase_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("code", "prose")
 SECTIONS = {"importance": ImportanceOptions, "masks": MaskOptions, "overlap": OverlapOptions,
-            "conflicts": ConflictsOptions, "scaled": ScaledOptions}
+            "conflicts": ConflictsOptions, "qkov": QkovOptions, "scaled": ScaledOptions}
 TINY_CONFIG = {
     "tasks": {task: {"source": f"builtin:{task}", "n_samples": 3, "max_length": 16} for task in TASKS},
     "fisher": {"batch_size": 2, "per_sample_params": "attention", "fisher_m2_params": ""},
@@ -46,6 +47,8 @@ EXPECTED = {
     "results/overlap": ["overlap.parquet", "overlap.csv", "overlap_heatmaps.png"],
     **{f"results/scaled/{t}": ["natgrad_norms.parquet", "natgrad_norms.csv"] for t in TASKS},
     "results/conflicts/code__prose": ["conflicts.parquet", "conflicts.csv", "heatmap_code__prose.png"],
+    **{f"results/qkov/{a}__{b}": ["cells.parquet", "cells.csv", "health.parquet", "top_conflicts.csv",
+                                  f"figure_{a}__{b}.png"] for a, b in (TASKS, TASKS[::-1])},
     "results/scaled/cross_task": ["natgrad_cosine.parquet", "natgrad_cosine.csv", "natgrad_cosine.png",
                                   "ewc_cost.parquet", "ewc_cost.csv", "ewc_cost.png"],
 }
@@ -125,6 +128,9 @@ def test_every_output_is_written_and_non_empty(tiny_run):
     assert set(conflicts["block"].dropna()) == {"q", "k", "v", "o"} and (conflicts["status"] == "ok").all()
     assert (workdir / "results/conflicts/code__prose/top_pairs.csv").exists()
     assert "conflicts/code__prose.tsv" in benchmarks
+    assert {"qkov/code__prose.tsv", "qkov/prose__code.tsv"} <= benchmarks
+    cells = pd.read_parquet(workdir / "results/qkov/prose__code/cells.parquet")
+    assert set(cells["block"]) == {"q", "k", "v", "o"} and set(cells[["task_a", "task_b"]].iloc[0]) == set(TASKS)
 
 
 @pytest.mark.workflow
@@ -140,6 +146,7 @@ def test_completed_run_has_nothing_left_to_do(tiny_run):
     ("importance", {"rank_by": "sum"}, {"importance": 2, "rank_agreement": 1}),
     ("overlap", {"heatmap_metric": "dice"}, {"overlap": 1}),
     ("conflicts", {"similarity": "fisher"}, {"conflicts": 1}),
+    ("qkov", {"variant": "signed"}, {"qkov": 2}),
     ("scaled", {"damping": 1e-3}, {"scaled": 2, "scaled_cross": 1}),
 ])
 def test_editing_a_phase_section_reruns_only_that_phase_and_its_dependants(tiny_run, tmp_path, section, change,
@@ -185,12 +192,17 @@ def test_conflict_pairs_come_from_the_config(tiny_run, tmp_path):
     bad = write_config(tmp_path / "bad.yaml", model, conflicts={"pairs": [["code", "nope"]]})
     output = snakemake(tmp_path, bad, "-n", expect_failure=True)
     assert "conflicts.pairs lists ['code', 'nope'], but ['nope'] is not a task of this config" in output
-    listed = write_config(tmp_path / "listed.yaml", model, conflicts={"pairs": [["prose", "code"]]})
+    bad = write_config(tmp_path / "bad_qkov.yaml", model, qkov={"pairs": [["code", "code"]]})
+    output = snakemake(tmp_path, bad, "-n", expect_failure=True)
+    assert "qkov.pairs lists ['code', 'code']: a task with itself" in output
+    listed = write_config(tmp_path / "listed.yaml", model, conflicts={"pairs": [["prose", "code"]]},
+                          qkov={"pairs": [["prose", "code"]]})
     output = snakemake(tmp_path, listed, "-n", "--quiet", "rules")
-    assert planned_jobs(output)["conflicts"] == 1
+    assert planned_jobs(output)["conflicts"] == 1 and planned_jobs(output)["qkov"] == 1
     none = write_config(tmp_path / "none.yaml", model, fisher={"per_sample_params": "none"})
     output = snakemake(tmp_path, none, "-n", "--quiet", "rules")
-    assert "conflicts" not in planned_jobs(output) and "fisher" in planned_jobs(output)
+    jobs = planned_jobs(output)
+    assert "conflicts" not in jobs and "qkov" not in jobs and "fisher" in jobs
 
 
 @pytest.mark.workflow
@@ -208,6 +220,7 @@ def test_report_holds_the_figures_and_tables(tiny_run):
     assert report.stat().st_size > 10_000
     for name in ("heads_heatmap.png", "tensors.csv", "rank_agreement.png", "mask_summary.csv",
                  "overlap_heatmaps.png", "overlap.csv", "heatmap_code__prose.png", "conflicts.csv",
+                 "figure_code__prose.png", "cells.csv",
                  "natgrad_cosine.png", "ewc_cost.png", "ewc_cost.csv"):
         assert f"Adding {name}" in output, name
     assert "Adding groups.csv" not in output  # large tables stay out of the HTML

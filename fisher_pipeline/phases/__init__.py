@@ -1,9 +1,9 @@
-"""Analysis phases 2, 3, 4, 5 and 7: pure functions of phase 1 stores (and phase 3 masks) to files.
+"""Analysis phases 2 to 7: pure functions of phase 1 stores (and phase 3 masks) to files.
 
 Each phase has an options dataclass, computational cores that return numbers / tables
 (for tests and notebooks), and a `run_*` function that writes its outputs atomically
-into one directory and returns their paths. None of them imports Snakemake. Only phase 5
-reads per-sample arrays (through the pair engine, `fisher_pipeline.pairs`); the others use
+into one directory and returns their paths. None of them imports Snakemake. Only phases 5
+and 6 read per-sample arrays (through the pair engine, `fisher_pipeline.pairs`); the others use
 the aggregated Fisher, mean gradient and Welford group statistics only.
 
 | phase | function | options |
@@ -13,6 +13,7 @@ the aggregated Fisher, mean gradient and Welford group statistics only.
 | 3 masks (per task) | `run_masks(store_path, out_dir, options)` | `MaskOptions` |
 | 4 overlap (tasks) | `run_overlap(mask_paths, out_dir, options)` | `OverlapOptions` |
 | 5 conflicts (task pairs) | `run_conflicts(store_paths, out_dir, options)` | `ConflictsOptions` |
+| 6 qkov (ordered task pairs) | `run_qkov(store_paths, out_dir, options)` | `QkovOptions` |
 | 7 scaled (per task) | `run_scaled_task(store_path, out_dir, options)` | `ScaledOptions` |
 | 7 scaled (tasks) | `run_scaled_cross(store_paths, out_dir, options)` | `ScaledOptions` |
 """
@@ -22,11 +23,12 @@ from .conflicts import ConflictsOptions, group_conflict, pair_conflicts, run_con
 from .importance import ImportanceOptions, importance_tables, run_importance
 from .masks import MaskOptions, compute_masks, mask_summary, run_masks
 from .overlap import OverlapOptions, overlap_metrics, run_overlap
+from .qkov import QkovOptions, pair_qkov, run_qkov
 from .scaled import ScaledOptions, cross_task_tables, natgrad_norms, natural_gradient, run_scaled_cross, run_scaled_task
 
 __all__ = [
     "ConflictsOptions", "ImportanceOptions", "MaskOptions", "OverlapOptions", "ScaledOptions",
-    "group_conflict", "pair_conflicts", "run_conflicts",
+    "group_conflict", "pair_conflicts", "run_conflicts", "QkovOptions", "pair_qkov", "run_qkov",
     "compute_masks", "cross_task_tables", "importance_tables", "mask_summary", "natgrad_norms", "natural_gradient",
     "overlap_metrics", "rank_agreement",
     "run_importance", "run_masks", "run_overlap", "run_rank_agreement", "run_scaled_cross", "run_scaled_task",

@@ -100,3 +100,22 @@ def conflict_pairs():
             raise WorkflowError(f"conflicts.pairs lists {list(pair)}, but {unknown} is not a task of this config "
                                 f"(tasks: {TASKS}): list pairs of configured tasks.")
     return [tuple(pair) for pair in listed]
+
+
+def qkov_pairs():
+    """Ordered task pairs (A, B) of phase 6: `qkov.pairs` (checked) or every ordered pair.
+
+    None when phase 1 stores no per-sample gradients.
+    """
+    if config["fisher"]["per_sample_params"] in ("none", ""):
+        return []
+    listed = config["qkov"]["pairs"]
+    if listed is None:
+        return [(a, b) for a in TASKS for b in TASKS if a != b]
+    for pair in listed:
+        unknown = [task for task in pair if task not in TASKS]
+        if unknown or pair[0] == pair[1]:
+            raise WorkflowError(f"qkov.pairs lists {list(pair)}: " + (
+                f"{unknown} is not a task of this config (tasks: {TASKS})" if unknown else "a task with itself")
+                + "; list ordered pairs [A, B] of two configured tasks.")
+    return [tuple(pair) for pair in listed]

@@ -134,7 +134,8 @@ def test_schema_command_prints_the_assembled_schema(capsys):
     assert main(["schema"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == config_schema()
-    assert {"model", "tasks", "fisher", "importance", "masks", "overlap", "scaled"} == set(printed["properties"])
+    assert {"model", "tasks", "fisher", "importance", "masks", "overlap", "conflicts", "qkov", "scaled"} == set(
+        printed["properties"])
 
 
 # --- the registry ---------------------------------------------------------------------------

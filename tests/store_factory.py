@@ -84,7 +84,7 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
                shapes: dict[str, tuple[int, ...]] | None = None, specs: dict[str, GroupSpec] | None = None,
                grads: dict[str, np.ndarray] | None = None, per_sample: tuple[str, ...] = (),
                batch_size: int = 3, weights_hash: str = "tiny-weights", attrs: dict | None = None,
-               per_sample_dtype: str = "float32") -> Path:
+               per_sample_dtype: str = "float32", geometry: ModelGeometry | None = None) -> Path:
     """Write a complete phase 1 store at `path` and return it.
 
     Args:
@@ -100,7 +100,12 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
         weights_hash: model identity recorded in the attrs.
         attrs: store attributes overriding the defaults (e.g. `fisher_kind`).
         per_sample_dtype: storage dtype of the per-sample arrays (`float32` or `float16`).
+        geometry: the stored geometry (e.g. an adapter's `geometry()` of a tiny model), used
+            instead of `tiny_geometry`; shapes and specs are then taken from it.
     """
+    if geometry is not None:
+        shapes = {name: geo.shape for name, geo in geometry.params.items()}
+        specs = {name: geo.groups for name, geo in geometry.params.items()}
     if shapes is None:
         shapes, default_specs = llama_layout()
         specs = specs or default_specs
@@ -110,7 +115,7 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
     accumulator = FisherAccumulator(shapes, specs, m2_names=set(), per_sample_names=set(per_sample))
     store_attrs = {"model_id": "tiny-llama", "weights_hash": weights_hash, "task": task, "config_hash": "test",
              "fisher_kind": "empirical", "package_version": "test"} | (attrs or {})
-    writer = StoreWriter(path, store_attrs, tiny_geometry(shapes, specs), per_sample, per_sample_dtype,
+    writer = StoreWriter(path, store_attrs, geometry or tiny_geometry(shapes, specs), per_sample, per_sample_dtype,
                          max_samples=n_samples)
     for start in range(0, n_samples, batch_size):
         stop = min(start + batch_size, n_samples)

@@ -73,7 +73,8 @@ def brute_weights(store_a: FisherStore, store_b: FisherStore, damping: float) ->
     n_a, n_b = store_a.n_samples, store_b.n_samples
     out = {}
     for param in PER_SAMPLE:
-        pooled = (n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param)) / (n_a + n_b)
+        pooled = (n_a * store_a.fisher(param).astype(np.float64)
+                  + n_b * store_b.fisher(param).astype(np.float64)) / (n_a + n_b)
         w = 1.0 / (pooled + damping * pooled.mean())
         out[(param, None, None)] = w.reshape(-1)
         block = param.split(".")[-2][0]

@@ -184,7 +184,8 @@ def fisher_weights(store_a: FisherStore, store_b: FisherStore, params: Sequence[
     n_a, n_b = store_a.n_samples, store_b.n_samples
     weights = {}
     for param in params:
-        pooled = (n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param)) / (n_a + n_b)
+        pooled = (n_a * store_a.fisher(param).astype(np.float64)
+                  + n_b * store_b.fisher(param).astype(np.float64)) / (n_a + n_b)
         scale = float(pooled.mean())
         weights[param] = 1.0 / (pooled + damping * scale) if scale > 0 else np.ones_like(pooled)
     return weights

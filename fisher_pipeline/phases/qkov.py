@@ -170,7 +170,8 @@ def fisher_hat(store_a: FisherStore, store_b: FisherStore, param: str, options: 
         fisher = store_b.fisher(param).astype(np.float64)
     else:
         n_a, n_b = store_a.n_samples, store_b.n_samples
-        fisher = (n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param)) / max(n_a + n_b, 1)
+        total = n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param).astype(np.float64)
+        fisher = total / max(n_a + n_b, 1)
     return np.maximum(fisher, options.eps) + options.ridge_lambda
 
 

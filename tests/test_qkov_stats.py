@@ -451,7 +451,7 @@ def test_all_zero_head_is_untested_and_outputs_are_written(tmp_path, caplog, rid
     """A head whose gradients are zero in every sample of both tasks (its Fisher is all zero):
     status `zero_gradients`, label `none`, signed mean and score exactly 0 (no NaN / inf although
     w = 1 / (eps + lambda) is huge there), its health row has fisher_min = fisher_max = eps + lambda
-    (and, without a ridge, fraction_below_eps = 1: with one, see the xfail test below); a warning
+    (and fraction_below_eps = 1; with a ridge too, see the next test); a warning
     names the cell; every other cell is tested; `run_qkov` writes the tables without NaN in the
     numeric columns, and the figure."""
     grads_a, grads_b = _null_grads(np.random.default_rng(9), 12, 9)
@@ -493,9 +493,6 @@ def test_all_zero_head_is_untested_and_outputs_are_written(tmp_path, caplog, rid
         assert list(table["status"]) == list(cells["status"])
 
 
-@pytest.mark.xfail(strict=True, reason="qkov.py bug: fraction_below_eps tests `hat - lambda <= eps` with hat = "
-                   "max(F, eps) + lambda; (eps + lambda) - lambda rounds to 1.0000000003e-10 > eps for lambda 1e-3, "
-                   "so an all-zero Fisher reports 0 instead of 1 (compare F itself with eps)")
 def test_fraction_below_eps_with_a_ridge(tmp_path):
     """With ridge_lambda 1e-3, a head whose Fisher is all zero must still report fraction_below_eps = 1."""
     grads_a, grads_b = _null_grads(np.random.default_rng(9), 6, 5)

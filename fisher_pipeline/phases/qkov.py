@@ -162,17 +162,20 @@ def qkov_cells(store: FisherStore) -> list[Group]:
     return sorted(cells, key=lambda c: (math.inf if layer[c[0]] is None else layer[c[0]], order[c[1]], c[2]))
 
 
+def pooled_fisher(store_a: FisherStore, store_b: FisherStore, param: str, pool: str) -> np.ndarray:
+    """The Fisher of `pool` (`a`, `b`, or `pooled`: sample-weighted mean), float64, the parameter's shape."""
+    if pool == "a":
+        return store_a.fisher(param).astype(np.float64)
+    if pool == "b":
+        return store_b.fisher(param).astype(np.float64)
+    n_a, n_b = store_a.n_samples, store_b.n_samples
+    total = n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param).astype(np.float64)
+    return total / max(n_a + n_b, 1)
+
+
 def fisher_hat(store_a: FisherStore, store_b: FisherStore, param: str, options: QkovOptions) -> np.ndarray:
     """`max(F, eps) + lambda` of the chosen pool, float64, the parameter's shape."""
-    if options.fisher_pool == "a":
-        fisher = store_a.fisher(param).astype(np.float64)
-    elif options.fisher_pool == "b":
-        fisher = store_b.fisher(param).astype(np.float64)
-    else:
-        n_a, n_b = store_a.n_samples, store_b.n_samples
-        total = n_a * store_a.fisher(param).astype(np.float64) + n_b * store_b.fisher(param).astype(np.float64)
-        fisher = total / max(n_a + n_b, 1)
-    return np.maximum(fisher, options.eps) + options.ridge_lambda
+    return np.maximum(pooled_fisher(store_a, store_b, param, options.fisher_pool), options.eps) + options.ridge_lambda
 
 
 # --- one ordered pair --------------------------------------------------------------------
@@ -195,7 +198,8 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
                     "pair is reported untested (status too_few_samples)", task_a, store_a.n_samples, task_b,
                     store_b.n_samples)
     params = list(dict.fromkeys(cell[0] for cell in cells))
-    hats = {param: fisher_hat(store_a, store_b, param, options) for param in params}
+    fishers = {param: pooled_fisher(store_a, store_b, param, options.fisher_pool) for param in params}
+    hats = {param: np.maximum(fisher, options.eps) + options.ridge_lambda for param, fisher in fishers.items()}
     weights = {param: 1.0 / hat for param, hat in hats.items()}
     f, h = VARIANTS[options.variant]
     products = {} if options.variant == "signed" else {"signed": VARIANTS["signed"]}
@@ -222,11 +226,12 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
             row |= _signed_test(signed) | _score_interval(score, draws_a, draws_b)
             rows.append(row)
             hat = store_a.geometry[param].split_heads(hats[param], block)[head]
+            fisher = store_a.geometry[param].split_heads(fishers[param], block)[head]
             health.append({"layer": geometry[param].layer, "block": block, "head": head, "param": param,
                            "slice_size": size, "fisher_pool": options.fisher_pool,
                            "fisher_min": float(hat.min()), "fisher_median": float(np.median(hat)),
                            "fisher_max": float(hat.max()),
-                           "fraction_below_eps": float(np.mean(hat - options.ridge_lambda <= options.eps)),
+                           "fraction_below_eps": float(np.mean(fisher <= options.eps)),
                            "eps": options.eps, "ridge_lambda": options.ridge_lambda})
             candidates.extend(_forensics(score if options.variant != "signed" else signed, options, row))
     table = pd.DataFrame(rows, columns=[c for c in CELL_COLUMNS if c not in ("signed_q", "label")])

@@ -501,8 +501,9 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
         if cosine:
             raw_b = {u: _scaled(x, scale[u]) for u, x in raw_b.items()}
         del data_b
-        h_names = {h_name: TRANSFORMS[h_name] for h_name in {_name_of(h_) for _, h_ in specs.values()}}
-        hb = {h_name: {u: h_(x) for u, x in raw_b.items()} for h_name, h_ in h_names.items()}
+        h_names = {_name_of(h_) for _, h_ in specs.values()}
+        hb = {h_name: {u: _apply(h_name, x, None, scratch, f"h{h_name}{u}") for u, x in raw_b.items()}
+              for h_name in h_names}
         cross = {name: {u: np.full((x.shape[0], n_a, n_b), np.nan) for u, x in raw_b.items()} for name in specs}
         sq_a = {u: np.zeros((x.shape[0], n_a)) for u, x in raw_b.items()}
         sq_b = {u: _squares(x) for u, x in raw_b.items()} if cosine else {}
@@ -522,7 +523,7 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                     within_a.add(raw, sq)
             for name, (f_, h_) in specs.items():
                 for u, x in raw.items():
-                    fa = f_(x) if cosine else _weighted(f_(x), scale[u])
+                    fa = _apply(_name_of(f_), x, None if cosine else scale[u], scratch, f"f{u}")
                     cross[name][u][:, lo:lo + x.shape[1]] = _bmm(fa, hb[_name_of(h_)][u])
             del raw
         result = PairMatrices()
@@ -543,6 +544,20 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                 result.within_a[group] = within_a.mean(group)
                 result.within_b[group] = within_b.mean(group)
         yield param, result
+
+
+def _apply(name: str, x: torch.Tensor, weight: torch.Tensor | None, scratch: _Scratch, slot: str) -> torch.Tensor:
+    """`transform(x) * weight` into a reused buffer (x itself for the identity without weight)."""
+    if name == "identity" and weight is None:
+        return x
+    out = scratch.take(slot, tuple(x.shape), x.dtype)
+    if name == "square":
+        torch.mul(x, x, out=out)
+    elif name == "abs":
+        torch.abs(x, out=out)
+    else:
+        out.copy_(x)
+    return out if weight is None else out.mul_(weight)
 
 
 def _name_of(transform: Callable) -> str:

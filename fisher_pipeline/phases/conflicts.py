@@ -29,7 +29,6 @@ left out of that group (`n_a`, `n_b` count the samples used).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -47,7 +46,15 @@ from ..layout import ROLES, ModelGeometry
 from ..pair_stats import bh_qvalues, effect_size, label, pair_mean_test
 from ..pairs import DTYPES, Group, iter_param_pairs
 from ..store import FisherStore
-from .common import atomic_output_dir, open_stores, relocate, write_table
+from .common import (
+    atomic_output_dir,
+    open_stores,
+    pair_phase_schema,
+    relocate,
+    select_pairs,
+    warn_few_samples,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +94,7 @@ properties:
     minimum: 0
     default: 10
     description: most conflicting sample pairs listed per conflicting group
-  pairs:
-    type: [array, "null"]
-    items:
-      type: array
-      items: {type: string}
-      minItems: 2
-      maxItems: 2
-    default: null
-    description: task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair
-  sample_block:
-    type: integer
-    minimum: 1
-    default: 256
-    description: samples of task A read and multiplied at once (memory, not results)
-  compute_dtype:
-    enum: [float32, float64]
-    default: float32
-    description: dtype of the pair products (results are float64)
-""")
+""" + pair_phase_schema("task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair"))
 class ConflictsOptions:
     """Settings of phase 5."""
 
@@ -261,10 +250,7 @@ def pair_conflicts(store_a: FisherStore, store_b: FisherStore, options: Conflict
     task_a = task_a or store_a.attrs.get("task", "A")
     task_b = task_b or store_b.attrs.get("task", "B")
     groups = list(groups) if groups is not None else conflict_groups(store_a)
-    if store_a.n_samples < 2 or store_b.n_samples < 2:
-        log.warning("%s has %d and %s has %d samples: a test needs at least 2 per task; every group of this "
-                    "pair is reported untested (status too_few_samples)", task_a, store_a.n_samples, task_b,
-                    store_b.n_samples)
+    warn_few_samples(log, store_a, store_b, task_a, task_b, "a test")
     params = list(dict.fromkeys(group[0] for group in groups))
     weights = (fisher_weights(store_a, store_b, params, options.fisher_damping)
                if options.similarity == "fisher" else None)
@@ -346,22 +332,6 @@ def group_conflict(store_a: FisherStore, store_b: FisherStore, group: Group,
 
 # --- all pairs ---------------------------------------------------------------------------
 
-def task_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None) -> list[tuple[str, str]]:
-    """The task pairs to compare: `pairs` if given (each checked), else every unordered pair.
-
-    Raises:
-        PhaseInputError: a listed task has no store.
-    """
-    if pairs is None:
-        return list(itertools.combinations(tasks, 2))
-    for pair in pairs:
-        missing = [task for task in pair if task not in tasks]
-        if missing:
-            raise PhaseInputError(f"conflicts.pairs lists {list(pair)}, but {missing} has no store here "
-                                  f"(tasks: {list(tasks)}): list only configured tasks")
-    return [tuple(pair) for pair in pairs]
-
-
 def run_conflicts(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
                   options: ConflictsOptions | None = None) -> dict[str, Path]:
     """Phase 5 over task pairs: write `conflicts`, `top_pairs` (Parquet + CSV) and heatmaps.
@@ -384,7 +354,7 @@ def run_conflicts(store_paths: Mapping[str, str | os.PathLike], out_dir: str | o
     tasks = list(stores)
     if len(tasks) < 2:
         raise PhaseInputError(f"phase 5 compares two tasks; got only {tasks}: pass two or more --stores")
-    pairs = [tuple(tasks)] if len(tasks) == 2 else task_pairs(tasks, options.pairs)
+    pairs = [tuple(tasks)] if len(tasks) == 2 else select_pairs(tasks, options.pairs, "conflicts", ordered=False)
     tables, tops = [], []
     for task_a, task_b in pairs:
         log.info("conflicts: %s vs %s", task_a, task_b)

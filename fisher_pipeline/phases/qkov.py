@@ -27,7 +27,6 @@ confidence interval over samples of A and of B, not tested.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -43,7 +42,15 @@ from ..errors import PhaseInputError
 from ..pair_stats import bh_qvalues, pair_mean_test
 from ..pairs import Group, iter_param_pairs
 from ..store import FisherStore
-from .common import atomic_output_dir, open_stores, relocate, write_table
+from .common import (
+    atomic_output_dir,
+    open_stores,
+    pair_phase_schema,
+    relocate,
+    select_pairs,
+    warn_few_samples,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +106,7 @@ properties:
     minimum: 0
     default: 200
     description: bootstrap resamples (of samples of A and of B) for the score's 95% interval; 0 skips it
-  pairs:
-    type: [array, "null"]
-    items:
-      type: array
-      items: {type: string}
-      minItems: 2
-      maxItems: 2
-    default: null
-    description: ordered task pairs [A, B]; null takes every ordered pair
-  sample_block:
-    type: integer
-    minimum: 1
-    default: 256
-    description: samples of task A read and multiplied at once (memory, not results)
-  compute_dtype:
-    enum: [float32, float64]
-    default: float32
-    description: dtype of the pair products (results are float64)
-""")
+""" + pair_phase_schema("ordered task pairs [A, B]; null takes every ordered pair"))
 class QkovOptions:
     """Settings of phase 6."""
 
@@ -193,10 +182,7 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
     task_a = task_a or store_a.attrs.get("task", "A")
     task_b = task_b or store_b.attrs.get("task", "B")
     cells = list(cells) if cells is not None else qkov_cells(store_a)
-    if store_a.n_samples < 2 or store_b.n_samples < 2:
-        log.warning("%s has %d and %s has %d samples: the signed test needs at least 2 per task; every cell of this "
-                    "pair is reported untested (status too_few_samples)", task_a, store_a.n_samples, task_b,
-                    store_b.n_samples)
+    warn_few_samples(log, store_a, store_b, task_a, task_b, "the signed test")
     params = list(dict.fromkeys(cell[0] for cell in cells))
     fishers = {param: pooled_fisher(store_a, store_b, param, options.fisher_pool) for param in params}
     hats = {param: np.maximum(fisher, options.eps) + options.ridge_lambda for param, fisher in fishers.items()}
@@ -327,18 +313,6 @@ def label_cells(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
 
 # --- all pairs ---------------------------------------------------------------------------
 
-def ordered_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None) -> list[tuple[str, str]]:
-    """`pairs` if given (each checked), else every ordered pair of distinct tasks."""
-    if pairs is None:
-        return list(itertools.permutations(tasks, 2))
-    for pair in pairs:
-        missing = [task for task in pair if task not in tasks]
-        if missing:
-            raise PhaseInputError(f"qkov.pairs lists {list(pair)}, but {missing} has no store here "
-                                  f"(tasks: {list(tasks)}): list only configured tasks")
-    return [tuple(pair) for pair in pairs]
-
-
 def run_qkov(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
              options: QkovOptions | None = None, pairs: Sequence[Sequence[str]] | None = None) -> dict[str, Path]:
     """Phase 6: write `cells`, `health`, `top_conflicts` (Parquet + CSV) and one figure per ordered pair.
@@ -356,7 +330,10 @@ def run_qkov(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
     tasks = list(stores)
     if len(tasks) < 2:
         raise PhaseInputError(f"phase 6 compares two tasks; got only {tasks}: pass two or more --stores")
-    chosen = [tuple(tasks)] if len(tasks) == 2 and pairs is None else ordered_pairs(tasks, pairs or options.pairs)
+    if len(tasks) == 2 and pairs is None:
+        chosen = [tuple(tasks)]
+    else:
+        chosen = select_pairs(tasks, pairs or options.pairs, "qkov", ordered=True)
     results = []
     for task_a, task_b in chosen:
         log.info("qkov: %s -> %s", task_a, task_b)

@@ -219,7 +219,8 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
                            "fisher_max": float(hat.max()),
                            "fraction_below_eps": float(np.mean(fisher <= options.eps)),
                            "eps": options.eps, "ridge_lambda": options.ridge_lambda})
-            candidates.extend(_forensics(score if options.variant != "signed" else signed, options, row))
+            if min(score.shape) >= 2:  # with one sample on a side, "more than B alone explains" means nothing
+                candidates.extend(_forensics(score if options.variant != "signed" else signed, options, row))
     table = pd.DataFrame(rows, columns=[c for c in CELL_COLUMNS if c not in ("signed_q", "label")])
     table = label_cells(table, options.alpha)
     top = _top_conflicts(candidates, options, store_a.sample_ids, store_b.sample_ids)

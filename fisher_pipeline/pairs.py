@@ -205,11 +205,6 @@ def group_slice(store: FisherStore, group: Group, data: np.ndarray) -> np.ndarra
     return np.take(data, positions, axis=geometry.groups.dim + 1).reshape(data.shape[0], -1)
 
 
-def group_weight(store: FisherStore, group: Group, weight: np.ndarray) -> np.ndarray:
-    """Slice a parameter-shaped weight (e.g. `1 / Fhat`) exactly as `group_slice` slices data."""
-    return group_slice(store, group, np.asarray(weight)[None])[0]
-
-
 def check_groups(store_a: FisherStore, store_b: FisherStore, groups: Sequence[Group]) -> None:
     """Refuse stores or groups the pair engine cannot combine.
 
@@ -475,8 +470,9 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
         raise ValueError("within-task baselines are mean cosines: within=True needs cosine=True")
     if products and cosine:
         raise ValueError("products are raw (un-normalised) matrices: not with cosine=True")
-    specs = {"": (_transform(f), _transform(h))} | {
-        name: (_transform(fp), _transform(hp)) for name, (fp, hp) in (products or {}).items()}
+    specs = {"": (f, h)} | dict(products or {})  # product name -> (f, h) transform names
+    for f_name, h_name in specs.values():
+        _transform(f_name), _transform(h_name)  # an unknown name fails here, before any read
     if sample_block < 1:
         raise ValueError(f"sample_block must be >= 1, got {sample_block}")
     torch_dtype = _dtype(dtype)
@@ -501,9 +497,8 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
         if cosine:
             raw_b = {u: _scaled(x, scale[u]) for u, x in raw_b.items()}
         del data_b
-        h_names = {_name_of(h_) for _, h_ in specs.values()}
         hb = {h_name: {u: _apply(h_name, x, None, scratch, f"h{h_name}{u}") for u, x in raw_b.items()}
-              for h_name in h_names}
+              for h_name in {h_name for _, h_name in specs.values()}}
         cross = {name: {u: np.full((x.shape[0], n_a, n_b), np.nan) for u, x in raw_b.items()} for name in specs}
         sq_a = {u: np.zeros((x.shape[0], n_a)) for u, x in raw_b.items()}
         sq_b = {u: _squares(x) for u, x in raw_b.items()} if cosine else {}
@@ -521,10 +516,10 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                     sq_a[u][:, lo:lo + raw[u].shape[1]] = sq[u].numpy()
                 if within_a is not None:
                     within_a.add(raw, sq)
-            for name, (f_, h_) in specs.items():
+            for name, (f_name, h_name) in specs.items():
                 for u, x in raw.items():
-                    fa = _apply(_name_of(f_), x, None if cosine else scale[u], scratch, f"f{u}")
-                    cross[name][u][:, lo:lo + x.shape[1]] = _bmm(fa, hb[_name_of(h_)][u])
+                    fa = _apply(f_name, x, None if cosine else scale[u], scratch, f"f{u}")
+                    cross[name][u][:, lo:lo + x.shape[1]] = _bmm(fa, hb[h_name][u])
             del raw
         result = PairMatrices()
         whole_sq_a = units.whole(sq_a) if cosine and units.wants_whole else None
@@ -560,17 +555,9 @@ def _apply(name: str, x: torch.Tensor, weight: torch.Tensor | None, scratch: _Sc
     return out if weight is None else out.mul_(weight)
 
 
-def _name_of(transform: Callable) -> str:
-    return next(name for name, value in TRANSFORMS.items() if value is transform)
-
-
 def _squares(x: torch.Tensor) -> torch.Tensor:
     """Squared norms of the rows, `[H, n, S] -> [H, n]` float64."""
     return torch.linalg.vector_norm(x, dim=-1).double() ** 2
-
-
-def _weighted(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    return x if w is None else x * w
 
 
 def _scaled(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:

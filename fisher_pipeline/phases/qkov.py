@@ -162,11 +162,6 @@ def pooled_fisher(store_a: FisherStore, store_b: FisherStore, param: str, pool: 
     return total / max(n_a + n_b, 1)
 
 
-def fisher_hat(store_a: FisherStore, store_b: FisherStore, param: str, options: QkovOptions) -> np.ndarray:
-    """`max(F, eps) + lambda` of the chosen pool, float64, the parameter's shape."""
-    return np.maximum(pooled_fisher(store_a, store_b, param, options.fisher_pool), options.eps) + options.ridge_lambda
-
-
 # --- one ordered pair --------------------------------------------------------------------
 
 def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions | None = None,

@@ -109,7 +109,7 @@ class HookEngine(_Engine):
 
     def __init__(self, model: nn.Module, accumulator: FisherAccumulator, config: FisherConfig):
         super().__init__(model, accumulator, config)
-        self.hooks = PerSampleGradients(model, accumulator.add, config.chunk_elements)
+        self.hooks = PerSampleGradients(model, accumulator.add, config.chunk_elements, only=set(accumulator.shapes))
 
     def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
         with self.hooks:
@@ -130,7 +130,7 @@ class LoopEngine(_Engine):
     def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
         if len(batch.ids) != 1:
             raise ValueError("the loop engine stages one sample at a time")
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad and n in self.accumulator.shapes}
         for p in params.values():
             p.grad = None
         loss = self._forward_loss(batch)
@@ -157,6 +157,7 @@ def compute_fisher(
     pad_id: int,
     on_commit: CommitCallback | None = None,
     progress: bool = False,
+    param_names: set[str] | None = None,
 ) -> Phase1Result:
     """Fold every sample's gradient into Fisher statistics (phase 1 without the store).
 
@@ -168,17 +169,20 @@ def compute_fisher(
         pad_id: token id used for right padding (masked out).
         on_commit: called after each committed micro-batch (e.g. to write per-sample data).
         progress: show a progress bar (samples/s, ETA) on stderr.
+        param_names: accumulate (and hand to `on_commit`) only these parameters
+            (default all); the forward/backward still runs through the whole model.
     """
     model.eval()
     first = next(model.parameters())
     device = first.device
     geometry = adapter.geometry()
     per_sample, m2 = stored_selections(geometry, config)
+    params = {n: g for n, g in geometry.params.items() if param_names is None or n in param_names}
     accumulator = FisherAccumulator(
-        {n: g.shape for n, g in geometry.params.items()},
-        {n: g.groups for n, g in geometry.params.items()},
-        m2,
-        per_sample,
+        {n: g.shape for n, g in params.items()},
+        {n: g.groups for n, g in params.items()},
+        m2 & set(params),
+        per_sample & set(params),
         device,
         first.dtype,
     )

@@ -42,14 +42,24 @@ class PerSampleGradients:
         sink: called once per (parameter, row chunk) during backward / `finish()`.
         chunk_elements: at most this many per-sample elements (`b * rows * cols`) are
             materialised per chunk; bounds memory for vocabulary-sized tables.
+        only: compute per-sample gradients of these parameters only (default: every
+            trainable one); the backward still runs through the whole model.
     """
 
-    def __init__(self, model: nn.Module, sink: Sink, chunk_elements: int = 1 << 25):
+    def __init__(self, model: nn.Module, sink: Sink, chunk_elements: int = 1 << 25,
+                 only: set[str] | None = None):
         self.model = model
         self.sink = sink
         self.chunk_elements = chunk_elements
-        self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if only is not None:
+            unknown = sorted(set(only) - set(trainable))
+            if unknown:
+                raise KeyError(f"no trainable parameter named {unknown[0]!r} in {type(model).__name__}")
+            trainable = {n: p for n, p in trainable.items() if n in only}
+        self.frozen = [p for n, p in model.named_parameters() if p.requires_grad and n not in trainable]
+        self.names = {id(p): n for n, p in trainable.items()}
+        self.params = trainable
         self._hooked: list[tuple[nn.Module, Callable]] = []
         covered: set[str] = set()
         for module in model.modules():
@@ -81,7 +91,7 @@ class PerSampleGradients:
         self._model_batch = 0
 
     def __enter__(self) -> PerSampleGradients:
-        for param in self.params.values():
+        for param in [*self.params.values(), *self.frozen]:
             param.requires_grad_(False)
         self._handles.append(self.model.register_forward_pre_hook(self._record_batch_size, with_kwargs=True))
         for module, rule in self._hooked:
@@ -97,7 +107,7 @@ class PerSampleGradients:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for param in self.params.values():
+        for param in [*self.params.values(), *self.frozen]:
             param.requires_grad_(True)
         self._reset()
 
@@ -122,7 +132,9 @@ class PerSampleGradients:
             def on_grad(grad_out: torch.Tensor) -> None:
                 self._batch_size = grad_out.shape[0]
                 for attr, row_grad in rule(module, inputs, grad_out.detach()).items():
-                    name = names[attr]
+                    name = names.get(attr)
+                    if name is None:  # a parameter left out by `only`
+                        continue
                     self._uses[name].append(row_grad)
                     if len(self._uses[name]) == self._expected[name]:
                         self._emit(name)

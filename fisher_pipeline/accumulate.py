@@ -1,4 +1,4 @@
-"""Fold per-sample gradients into Fisher statistics, one micro-batch at a time.
+"""Fold per-sample gradients into Fisher statistics, one chunk of rows at a time.
 
 Per parameter the accumulator keeps, in float64 (see `welford.py`):
   * `fisher`: Welford state of `C_i = g_i * g_i` (mean = diagonal empirical Fisher; M2
@@ -7,10 +7,19 @@ Per parameter the accumulator keeps, in float64 (see `welford.py`):
   * `group`: Welford state of each sample's group-reduced contribution
     (`sum of C_i over a head / neuron`), always with M2.
 
-Squares are taken per sample before any reduction over samples. A micro-batch is
-first staged (float32 sums over at most `batch_size` samples) and committed only after
-the caller has checked that no sample produced a non-finite gradient, so a bad sample
-can be dropped and its batch redone without it ever touching the statistics.
+That is 16 bytes per parameter (8 more where M2 is kept) and nothing else of the
+model's size: each chunk of per-sample rows `[b, r, ...]`, handed over while it is
+still in cache, is reduced over the samples and folded straight into the float64
+state (Chan's merge on those rows), so the state is read and written once per
+micro-batch and no staging copy of the model exists. Squares are taken per sample
+before any reduction over samples.
+
+A sample whose gradient is not finite must leave no trace. Folding stops at the first
+chunk with a non-finite value (a device-side flag, so a GPU never waits on it); the
+chunks already folded are listed, and `begin(..., undo=folded)` lets the caller run the
+same micro-batch again to subtract exactly them (inverse Chan merge) before it redoes
+the batch without the bad sample. Non-finite gradients are rare, so this costs
+nothing in the common case.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ from .layout import GroupSpec
 from .scratch import Scratch
 from .welford import Welford, batch_moments
 
+#: (parameter name, first row, stop row) of one folded chunk.
+Chunk = tuple[str, int, int]
+
 
 class FisherAccumulator:
     """Statistics of per-sample gradients of a set of parameters.
@@ -30,8 +42,12 @@ class FisherAccumulator:
         specs: parameter name -> group partition.
         m2_names: parameters that get an elementwise M2 of `g^2`.
         per_sample_names: parameters whose per-sample `g_i` are handed back on commit.
-        device: where statistics live (the model's device).
-        dtype: dtype of the per-sample gradients (the model's); staging sums use it.
+        device: where the per-sample gradients arrive (the model's device).
+        dtype: dtype of the per-sample gradients (the model's).
+        per_sample_dtype: dtype of the per-sample copies handed back on commit (the
+            store's: converting while the chunk is in cache saves a pass).
+        state_device: where the float64 statistics live (default `device`); `cpu`
+            keeps a large model's state off the GPU at the price of a transfer per chunk.
     """
 
     def __init__(
@@ -42,95 +58,160 @@ class FisherAccumulator:
         per_sample_names: set[str],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        per_sample_dtype: torch.dtype | None = None,
+        state_device: torch.device | str | None = None,
     ):
         self.shapes = shapes
         self.specs = specs
-        self._labels = {n: s.labels.to(device) for n, s in specs.items()}
+        self.device = torch.device(device)
+        self.state_device = torch.device(state_device) if state_device is not None else self.device
+        self._labels = {n: s.labels.to(self.device) for n, s in specs.items()}
         self.m2_names = set(m2_names)
         self.per_sample_names = set(per_sample_names)
-        self.device = device
-        self.fisher = {n: Welford.zeros(s, n in self.m2_names, device) for n, s in shapes.items()}
-        self.grad = {n: Welford.zeros(s, False, device) for n, s in shapes.items()}
-        self.group = {n: Welford.zeros((len(self.specs[n].keys),), True, device) for n in shapes}
-        zeros = {n: torch.zeros(s, dtype=dtype, device=device) for n, s in shapes.items()}
-        self._sum_c = zeros
-        self._sum_g = {n: torch.zeros_like(t) for n, t in zeros.items()}
-        self._m2_c = {n: torch.zeros_like(zeros[n]) for n in self.m2_names}
-        self._group_c: dict[str, torch.Tensor] = {}
+        self.dtype = dtype
+        self.per_sample_dtype = per_sample_dtype or dtype
+        self.fisher = {n: Welford.zeros(s, n in self.m2_names, self.state_device) for n, s in shapes.items()}
+        self.grad = {n: Welford.zeros(s, False, self.state_device) for n, s in shapes.items()}
+        self.group = {n: Welford.zeros((len(self.specs[n].keys),), True, self.state_device) for n in shapes}
+        # Two sets of per-sample buffers, used alternately: what one commit hands back stays
+        # valid while the next micro-batch is computed (a background writer can read it).
+        self._per_sample_sets: list[dict[str, torch.Tensor]] = [{}, {}]
         self._per_sample: dict[str, torch.Tensor] = {}
+        self._group_c: dict[str, torch.Tensor] = {}
         self._touched: set[str] = set()
         self._batch_size = 0
-        self._scratch = Scratch()
+        self._commits = 0
+        self._ok = torch.ones((), dtype=torch.bool, device=self.device)
+        # Folded chunks of this micro-batch, with the device flag at fold time (None: folded).
+        self._chunks: list[tuple[Chunk, torch.Tensor | None]] = []
+        self._undo: set[Chunk] | None = None
+        self._sums = Scratch()
+        self._squares = Scratch()
+        self._deviations = Scratch()
 
-    def begin(self, batch_size: int) -> None:
-        """Start staging a micro-batch of `batch_size` samples."""
+    # --- staging ---------------------------------------------------------------------
+    def begin(self, batch_size: int, undo: list[Chunk] | None = None) -> None:
+        """Start a micro-batch of `batch_size` samples.
+
+        With `undo` (the `folded()` list of a discarded pass over this very batch), the
+        next pass subtracts exactly those chunks from the statistics instead of adding.
+        """
         self._batch_size = batch_size
         self._touched.clear()
+        self._chunks.clear()
+        self._ok = torch.ones((), dtype=torch.bool, device=self.device)
+        self._undo = set(undo) if undo is not None else None
         self._group_c = {
             n: torch.zeros(batch_size, len(s.keys), dtype=torch.float64, device=self.device)
             for n, s in self.specs.items()
         }
+        if undo is not None:
+            return
+        buffers = self._per_sample_sets[self._commits % 2]
         for name in self.per_sample_names:
-            buffer = self._per_sample.get(name)
+            buffer = buffers.get(name)
             if buffer is None or buffer.shape[0] != batch_size:
-                self._per_sample[name] = torch.empty(batch_size, *self.shapes[name], device=self.device,
-                                                     dtype=self._sum_g[name].dtype)
+                buffers[name] = torch.empty(batch_size, *self.shapes[name], device=self.device,
+                                            dtype=self.per_sample_dtype)
+        self._per_sample = buffers
 
     def add(self, name: str, start: int, stop: int, grads: torch.Tensor) -> None:
-        """Stage rows `start:stop` of parameter `name`'s per-sample gradients `[b, r, ...]`.
+        """Fold rows `start:stop` of parameter `name`'s per-sample gradients `[b, r, ...]`.
 
         `grads` is consumed (squared in place).
         """
         rows = slice(start, stop)
-        torch.sum(grads, 0, out=self._sum_g[name][rows])
+        if self._undo is not None:
+            if (name, start, stop) in self._undo:
+                self._fold(name, rows, grads, sign=-1)
+            return
         if name in self.per_sample_names:
-            self._per_sample[name][:, rows] = grads
-        contributions = grads.square_()
-        torch.sum(contributions, 0, out=self._sum_c[name][rows])
-        if name in self.m2_names:
-            mean = self._sum_c[name][rows] / contributions.shape[0]
-            deviations = torch.sub(contributions, mean, out=self._scratch.view(*contributions.shape, like=mean))
-            torch.sum(deviations.square_(), 0, out=self._m2_c[name][rows])
-        self._stage_groups(name, start, stop, contributions)
+            self._per_sample[name][:, rows].copy_(grads)
+        self._fold(name, rows, grads, sign=1)
         self._touched.add(name)
 
-    def _stage_groups(self, name: str, start: int, stop: int, contributions: torch.Tensor) -> None:
+    def _fold(self, name: str, rows: slice, grads: torch.Tensor, sign: int) -> None:
+        n_batch = grads.shape[0]
+        sum_g = torch.sum(grads, 0, out=self._sums.view(*grads.shape[1:], like=grads))
+        contributions = grads.square_()
+        sum_c = torch.sum(contributions, 0, out=self._squares.view(*grads.shape[1:], like=grads))
+        m2_c = None
+        if name in self.m2_names:
+            deviations = torch.sub(contributions, sum_c / n_batch,
+                                   out=self._deviations.view(*contributions.shape, like=contributions))
+            m2_c = deviations.square_().sum(0)
+        batch: int | torch.Tensor = n_batch
+        if sign > 0:
+            self._stage_groups(name, rows, contributions)
+            # sum_c sums squares: it is finite iff every g in the chunk is (and then so is sum_g).
+            finite = torch.isfinite(sum_c.amax())
+            if self.device.type == "cpu":  # checking costs no wait on a CPU
+                self._ok = self._ok & finite
+                if not self._ok:
+                    return
+                self._chunks.append(((name, rows.start, rows.stop), None))
+            else:  # a device-side flag: zeros, not NaN * 0, once a chunk was not finite
+                self._ok = self._ok & finite
+                zero = torch.zeros((), dtype=sum_c.dtype, device=sum_c.device)
+                sum_c = torch.where(self._ok, sum_c, zero, out=sum_c)
+                sum_g = torch.where(self._ok, sum_g, zero, out=sum_g)
+                m2_c = torch.where(self._ok, m2_c, zero) if m2_c is not None else None
+                batch = self._ok.to(torch.int64) * n_batch
+                self._chunks.append(((name, rows.start, rows.stop), self._ok))
+        self.fisher[name].fold_rows(rows, batch, self._to_state(sum_c), self._to_state(m2_c), sign)
+        self.grad[name].fold_rows(rows, batch, self._to_state(sum_g), None, sign)
+
+    def _to_state(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None or tensor.device == self.state_device:
+            return tensor
+        return tensor.to(self.state_device, non_blocking=False)
+
+    def _stage_groups(self, name: str, rows: slice, contributions: torch.Tensor) -> None:
         spec = self.specs[name]
         group_dim = spec.dim + 1
         other = [d for d in range(1, contributions.dim()) if d != group_dim]
         # float32 within a chunk row (at most a few thousand terms), float64 across samples
         per_position = (contributions.sum(other) if other else contributions).double()
-        labels = self._labels[name][start:stop] if spec.dim == 0 else self._labels[name]
+        labels = self._labels[name][rows] if spec.dim == 0 else self._labels[name]
         self._group_c[name].index_add_(1, labels, per_position)
 
     def non_finite_samples(self) -> dict[int, str]:
-        """Staged samples with a non-finite gradient: sample row -> first parameter hit."""
+        """Samples of this micro-batch with a non-finite gradient: sample row -> first parameter hit."""
         bad: dict[int, str] = {}
         for name in self._touched:
             for row in torch.nonzero(~torch.isfinite(self._group_c[name]).all(1)).flatten().tolist():
                 bad.setdefault(row, name)
         return bad
 
+    def folded(self) -> list[Chunk]:
+        """Chunks of this micro-batch already in the statistics (to undo before redoing it)."""
+        if not self._chunks:
+            return []
+        flags = [flag for _, flag in self._chunks if flag is not None]
+        ok = iter(torch.stack(flags).tolist() if flags else [])
+        return [chunk for chunk, flag in self._chunks if flag is None or next(ok)]
+
     def commit(self) -> dict[str, torch.Tensor]:
-        """Merge the staged micro-batch into the statistics.
+        """Close the micro-batch: count its samples and fold its group statistics.
 
         Returns:
-            parameter name -> per-sample gradients `[b, *shape]` (float32, valid until the
-            next `begin`) for the per-sample parameters.
+            parameter name -> per-sample gradients `[b, *shape]` (in `per_sample_dtype`),
+            valid until the second `begin` after this commit.
         """
+        if self._undo is not None:
+            raise RuntimeError("commit() after an undo pass: begin() the corrected micro-batch first")
         n = self._batch_size
         for name in self.shapes:
             if name not in self._touched:  # no gradient reached this parameter: g_i = 0
-                self._sum_c[name].zero_()
-                self._sum_g[name].zero_()
-                if name in self.m2_names:
-                    self._m2_c[name].zero_()
+                self.fisher[name].fold_zeros(n)
                 if name in self.per_sample_names:
                     self._per_sample[name].zero_()
-            self.fisher[name].merge_moments(n, self._sum_c[name], self._m2_c.get(name))
-            self.grad[name].merge_moments(n, self._sum_g[name])
-            self.group[name].merge_moments(*batch_moments(self._group_c[name]))
+            self.fisher[name].count += n
+            self.grad[name].count += n
+            self.group[name].merge_moments(*batch_moments(self._group_c[name].to(self.state_device)))
         self._touched.clear()
+        self._chunks.clear()
+        self._commits += 1
         return {name: self._per_sample[name] for name in self.per_sample_names}
 
     @property

@@ -111,14 +111,24 @@ class StoreWriter:
         self._pending: Future | None = None
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
-               per_sample: dict[str, torch.Tensor]) -> None:
-        """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i."""
+               per_sample: dict[str, torch.Tensor], lent: bool = False) -> None:
+        """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i.
+
+        The per-sample rows are written by a background thread, so that zarr's encoding and
+        the disk overlap the next micro-batch's compute. By default the writer takes its
+        own copies in the stored dtype (the caller may reuse its buffers at once). With
+        `lent=True` the caller promises CPU tensors in the stored dtype, unchanged until
+        the *next* `append` returns (phase 1's accumulator alternates two buffer sets),
+        and no copy is made.
+        """
         start = len(self.ids)
-        # Own copies in the stored dtype (the caller reuses its buffers; torch converts to
-        # float16 several times faster than numpy), written by a background thread so
-        # that zarr's encoding and the disk overlap the next micro-batch's compute.
-        rows = {name: per_sample[name].detach().to("cpu", self.torch_dtype, copy=True).numpy()
-                for name in self.per_sample}
+        rows = {}
+        for name in self.per_sample:
+            tensor = per_sample[name].detach()
+            if lent and tensor.device.type == "cpu" and tensor.dtype == self.torch_dtype:
+                rows[name] = tensor.numpy()
+            else:  # torch converts to float16 several times faster than numpy
+                rows[name] = tensor.to("cpu", self.torch_dtype, copy=True).numpy()
         self._wait_for_write()
         self._pending = self._writer.submit(self._write_rows, start, rows)
         self.ids.extend(ids)

@@ -81,6 +81,42 @@ class Welford:
         self.total.add_(total)
         self.count += count
 
+    def fold_rows(self, rows: slice, count: int | torch.Tensor, total: torch.Tensor, m2: torch.Tensor | None,
+                  sign: int = 1) -> None:
+        """Chan-merge a batch into rows `rows` of the state, in place, without changing `count`.
+
+        The caller folds every row of a batch this way (chunk by chunk, each while it is
+        in cache) and then adds the batch's size to `count` once. `sign=-1` is the exact
+        inverse: it takes a batch folded before (not yet counted) back out.
+
+        Args:
+            rows: rows of the first dimension.
+            count: samples in the batch (a 0-d tensor may be 0: then nothing changes).
+            total: the batch's sum over its samples of those rows (any float dtype).
+            m2: the batch's M2 of those rows (needed when the state tracks M2).
+        """
+        state_total = self.total[rows]
+        if sign < 0:
+            state_total.sub_(total)
+        if self.m2 is not None:
+            if m2 is None:
+                raise ValueError("a state that tracks M2 needs the batch's M2 to merge")
+            state_m2 = self.m2[rows]
+            if self.count:
+                batch = count if isinstance(count, int) else count.to(torch.float64)
+                weight = self.count * batch / (self.count + batch)  # 0 for an empty batch
+                batch_mean = total.to(torch.float64) / (batch if isinstance(batch, int) else batch.clamp(min=1))
+                delta = batch_mean.sub_(state_total, alpha=1 / self.count)
+                state_m2.add_(delta.square_().mul_(weight), alpha=sign)
+            state_m2.add_(m2, alpha=sign)
+        if sign > 0:
+            state_total.add_(total)
+
+    def fold_zeros(self, count: int) -> None:
+        """The M2 part of folding `count` all-zero samples (their sums add nothing); no count change."""
+        if self.m2 is not None and self.count:
+            self.m2.add_(self.total.square() / self.count * (count / (self.count + count)))
+
     def update(self, values: torch.Tensor) -> None:
         """Fold in a batch of samples `[n, *shape]`."""
         count, total, m2 = batch_moments(values)

@@ -98,11 +98,15 @@ def test_fisher_equals_mean_of_squares_of_loop(family, attn):
     reference = loop_reference(model, samples)
     assert acc.count == len(samples)
     assert set(acc.shapes) == set(dict(model.named_parameters()))
+    assert any(acc.fisher[name].m2 is not None for name in acc.shapes)
     for name in acc.shapes:
         g = reference[name].double()
         expected = g.square().mean(0)
         assert_close(acc.fisher[name].mean, expected, f"{family}/{attn} E[g^2] {name}")
         assert_close(acc.grad[name].mean, g.mean(0), f"{family}/{attn} E[g] {name}")
+        if acc.fisher[name].m2 is not None:  # the attention projections, by default
+            m2 = (g.square() - expected).square().sum(0)
+            assert_close(acc.fisher[name].m2, m2, f"{family}/{attn} M2 of g^2 {name}")
         groups = adapter.group_spec(name, tuple(g.shape[1:])).reduce(g.square()).mean(0)
         assert_close(acc.group[name].mean, groups, f"{family}/{attn} group {name}")
         wrong = g.mean(0).square()

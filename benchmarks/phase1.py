@@ -1,6 +1,7 @@
-"""Phase 1 speed and memory, side by side: floor vs batch-1 loop vs our phase 1.
+"""Phase 1 speed and memory, side by side: floor vs batch-1 loop vs our phase 1 (vs Opacus).
 
     .venv/bin/python benchmarks/phase1.py                 # SmolLM2-135M, T=128, B=8 and 16
+    .venv/bin/python benchmarks/phase1.py --variants floor loop ours opacus   # with Opacus
     .venv/bin/python benchmarks/phase1.py --rss-scaling   # peak RSS at N=32 vs N=256
 
 Each measurement runs in its own subprocess (so peak RSS is that variant's alone),
@@ -10,6 +11,16 @@ reports medians. Variants:
   loop   batch-1 forward/backward per sample, accumulating g^2 (the seeds' method)
   ours   phase 1: full-model Fisher + Welford + per-sample attention gradients of all
          layers written to a zarr store (float16), store completed and renamed
+  opacus Opacus's GradSampleModule (benchmarks/requirements.txt; not in the default
+         --variants: `--variants floor loop ours opacus`): per-sample gradients of every
+         parameter, same model, batches and token-sum loss (loss_reduction="sum"), g^2
+         summed over each micro-batch in float32 and added into float64 state. Opacus
+         keeps the tied embedding / LM-head weight's two uses summed (its per-parameter
+         forward counter); LlamaRMSNorm gets a registered grad sampler (`opacus_grad_sample`);
+         rotary embeddings hold no parameters. It holds every parameter's per-sample
+         gradients at once after the backward (B x 0.54 GB on SmolLM2) besides the
+         summed .grad. `opacus_vs_hooks` checks its per-sample gradients against ours
+         (tests/test_benchmark_scripts.py).
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +94,105 @@ def _loop(model, batches, state: dict) -> None:
                 state.setdefault(name, torch.zeros_like(p)).add_(p.grad.square())
 
 
+def _llama_rms_norm_grad_sample(layer, activations, backprops):
+    """Opacus grad sampler for LlamaRMSNorm (`w * n(x)`): per sample, `sum_s grad_out * n(x)`."""
+    import torch
+    from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
+
+    x = activations[0].float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)).to(activations[0].dtype)
+    return {layer.weight: sum_over_all_but_batch_and_last_n(backprops * normed, layer.weight.dim())}
+
+
+@contextmanager
+def opacus_grad_sample(model):
+    """`model` wrapped in Opacus's GradSampleModule as a user would for per-sample gradients.
+
+    loss_reduction="sum" (the loss is the sum of per-sample token-sum losses), batch_first.
+    Tied weights (SmolLM2's embed_tokens / lm_head) need nothing: Opacus counts each
+    parameter's uses in the forward pass and sums their per-sample gradients. LlamaRMSNorm
+    has no built-in grad sampler (only torch.nn.RMSNorm does), so one is registered;
+    without it Opacus would fall back to functorch for that layer. Opacus records
+    activations only in training mode, so the model is put in train() for the duration
+    (Llama has no dropout: the forward pass is unchanged). On exit the hooks and the
+    attributes Opacus put on the parameters are removed and the mode is restored.
+    """
+    from opacus.grad_sample import GradSampleModule, register_grad_sampler
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    if LlamaRMSNorm not in GradSampleModule.GRAD_SAMPLERS:
+        register_grad_sampler(LlamaRMSNorm)(_llama_rms_norm_grad_sample)
+    training = model.training
+    model.train()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        yield gsm
+    finally:
+        gsm.to_standard_module()
+        model.train(training)
+
+
+def opacus_per_sample_grads(gsm, batch) -> dict:
+    """One micro-batch through Opacus: parameter name -> per-sample gradients `[b, *shape]`.
+
+    Same loss as ours: the sum over samples of `per_sample_loss` (token-sum NLL).
+    """
+    from fisher_pipeline.engine.loss import per_sample_loss
+
+    gsm.zero_grad(set_to_none=True)
+    logits = gsm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    with warnings.catch_warnings():  # the embedding's input (token ids) needs no gradient: expected
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        per_sample_loss(logits, batch.input_ids, batch.label_mask).sum().backward()
+    return {name: p.grad_sample for name, p in gsm._module.named_parameters() if p.requires_grad}
+
+
+def opacus_vs_hooks(model, batch) -> dict[str, float]:
+    """Max relative difference per parameter between Opacus's per-sample gradients and
+    our hooks engine's (`PerSampleGradients`) on one micro-batch; a name missing from
+    either side is reported as infinity."""
+    import torch
+
+    from fisher_pipeline.engine.hooks import PerSampleGradients
+    from fisher_pipeline.engine.loss import per_sample_loss
+
+    ours: dict[str, dict[int, object]] = {}
+
+    def sink(name, start, stop, rows):
+        ours.setdefault(name, {})[start] = rows.clone()
+
+    with PerSampleGradients(model, sink) as hooks:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        per_sample_loss(logits, batch.input_ids, batch.label_mask).sum().backward()
+        hooks.finish()
+    ours_full = {name: torch.cat([rows for _, rows in sorted(parts.items())], dim=1) for name, parts in ours.items()}
+    with opacus_grad_sample(model) as gsm:
+        theirs = {name: g.detach().clone() if g is not None else None
+                  for name, g in opacus_per_sample_grads(gsm, batch).items()}
+    errors: dict[str, float] = {}
+    for name in sorted(set(ours_full) | set(theirs)):
+        a, b = ours_full.get(name), theirs.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            errors[name] = float("inf")
+            continue
+        errors[name] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+    return errors
+
+
+def _opacus(model, batches, state: dict) -> None:
+    import torch
+
+    with opacus_grad_sample(model) as gsm:
+        for batch in batches:
+            grads = opacus_per_sample_grads(gsm, batch)
+            for name, g in grads.items():
+                # In place: the per-sample tensor is not needed afterwards (no extra [b, *shape] copy).
+                folded = g.square_().sum(0)
+                state.setdefault(name, torch.zeros(folded.shape, dtype=torch.float64)).add_(folded)
+            del grads
+            gsm.zero_grad(set_to_none=True)  # drops grad_sample before the next forward
+
+
 def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
     """Phase 1 into a store; returns the steady per-sample time and the fixed costs."""
     from fisher_pipeline.config import FisherConfig
@@ -130,6 +242,10 @@ def worker(args: argparse.Namespace) -> None:
             _loop(model, [collate(warm[:1], 0)], {})
             start = time.perf_counter()
             _loop(model, batches, {})
+        elif args.worker == "opacus":
+            _opacus(model, [collate(warm, 0)], {})
+            start = time.perf_counter()
+            _opacus(model, batches, {})
         else:
             _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", "attention")
             start = time.perf_counter()
@@ -149,7 +265,7 @@ def _run(variant: str, batch: int, n: int, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["floor", "loop", "ours"])
+    parser.add_argument("--worker", choices=["floor", "loop", "ours", "opacus"])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "small"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])

@@ -33,3 +33,59 @@ def test_pair_phase_benchmark_variants_run(stores, phase, variant):
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["variant"] == variant and measured["seconds"] > 0 and measured["peak_rss_mb"] > 0
+
+
+def _phase1_script():
+    """benchmarks/phase1.py as a module (its helpers are what the benchmark runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("phase1_benchmark", ROOT / "benchmarks" / "phase1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_opacus_per_sample_gradients_equal_hooks_engine():
+    """Opacus's per-sample gradients (the phase 1 benchmark's `opacus` variant) equal our hooks
+    engine's for every parameter of a tiny Llama with tied embeddings, on a right-padded batch
+    with unlabelled prefixes; the variant's g^2 fold equals the loop variant's."""
+    import torch
+
+    from fisher_pipeline.data import TokenizedSample
+    from fisher_pipeline.engine.loss import collate
+    from tiny_models import VOCAB, build_tiny
+
+    phase1 = _phase1_script()
+    model = build_tiny("llama")
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    gen = torch.Generator().manual_seed(5)
+    samples = []
+    for k, length in enumerate((11, 17, 6)):
+        mask = torch.ones(length, dtype=torch.bool)
+        mask[: 1 + 2 * k] = False
+        samples.append(TokenizedSample(f"o{k}", torch.randint(0, VOCAB, (length,), generator=gen), mask))
+    batch = collate(samples, pad_id=0)
+
+    errors = phase1.opacus_vs_hooks(model, batch)
+    assert set(errors) == set(dict(model.named_parameters()))
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-5, f"{worst}: Opacus vs hooks, max relative difference {errors[worst]:.2e}"
+    assert not model.training and not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+    folded: dict[str, torch.Tensor] = {}
+    phase1._opacus(model, [batch], folded)
+    looped: dict[str, torch.Tensor] = {}
+    phase1._loop(model, [batch], looped)  # the benchmark's batch-1 variant: sum_i g_i^2 by plain autograd
+    assert set(folded) == set(looped)
+    for name, value in folded.items():
+        err = float((value - looped[name].double()).abs().max() / looped[name].abs().max())
+        assert value.dtype == torch.float64 and err <= 1e-5, f"{name}: opacus vs loop sum of g^2, {err:.2e}"
+
+
+def test_phase1_benchmark_opacus_variant_runs():
+    command = [sys.executable, str(ROOT / "benchmarks" / "phase1.py"), "--worker", "opacus", "--model", "small",
+               "--batch", "2", "--n", "2", "--length", "16", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["variant"] == "opacus" and measured["sec_per_sample"] > 0 and measured["peak_rss_mb"] > 0

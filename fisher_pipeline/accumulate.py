@@ -200,6 +200,9 @@ class FisherAccumulator:
         """
         if self._undo is not None:
             raise RuntimeError("commit() after an undo pass: begin() the corrected micro-batch first")
+        if not bool(self._ok):
+            raise ValueError("this micro-batch has non-finite per-sample gradients (see non_finite_samples()); "
+                             "it was not folded in: undo its folded() chunks and redo it without those samples")
         n = self._batch_size
         for name in self.shapes:
             if name not in self._touched:  # no gradient reached this parameter: g_i = 0

@@ -248,3 +248,25 @@ def test_missing_model_path_is_named(tmp_path):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="Pickled weights"):
         load_model(ModelConfig(path=str(tmp_path / "pickled")))
+
+
+def test_statistics_files_are_the_arrays_zarr_would_write(tmp_path):
+    """The statistics' `zarr.json` and chunk files are written directly (not through zarr's
+    API, for speed): each must equal what zarr itself writes, and hold the right numbers."""
+    from store_factory import llama_layout, make_store
+
+    names = sorted(llama_layout()[0])[:6]
+    path = make_store(tmp_path / "s.zarr", n_samples=5, seed=3, per_sample=tuple(names))
+    store = open_store(path)
+    for name in names:
+        g = store.per_sample(name).astype(np.float64)
+        expected = {"fisher": (g**2).mean(0), "grad_mean": g.mean(0)}
+        for kind in ("fisher", "grad_mean", "group", "group_m2"):
+            data = store.array(kind, name)[...]
+            if kind in expected:
+                np.testing.assert_allclose(data, expected[kind], rtol=1e-5, atol=1e-7)
+            reference = zarr.create_array(tmp_path / "ref" / kind / name, data=data, compressors=None,
+                                          chunks=data.shape)
+            assert (path / kind / name / "zarr.json").read_bytes() == \
+                (tmp_path / "ref" / kind / name / "zarr.json").read_bytes()
+            np.testing.assert_array_equal(zarr.open_array(path / kind / name)[...], reference[...])

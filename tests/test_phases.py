@@ -488,9 +488,11 @@ def test_run_scaled_writes_outputs(stores, tmp_path, caplog):
 # --- every phase ---------------------------------------------------------------------
 @pytest.fixture
 def nan_store(tmp_path):
-    grads = random_gradients(SHAPES, N, 3)
-    grads["model.layers.1.mlp.up_proj.weight"][2, 4, 1] = np.nan
-    return make_store(tmp_path / "nan.zarr", n_samples=N, task="nan", grads=grads)
+    # Phase 1 never folds a non-finite gradient in; a store corrupted afterwards must still be refused.
+    path = make_store(tmp_path / "nan.zarr", n_samples=N, task="nan", grads=random_gradients(SHAPES, N, 3))
+    for kind, index in (("fisher", (4, 1)), ("grad_mean", (4, 1)), ("group", 4), ("group_m2", 4)):
+        zarr.open_array(path / kind / "model.layers.1.mlp.up_proj.weight", mode="r+")[index] = np.nan
+    return path
 
 
 def test_nan_in_a_store_is_refused_naming_the_tensor(nan_store, stores, tmp_path):

@@ -34,6 +34,11 @@ from .welford import Welford, batch_moments
 Chunk = tuple[str, int, int]
 
 
+def device_side_flags(device: torch.device) -> bool:
+    """Whether the finiteness check stays on the device (no host wait per chunk): GPUs."""
+    return device.type != "cpu"
+
+
 class FisherAccumulator:
     """Statistics of per-sample gradients of a set of parameters.
 
@@ -145,7 +150,7 @@ class FisherAccumulator:
             self._stage_groups(name, rows, contributions)
             # sum_c sums squares: it is finite iff every g in the chunk is (and then so is sum_g).
             finite = torch.isfinite(sum_c.amax())
-            if self.device.type == "cpu":  # checking costs no wait on a CPU
+            if not device_side_flags(self.device):  # checking costs no wait on a CPU
                 self._ok = self._ok & finite
                 if not self._ok:
                     return
@@ -158,6 +163,8 @@ class FisherAccumulator:
                 m2_c = torch.where(self._ok, m2_c, zero) if m2_c is not None else None
                 batch = self._ok.to(torch.int64) * n_batch
                 self._chunks.append(((name, rows.start, rows.stop), self._ok))
+        if isinstance(batch, torch.Tensor):
+            batch = batch.to(self.state_device)
         self.fisher[name].fold_rows(rows, batch, self._to_state(sum_c), self._to_state(m2_c), sign)
         self.grad[name].fold_rows(rows, batch, self._to_state(sum_g), None, sign)
 

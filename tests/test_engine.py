@@ -149,3 +149,44 @@ def test_unsupported_layer_is_named():
     model.extra = torch.nn.Conv2d(1, 1, 1)
     with pytest.raises(UnsupportedLayerError, match="Conv2d"):
         PerSampleGradients(model, lambda *a: None)
+
+
+# --- CUDA ----------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device visible to torch: the CUDA path is checked where one is")
+
+
+def _phase1_with_per_sample(model, samples, config):
+    """compute_fisher on `model`'s device; returns the accumulator and per-sample g_i on the CPU."""
+    collected: dict[str, list[torch.Tensor]] = {}
+
+    def keep(batch, losses, grads):
+        for name, g in grads.items():
+            collected.setdefault(name, []).append(g.float().cpu().clone())
+
+    acc = compute_fisher(model, adapter_for(model), samples, config, pad_id=0, on_commit=keep)
+    return acc.accumulator, {name: torch.cat(parts) for name, parts in collected.items()}
+
+
+@needs_cuda
+@pytest.mark.parametrize("state_device", [None, "cpu"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_phase1_equals_cpu(family, state_device):
+    """Phase 1 with the model on the GPU (float32 compute; the float64 state on the GPU or,
+    with `state_device: cpu`, in host memory) gives the CPU's per-sample gradients and statistics."""
+    model = build_tiny(family)
+    samples = random_samples(9, seed=2)
+    config = FisherConfig(batch_size=4, chunk_elements=256, per_sample_dtype="float32", state_device=state_device)
+    cpu, cpu_grads = _phase1_with_per_sample(model, samples, config)
+    gpu, gpu_grads = _phase1_with_per_sample(model.cuda(), samples, config)
+    assert gpu.count == cpu.count == len(samples) and set(gpu_grads) == set(cpu_grads)
+    for name, g in cpu_grads.items():
+        assert_close(gpu_grads[name], g, f"{family} per-sample {name}", rtol=1e-4)
+    for name in cpu.shapes:
+        expected_device = "cpu" if state_device == "cpu" else "cuda"
+        assert gpu.fisher[name].total.device.type == expected_device
+        for state in ("fisher", "grad", "group"):
+            ours, theirs = getattr(gpu, state)[name], getattr(cpu, state)[name]
+            assert_close(ours.mean.cpu(), theirs.mean, f"{family} {state} {name}", rtol=1e-4)
+            if theirs.m2 is not None:
+                assert_close(ours.m2.cpu(), theirs.m2, f"{family} {state} M2 {name}", rtol=1e-4)

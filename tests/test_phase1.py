@@ -192,8 +192,14 @@ class _PoisonGradient(torch.autograd.Function):
         return grad, None
 
 
-def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir):
+@pytest.mark.parametrize("flags", ["host", "device"])
+def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir, monkeypatch, flags):
+    """A sample with a non-finite gradient leaves no trace. `device`: the GPU's way of
+    checking (a device-side flag, zeros folded once it trips), exercised on the CPU."""
+    from fisher_pipeline import accumulate
     from test_engine import random_samples
+
+    monkeypatch.setattr(accumulate, "device_side_flags", lambda device: flags == "device")
 
     loaded = load_model(ModelConfig(path=str(tiny_model_dir("llama")), attn_implementation="eager"))
     model, adapter = loaded.model, adapter_for(loaded.model)

@@ -152,24 +152,19 @@ def check_config_overrides(command: str, tmp_path: Path, **_) -> None:
     assert '"batch_size": 8' in output and '"damping": 0.0001' in output, output[-3000:]
 
 
-def check_slurm_plugin(command: str, tmp_path: Path, **_) -> None:
-    """The pip command resolves (dry run against the venv); what it would install goes into a
-    folder of its own, and the SLURM profile then plans the default run (dry run)."""
-    argv = executable(shlex.split(command))
-    report = json.loads(run([*argv, "--dry-run", "--quiet", "--report", "-"], cwd=ROOT, stdout_only=True))
-    wanted = [f"{i['metadata']['name']}=={i['metadata']['version']}" for i in report["install"]]
-    assert any(w.startswith("snakemake-executor-plugin-slurm==") for w in wanted), wanted
-    run([*argv[:2], "--quiet", "--no-deps", "--target", str(tmp_path / "site"), *wanted], cwd=ROOT)
-
-
 def check_slurm_profile(command: str, tmp_path: Path, **_) -> None:
-    site = tmp_path / "site"
-    if not site.exists():
-        check_slurm_plugin(".venv/bin/pip install snakemake-executor-plugin-slurm", tmp_path)
-    output = dry_run(command, default_run_folder(tmp_path), env={"PYTHONPATH": str(site)}, from_root=True)
+    """The SLURM profile plans the default run (dry run; the plugin is pinned in requirements.txt)."""
+    output = dry_run(command, default_run_folder(tmp_path), from_root=True)
     assert planned(output)["fisher"] == 3
     # the profile's set-resources of rule fisher, and its default resources (a dry run caps threads to local cores)
-    assert "mem_mb=16000" in output and "runtime=120" in output and "slurm_partition=cpu" in output, output[-3000:]
+    assert "mem_mb=16000" in output and "runtime=120" in output and "slurm_partition=your_partition" in output, \
+        output[-3000:]
+
+
+def check_slurm_forcerun(command: str, tmp_path: Path, **_) -> None:
+    """Dry run with the profile; what --forcerun plans on a finished run is tests/test_slurm.py's."""
+    output = dry_run(command, default_run_folder(tmp_path), from_root=True)
+    assert planned(output)["qkov"] == 6 and "slurm_account=your_account" in output, output[-3000:]
 
 
 def check_workstation_profile(command: str, tmp_path: Path, **_) -> None:
@@ -182,8 +177,8 @@ CHECKS: dict[str, Callable[..., None]] = {
     "make test": check_make_test,
     ".venv/bin/snakemake --cores 8 --configfile my_config.yaml": check_own_config,
     ".venv/bin/snakemake --cores 2 --config masks='{sparsities: [0.3]}'": check_partial_rerun,
-    ".venv/bin/pip install snakemake-executor-plugin-slurm": check_slurm_plugin,
     ".venv/bin/snakemake --profile profiles/slurm": check_slurm_profile,
+    ".venv/bin/snakemake --profile profiles/slurm --forcerun qkov": check_slurm_forcerun,
     ".venv/bin/snakemake --profile profiles/workstation": check_workstation_profile,
     ".venv/bin/snakemake --cores 2 --config fisher='{batch_size: 8}' scaled='{damping: 1.0e-4}'":
         check_config_overrides,

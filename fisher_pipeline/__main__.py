@@ -39,7 +39,25 @@ def _cmd_fisher(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(run_fisher(config, args.task, args.out, progress=not args.quiet))
+    if args.sample_shard is None and args.param_shard is None:
+        print(run_fisher(config, args.task, args.out, progress=not args.quiet))
+        return
+    from .fisher import run_fisher_shard
+
+    print(run_fisher_shard(config, args.task, args.out, sample_shard=args.sample_shard or (0, 1),
+                           param_shard=args.param_shard or (0, 1), progress=not args.quiet))
+
+
+def _cmd_fisher_merge(args: argparse.Namespace) -> None:
+    config = _load_config(args)
+    from .errors import ConfigError
+    from .fisher import phase1_config_hash
+    from .shards import merge_shards
+
+    if args.task not in config.tasks:
+        raise ConfigError(f"task {args.task!r} is not in the config; its tasks are: "
+                          f"{', '.join(config.tasks) or 'none'}")
+    print(merge_shards(args.shards, args.out, task=args.task, config_hash=phase1_config_hash(config, args.task)))
 
 
 def _cmd_schema(args: argparse.Namespace) -> None:
@@ -52,6 +70,13 @@ def _threads(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (0: torch's default)")
     return int(text)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not INDEX/COUNT with 0 <= INDEX < COUNT (e.g. 0/4)")
+    return int(index), int(count)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--out", required=True, help="store path, e.g. results/fisher/prose.zarr")
     fisher.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch default)")
     fisher.add_argument("--quiet", action="store_true", help="no progress bar")
+    fisher.add_argument("--sample-shard", type=_shard, metavar="k/K",
+                        help="write the partial store of sample shard k of K (of parameter share 0/1 unless "
+                             "--param-shard): see fisher-merge")
+    fisher.add_argument("--param-shard", type=_shard, metavar="p/P",
+                        help="accumulate and store only parameter share p of P (partial store)")
     fisher.set_defaults(func=_cmd_fisher)
+
+    merge = sub.add_parser("fisher-merge", help="phase 1: merge the partial stores of a task's shards into its store")
+    _add_config_args(merge)
+    merge.add_argument("--task", required=True, help="task name (a key of the config's 'tasks')")
+    merge.add_argument("--shards", required=True, nargs="+", metavar="PATH",
+                       help="the partial stores of every shard of the task (any order)")
+    merge.add_argument("--out", required=True, help="store path, e.g. results/fisher/prose.zarr")
+    merge.set_defaults(func=_cmd_fisher_merge)
 
     schema = sub.add_parser("schema", help="print the config's JSON schema (every section, with defaults)")
     schema.set_defaults(func=_cmd_schema)

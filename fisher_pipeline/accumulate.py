@@ -185,7 +185,7 @@ class FisherAccumulator:
     def non_finite_samples(self) -> dict[int, str]:
         """Samples of this micro-batch with a non-finite gradient: sample row -> first parameter hit."""
         bad: dict[int, str] = {}
-        for name in self._touched:
+        for name in sorted(self._touched):  # the same name in every process and parameter share
             for row in torch.nonzero(~torch.isfinite(self._group_c[name]).all(1)).flatten().tolist():
                 bad.setdefault(row, name)
         return bad

@@ -83,12 +83,15 @@ class FisherConfig:
     batch_size: int = 16  # samples per micro-batch (per-sample tensors alive at once)
     seed: int = 0  # seeds sampled labels
     device: str = "cpu"  # "cpu", "cuda" or "auto"
+    state_device: str | None = None  # where the float64 statistics live: None = with the model, or "cpu"
     per_sample_params: str = "attention"  # named selection (attention, mlp, all, none) or a regex: g_i stored
     per_sample_layers: tuple[int, ...] | None = None  # only these layers (negative: from the last); None: all
     per_sample_dtype: str = "float16"  # "float16" or "float32" for stored g_i
     fisher_m2_params: str = "attention"  # named selection or regex: parameters with elementwise M2 of g^2
     fisher_m2_layers: tuple[int, ...] | None = None  # only these layers (negative: from the last); None: all
     chunk_elements: int = 1 << 25  # per-sample elements materialised at once for big tensors
+    shards: int = 1  # jobs per task over contiguous sample ranges, merged exactly (workflow; >= 1)
+    param_shards: int = 1  # jobs per sample shard, each over a size-balanced share of the parameters (>= 1)
 
     def __post_init__(self) -> None:
         for key in ("per_sample_layers", "fisher_m2_layers"):

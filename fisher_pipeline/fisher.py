@@ -9,6 +9,7 @@ Two engines feed the same accumulator:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -25,10 +26,19 @@ from .config import FisherConfig, PipelineConfig, TaskConfig, config_hash
 from .data import TokenizedSample, load_task
 from .engine.hooks import PerSampleGradients
 from .engine.loss import Batch, collate, per_sample_loss, sample_labels
-from .errors import ConfigError, TaskError
+from .errors import ConfigError
 from .layout import ModelGeometry
 from .models.adapters import ArchitectureAdapter, adapter_for
-from .models.loading import load_model
+from .models.loading import LoadedModel, load_model
+from .shards import (
+    SHARDING_KEYS,
+    ShardInfo,
+    ShardWriter,
+    all_skipped_error,
+    check_sample_shards,
+    param_shares,
+    shard_ranges,
+)
 from .store import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -100,7 +110,15 @@ class _Engine:
         return per_sample_loss(logits, self._targets(logits, batch), batch.label_mask)
 
     def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
-        """Forward/backward `batch`; returns losses `[b]` and {row: reason} of bad samples."""
+        """Forward/backward `batch` into the statistics; returns losses `[b]` and {row: reason}
+        of bad samples. With bad samples, the statistics are left as before the call."""
+        losses, bad = self._pass(batch)
+        folded = self.accumulator.folded() if bad else []
+        if folded:  # the same batch again, taking back exactly the chunks that were folded
+            self._pass(batch, undo=folded)
+        return losses, bad
+
+    def _pass(self, batch: Batch, undo: list | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         raise NotImplementedError
 
 
@@ -111,14 +129,14 @@ class HookEngine(_Engine):
         super().__init__(model, accumulator, config)
         self.hooks = PerSampleGradients(model, accumulator.add, config.chunk_elements, only=set(accumulator.shapes))
 
-    def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
+    def _pass(self, batch: Batch, undo: list | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         with self.hooks:
             losses = self._forward_loss(batch)
             bad = {int(r): "non-finite loss" for r in torch.nonzero(~torch.isfinite(losses)).flatten()}
             if bad:
                 self.hooks.finish()
                 return losses.detach(), bad
-            self.accumulator.begin(len(batch.ids))
+            self.accumulator.begin(len(batch.ids), undo=undo)
             losses.sum().backward()
             self.hooks.finish()
         return losses.detach(), _gradient_failures(self.accumulator)
@@ -127,7 +145,7 @@ class HookEngine(_Engine):
 class LoopEngine(_Engine):
     """The reference: batch-size-1 forward/backward per sample with plain autograd."""
 
-    def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
+    def _pass(self, batch: Batch, undo: list | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         if len(batch.ids) != 1:
             raise ValueError("the loop engine stages one sample at a time")
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad and n in self.accumulator.shapes}
@@ -136,7 +154,7 @@ class LoopEngine(_Engine):
         loss = self._forward_loss(batch)
         if not torch.isfinite(loss).all():
             return loss.detach(), {0: "non-finite loss"}
-        self.accumulator.begin(1)
+        self.accumulator.begin(1, undo=undo)
         loss.sum().backward()
         for name, p in params.items():
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -185,6 +203,8 @@ def compute_fisher(
         per_sample & set(params),
         device,
         first.dtype,
+        per_sample_dtype=getattr(torch, config.per_sample_dtype),
+        state_device=config.state_device,
     )
     engine_type = HookEngine if config.engine == "hooks" else LoopEngine
     engine = engine_type(model, accumulator, config)
@@ -212,12 +232,30 @@ def compute_fisher(
 
 
 def phase1_config_hash(config: PipelineConfig, task: str) -> str:
-    """Hash of everything besides the weights that determines task `task`'s store."""
-    return config_hash(config.tasks[task], config.fisher)
+    """Hash of everything besides the weights that determines task `task`'s store.
+
+    `fisher.shards` and `fisher.param_shards` are left out: they only say how the work is
+    split into jobs, and a merged store equals the one-job store. So is `state_device`,
+    where the float64 sums live while they are accumulated.
+    """
+    fisher = {key: value for key, value in dataclasses.asdict(config.fisher).items()
+              if key not in (*SHARDING_KEYS, "state_device")}
+    return config_hash(config.tasks[task], fisher)
 
 
-def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: bool = True) -> Path:
-    """Phase 1 for one task: load model and task, compute, write `out` atomically."""
+@dataclass
+class _Phase1Inputs:
+    """What every phase 1 job of a task loads before computing."""
+
+    loaded: LoadedModel
+    adapter: ArchitectureAdapter
+    geometry: ModelGeometry
+    samples: list[TokenizedSample]
+    device: torch.device
+    attrs: dict
+
+
+def _load_inputs(config: PipelineConfig, task: str) -> _Phase1Inputs:
     if task not in config.tasks:
         raise ConfigError(f"task {task!r} is not in the config; its tasks are: {', '.join(config.tasks) or 'none'}")
     device = resolve_device(config.fisher.device)
@@ -225,7 +263,6 @@ def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: boo
     adapter = adapter_for(loaded.model)
     check_context_length(adapter, config.tasks[task])
     geometry = adapter.geometry()
-    per_sample, _ = stored_selections(geometry, config.fisher)
     samples = load_task(config.tasks[task], loaded.tokenizer)
     attrs = {
         "model_id": loaded.model_id,
@@ -239,27 +276,86 @@ def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: boo
         "n_requested": config.tasks[task].n_samples,
         "max_length": config.tasks[task].max_length,
     }
+    return _Phase1Inputs(loaded, adapter, geometry, samples, device, attrs)
+
+
+def _in_task_order(skipped: list[tuple[str, str]], samples: list[TokenizedSample]) -> list[tuple[str, str]]:
+    """Skipped samples in the task's sample order (as a one-job run and a merge of shards list them)."""
+    position = {sample.id: i for i, sample in enumerate(samples)}
+    return sorted(skipped, key=lambda item: position[item[0]])
+
+
+def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: bool = True) -> Path:
+    """Phase 1 for one task: load model and task, compute, write `out` atomically.
+
+    One job for the whole task, whatever `fisher.shards` / `fisher.param_shards` say
+    (`run_fisher_shard` and `shards.merge_shards` split it).
+    """
+    inputs = _load_inputs(config, task)
+    loaded, samples = inputs.loaded, inputs.samples
+    per_sample, _ = stored_selections(inputs.geometry, config.fisher)
     writer = StoreWriter(
-        out, attrs, geometry, per_sample, config.fisher.per_sample_dtype, len(samples),
+        out, inputs.attrs, inputs.geometry, per_sample, config.fisher.per_sample_dtype, len(samples),
         shard_samples=config.fisher.batch_size,
     )
-    log.info("phase 1: task %s, %d samples, model %s on %s", task, len(samples), loaded.model_id, device)
+    log.info("phase 1: task %s, %d samples, model %s on %s", task, len(samples), loaded.model_id, inputs.device)
     try:
         result = compute_fisher(
-            loaded.model, adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,
-            on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads),
+            loaded.model, inputs.adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,
+            on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads, lent=True),
             progress=progress,
         )
         if result.accumulator.count == 0:
-            reasons = "; ".join(f"{sample_id}: {reason}" for sample_id, reason in result.skipped[:3])
-            raise TaskError(
-                f"task {task!r}: all {len(samples)} samples were skipped (non-finite loss or gradient; "
-                f"e.g. {reasons}), so there is nothing to store. Check the model's weights (NaN/inf) and "
-                "the task's text; with fisher.labels 'sampled', try 'empirical'."
-            )
+            raise all_skipped_error(task, len(samples), result.skipped)
     except BaseException:
         writer.abort()  # no .partial store left behind
         raise
-    for sample_id, reason in result.skipped:
+    for sample_id, reason in _in_task_order(result.skipped, samples):
         writer.skip(sample_id, reason)
     return writer.close(result.accumulator)
+
+
+def run_fisher_shard(config: PipelineConfig, task: str, out: str | Path, sample_shard: tuple[int, int] = (0, 1),
+                     param_shard: tuple[int, int] = (0, 1), progress: bool = True) -> Path:
+    """One job of a sharded phase 1: a range of the task's samples, a share of the parameters.
+
+    Runs the whole forward/backward on samples `shards.shard_ranges(N, K)[k]` of the task,
+    accumulates only parameter share `p` of `shards.param_shares(...)` and writes the partial
+    store `out` (layout in `fisher_pipeline/shards.py`) atomically; `shards.merge_shards`
+    combines the K x P partial stores into the task's store.
+
+    Args:
+        sample_shard: (k, K), this job's sample shard and the number of sample shards.
+        param_shard: (p, P), this job's parameter share and the number of shares.
+
+    Raises:
+        ConfigError: K above the task's `n_samples`, P above the model's parameter count,
+            or an index outside its range.
+    """
+    (k, n_k), (p, n_p) = sample_shard, param_shard
+    for what, index, count in (("sample shard", k, n_k), ("parameter share", p, n_p)):
+        if not 0 <= index < count:
+            raise ConfigError(f"{what} {index} of {count} does not exist: the index must be in 0..{count - 1}")
+    if task not in config.tasks:
+        raise ConfigError(f"task {task!r} is not in the config; its tasks are: {', '.join(config.tasks) or 'none'}")
+    check_sample_shards(n_k, [config.tasks[task]])
+    inputs = _load_inputs(config, task)
+    loaded, samples, geometry = inputs.loaded, inputs.samples, inputs.geometry
+    per_sample, m2 = stored_selections(geometry, config.fisher)
+    share = param_shares(geometry, n_p, m2, per_sample, config.fisher.batch_size)[p]
+    start, stop = shard_ranges(len(samples), n_k)[k]
+    info = ShardInfo(k, n_k, p, n_p, start, stop, len(samples), tuple(share))
+    writer = ShardWriter(out, inputs.attrs, geometry, info, per_sample & set(share), config.fisher.per_sample_dtype,
+                         config.fisher.batch_size)
+    log.info("phase 1: task %s, %s: samples %d..%d of %d, %d of %d parameter tensors, model %s on %s", task,
+             info.label, start, stop, len(samples), len(share), len(geometry.params), loaded.model_id, inputs.device)
+    try:
+        result = compute_fisher(
+            loaded.model, inputs.adapter, samples[start:stop], config.fisher, loaded.tokenizer.pad_token_id,
+            on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads),
+            progress=progress, param_names=set(share),
+        )
+        return writer.close(result.accumulator, _in_task_order(result.skipped, samples))
+    except BaseException:
+        writer.abort()
+        raise

@@ -13,6 +13,7 @@ from fisher_pipeline.config import (
     load_yaml_strict,
     validate_config,
 )
+from fisher_pipeline.shards import SHARDING_KEYS, check_sample_shards, shard_names
 
 # Snakemake keeps the last of two equal keys in a config file silently: read each file again,
 # strictly. Nested values given with --config reach the workflow as text (Snakemake parses them
@@ -23,7 +24,8 @@ try:
     for _configfile in workflow.configfiles:
         load_yaml_strict(_configfile)
     _checked = validate_config(config, command_line=workflow.config_settings.config)
-    PipelineConfig.from_dict(_checked)
+    _parsed = PipelineConfig.from_dict(_checked)
+    check_sample_shards(_parsed.fisher.shards, _parsed.tasks.values())
 except ConfigError as err:
     raise WorkflowError(f"invalid workflow config: {err}") from None
 config.clear()
@@ -55,11 +57,24 @@ def model_input():
 
 def phase1_config(task):
     """What phase 1 of `task` depends on (other tasks' settings are left out, so editing
-    one task reruns only that task)."""
+    one task reruns only that task). `fisher.shards` and `fisher.param_shards` are left out
+    too: they never change a store; the shard file names carry them."""
+    fisher = {key: value for key, value in config["fisher"].items() if key not in SHARDING_KEYS}
     return json.dumps(
-        {"model": config["model"], "tasks": {task: config["tasks"][task]}, "fisher": config["fisher"]},
+        {"model": config["model"], "tasks": {task: config["tasks"][task]}, "fisher": fisher},
         sort_keys=True,
     )
+
+
+def fisher_sharded():
+    """Whether phase 1 runs as K x P shard jobs and a merge per task (else one `fisher` job)."""
+    return config["fisher"]["shards"] > 1 or config["fisher"]["param_shards"] > 1
+
+
+def fisher_shard_paths(task):
+    """The partial stores of `task`'s shard jobs, sample shard major."""
+    names = shard_names(config["fisher"]["shards"], config["fisher"]["param_shards"])
+    return [f"results/fisher/shards/{task}/{name}" for name in names]
 
 
 def phase_config(section):

@@ -1,22 +1,75 @@
 FINAL_OUTPUTS.extend(fisher_stores().values())
 
 
-rule fisher:
-    """Phase 1: per-sample gradients -> Welford Fisher statistics -> results/fisher/{task}.zarr."""
-    input:
-        model=model_input(),
-    output:
-        store=directory("results/fisher/{task}.zarr"),
-    params:
-        config=lambda wildcards: phase1_config(wildcards.task),
-    log:
-        "logs/fisher/{task}.log",
-    benchmark:
-        "logs/benchmarks/fisher/{task}.tsv"
-    threads: 2
-    resources:
-        mem_mb=12000,
-        runtime=60,
-    shell:
-        "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
-        "--out {output.store} --threads {threads} 2> {log}"
+if not fisher_sharded():
+
+    rule fisher:
+        """Phase 1: per-sample gradients -> Welford Fisher statistics -> results/fisher/{task}.zarr."""
+        input:
+            model=model_input(),
+        output:
+            store=directory("results/fisher/{task}.zarr"),
+        params:
+            config=lambda wildcards: phase1_config(wildcards.task),
+        log:
+            "logs/fisher/{task}.log",
+        benchmark:
+            "logs/benchmarks/fisher/{task}.tsv"
+        threads: 2
+        resources:
+            mem_mb=12000,
+            runtime=60,
+        shell:
+            "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
+            "--out {output.store} --threads {threads} 2> {log}"
+
+
+else:
+    # fisher.shards x fisher.param_shards jobs per task, each writing a partial store (temp:
+    # removed once the merge has succeeded); a failed shard reruns alone, completed ones are kept.
+
+    rule fisher_shard:
+        """Phase 1, one shard: samples k of K, parameter share p of P -> a partial store."""
+        input:
+            model=model_input(),
+        output:
+            store=temp(directory("results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr")),
+        wildcard_constraints:
+            k=r"\d+",
+            K=r"\d+",
+            p=r"\d+",
+            P=r"\d+",
+        params:
+            config=lambda wildcards: phase1_config(wildcards.task),
+        log:
+            "logs/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.log",
+        benchmark:
+            "logs/benchmarks/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.tsv"
+        threads: 2
+        resources:
+            mem_mb=12000,
+            runtime=60,
+        shell:
+            "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
+            "--sample-shard {wildcards.k}/{wildcards.K} --param-shard {wildcards.p}/{wildcards.P} "
+            "--out {output.store} --threads {threads} 2> {log}"
+
+    rule fisher_merge:
+        """Phase 1, merge: the partial stores of a task's shards -> results/fisher/{task}.zarr."""
+        input:
+            shards=lambda wildcards: fisher_shard_paths(wildcards.task),
+        output:
+            store=directory("results/fisher/{task}.zarr"),
+        params:
+            config=lambda wildcards: phase1_config(wildcards.task),
+        log:
+            "logs/fisher/{task}.merge.log",
+        benchmark:
+            "logs/benchmarks/fisher/{task}.merge.tsv"
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=30,
+        shell:
+            "$FISHER_PYTHON -m fisher_pipeline fisher-merge --task {wildcards.task} --config-json {params.config:q} "
+            "--shards {input.shards:q} --out {output.store} 2> {log}"

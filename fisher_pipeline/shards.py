@@ -1,0 +1,623 @@
+"""Sharded phase 1: partial stores of sample and parameter shards, and their exact merge.
+
+`fisher.shards: K` splits a task's samples into K contiguous ranges of the task's sample
+order (sizes differ by at most one sample); `fisher.param_shards: P` splits the parameters
+into P size-balanced shares (`param_shares`). Each of the K x P jobs runs the whole
+forward/backward on its samples, folds only its share's per-sample gradients into Welford
+statistics, and writes a *partial store* (`ShardWriter`). `merge_shards` combines them into
+the store one job would have written, through the same writer (`store.StoreWriter`: same
+layout, attrs and config hash; values equal to float rounding): Chan's merge of the sample
+shards in shard index order, the union of the parameter shares, per-sample arrays
+concatenated in sample order.
+
+Partial store layout (zarr v3, written under `<path>.partial` and renamed into place when
+complete; `results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr` in the workflow):
+
+    attrs: shard_format_version (1),
+           shard: {sample_shard k, sample_shards K, param_shard p, param_shards P,
+                   sample_start, sample_stop (its range of the task's N samples),
+                   task_samples N, params (its share, sorted)},
+           store_attrs (exactly the attrs the merged store gets from its writer: model_id,
+                        model_type, weights_hash, task, config_hash, package_version, ...),
+           geometry (the whole model's), per_sample_params (its share of the selection),
+           per_sample_dtype, shard_samples (per-sample shard size of the merged store),
+           count (samples folded in), skipped ([{id, reason}], in task order)
+      samples/id, samples/n_tokens, samples/loss   [count]  the shard's samples, in task order
+      fisher_total/<param>   float64 sum of g^2 over its samples, full shape
+      fisher_m2/<param>      float64 elementwise Welford M2 of g^2 (selected parameters)
+      grad_total/<param>     float64 sum of g
+      group_total/<param>    float64 [G] sum of the per-sample group contributions
+      group_m2/<param>       float64 [G] their Welford M2
+      per_sample/<param>     [count, *shape] g_i in the stored dtype, chunk (1, *shape)
+
+All parameter shares of one sample shard hold the same samples (ids, token counts, losses,
+skipped samples); `<param>` arrays only for the share's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .atomic import clean_stale, publish, remove_path
+from .errors import ConfigError, StoreFormatError, StoreMismatchError, TaskError
+from .layout import ModelGeometry
+from .store import StoreWriter, partial_path
+from .welford import Welford
+
+SHARD_FORMAT_VERSION = 1
+#: FisherConfig keys that say how phase 1 is split into jobs; they never change a store.
+SHARDING_KEYS = ("shards", "param_shards")
+#: Welford states of a partial store: kind -> (total array group, M2 array group or None).
+STATE_ARRAYS = {"fisher": ("fisher_total", "fisher_m2"), "grad": ("grad_total", None),
+                "group": ("group_total", "group_m2")}
+
+
+# --- how a task is split -------------------------------------------------------------------------
+def shard_ranges(n_samples: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous `[start, stop)` ranges of `n_samples` for `n_shards` shards, sizes differing by <= 1."""
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    bounds = [k * n_samples // n_shards for k in range(n_shards + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def shard_name(sample_shard: int, sample_shards: int, param_shard: int, param_shards: int) -> str:
+    """File name of one shard's partial store: `s{k}of{K}-p{p}of{P}.zarr`."""
+    return f"s{sample_shard}of{sample_shards}-p{param_shard}of{param_shards}.zarr"
+
+
+def shard_names(sample_shards: int, param_shards: int) -> list[str]:
+    """Every shard's file name, sample shard major."""
+    return [shard_name(k, sample_shards, p, param_shards) for k in range(sample_shards) for p in range(param_shards)]
+
+
+def check_sample_shards(shards: int, tasks: Iterable[Any]) -> None:
+    """Refuse `fisher.shards` above a task's `n_samples` (a shard would hold no sample).
+
+    Args:
+        shards: the number of sample shards K.
+        tasks: the `TaskConfig`s to check.
+
+    Raises:
+        ConfigError: naming the key, the task and the largest allowed value.
+    """
+    for spec in tasks:
+        if shards > spec.n_samples:
+            raise ConfigError(
+                f"fisher.shards = {shards} exceeds tasks.{spec.name}.n_samples = {spec.n_samples}: some sample "
+                f"shards would hold no sample. Set fisher.shards to at most {spec.n_samples} (each task needs at least "
+                f"one sample per shard), or raise n_samples."
+            )
+
+
+def share_weight(n_elements: int, m2: bool, per_sample: bool, batch_size: int) -> int:
+    """Bytes of accumulator state a parameter costs its job (what `param_shares` balances).
+
+    float64 sums of `g^2` and `g` (16 B per element), the elementwise M2 of `g^2` (8 B) where
+    selected, and the micro-batch of per-sample gradients (4 B x batch_size) where stored.
+    """
+    return n_elements * (16 + 8 * m2 + 4 * batch_size * per_sample)
+
+
+def param_shares(geometry: ModelGeometry, n_shares: int, m2_names: Iterable[str] = (),
+                 per_sample_names: Iterable[str] = (), batch_size: int = 1) -> list[list[str]]:
+    """A deterministic, size-balanced partition of the model's parameters into `n_shares`.
+
+    Greedy longest-processing-time: parameters by decreasing `share_weight` (then name)
+    each go to the share with the least weight so far (then the lowest index). Depends only
+    on the geometry and the selections, so every job of a run computes the same partition.
+
+    Returns:
+        `n_shares` lists of parameter names, each sorted.
+
+    Raises:
+        ConfigError: more shares than parameters.
+    """
+    names = sorted(geometry.params)
+    if n_shares > len(names):
+        raise ConfigError(
+            f"fisher.param_shards = {n_shares} exceeds the {len(names)} parameter tensors of this model: every "
+            f"share needs at least one. Set fisher.param_shards to at most {len(names)}."
+        )
+    m2, per_sample = set(m2_names), set(per_sample_names)
+    weights = {n: share_weight(int(np.prod(geometry.params[n].shape, dtype=np.int64)), n in m2, n in per_sample,
+                               batch_size) for n in names}
+    loads = [0] * n_shares
+    shares: list[list[str]] = [[] for _ in range(n_shares)]
+    for name in sorted(names, key=lambda n: (-weights[n], n)):
+        target = min(range(n_shares), key=lambda i: (loads[i], i))
+        shares[target].append(name)
+        loads[target] += weights[name]
+    return [sorted(share) for share in shares]
+
+
+# --- writing one shard ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where one job sits in the K x P grid of a task."""
+
+    sample_shard: int
+    sample_shards: int
+    param_shard: int
+    param_shards: int
+    sample_start: int
+    sample_stop: int
+    task_samples: int
+    params: tuple[str, ...]
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"sample_shard": self.sample_shard, "sample_shards": self.sample_shards,
+                "param_shard": self.param_shard, "param_shards": self.param_shards,
+                "sample_start": self.sample_start, "sample_stop": self.sample_stop,
+                "task_samples": self.task_samples, "params": list(self.params)}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> ShardInfo:
+        return cls(*(int(attrs[key]) for key in ("sample_shard", "sample_shards", "param_shard", "param_shards",
+                                                   "sample_start", "sample_stop", "task_samples")),
+                   tuple(str(p) for p in attrs["params"]))
+
+    @property
+    def label(self) -> str:
+        return (f"sample shard {self.sample_shard} of {self.sample_shards}, parameter share "
+                f"{self.param_shard} of {self.param_shards}")
+
+
+class ShardWriter:
+    """Writes one shard's partial store; `close()` completes it atomically.
+
+    Args:
+        path: the partial store's path.
+        store_attrs: the attrs the merged store will get (model id, hashes, task, ...).
+        geometry: the whole model's geometry.
+        shard: the job's place in the grid and its parameter share.
+        per_sample_names: parameters of the share whose per-sample gradients are stored.
+        per_sample_dtype: "float16" or "float32".
+        shard_samples: per-sample shard size of the merged store (`fisher.batch_size`).
+    """
+
+    def __init__(self, path: str | os.PathLike, store_attrs: Mapping[str, Any], geometry: ModelGeometry,
+                 shard: ShardInfo, per_sample_names: Iterable[str], per_sample_dtype: str, shard_samples: int):
+        self.path = Path(path)
+        self.partial = partial_path(path)
+        clean_stale(self.path)
+        remove_path(self.partial)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.root = zarr.open_group(self.partial, mode="w")
+        self.store_attrs = dict(store_attrs)
+        self.geometry = geometry
+        self.shard = shard
+        self.shard_samples = shard_samples
+        self.dtype = np.dtype(per_sample_dtype)
+        self.torch_dtype = getattr(torch, per_sample_dtype)
+        rows = shard.sample_stop - shard.sample_start
+        self.per_sample = {}
+        for name in sorted(per_sample_names):
+            shape = geometry.params[name].shape
+            self.per_sample[name] = self.root.create_array(
+                f"per_sample/{name}", shape=(rows, *shape), chunks=(1, *shape), shards=(max(shard_samples, 1), *shape),
+                dtype=self.dtype, compressors=None, fill_value=0)
+        self.ids: list[str] = []
+        self.n_tokens: list[int] = []
+        self.losses: list[float] = []
+        self._writer = ThreadPoolExecutor(max_workers=1)  # one micro-batch in flight, as StoreWriter
+        self._pending: Future | None = None
+
+    def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
+               per_sample: Mapping[str, torch.Tensor]) -> None:
+        """Record a committed micro-batch (the caller's tensors are copied at once)."""
+        start = len(self.ids)
+        rows = {name: per_sample[name].detach().to("cpu", self.torch_dtype, copy=True).numpy()
+                for name in self.per_sample}
+        self._wait()
+        self._pending = self._writer.submit(self._write_rows, start, rows)
+        self.ids.extend(ids)
+        self.n_tokens.extend(int(n) for n in n_tokens.tolist())
+        self.losses.extend(float(x) for x in losses.tolist())
+
+    def _write_rows(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        for name, data in rows.items():
+            self.per_sample[name][start:start + len(data)] = data
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def abort(self) -> None:
+        """Give up: stop the background writer and remove the partial store."""
+        try:
+            self._wait()
+        except Exception:  # the caller's error matters more
+            pass
+        self._writer.shutdown()
+        remove_path(self.partial)
+
+    def close(self, accumulator, skipped: Sequence[tuple[str, str]]) -> Path:
+        """Write the float64 Welford states of the share, the samples and the attrs; publish.
+
+        Args:
+            accumulator: exposes `.fisher`, `.grad`, `.group` (name -> `Welford`) and `.count`.
+            skipped: (sample id, reason) of the samples left out, in task order.
+        """
+        self._wait()
+        self._writer.shutdown()
+        n = len(self.ids)
+        if n != accumulator.count:
+            raise RuntimeError(f"{n} samples were written but {accumulator.count} folded into the statistics")
+        for array in self.per_sample.values():
+            array.resize((n, *array.shape[1:]))
+        ids = self.root.create_array("samples/id", shape=(n,), dtype=str)
+        ids[:] = np.array(self.ids, dtype=object)
+        self.root.create_array("samples/n_tokens", data=np.array(self.n_tokens, dtype=np.int32))
+        self.root.create_array("samples/loss", data=np.array(self.losses, dtype=np.float32))
+        arrays: list[tuple[str, np.ndarray]] = []
+        for name in self.shard.params:
+            for kind, (total_key, m2_key) in STATE_ARRAYS.items():
+                state: Welford = getattr(accumulator, kind)[name]
+                if state.count != n:
+                    raise RuntimeError(f"{kind} state of {name} holds {state.count} samples, not {n}")
+                arrays.append((f"{total_key}/{name}", _float64(state.total)))
+                if m2_key is not None and state.m2 is not None:
+                    arrays.append((f"{m2_key}/{name}", _float64(state.m2)))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda item: self.root.create_array(
+                item[0], data=item[1], compressors=None, chunks=item[1].shape or (1,)), arrays))
+        self.root.attrs.update({
+            "shard_format_version": SHARD_FORMAT_VERSION,
+            "shard": self.shard.to_attrs(),
+            "store_attrs": self.store_attrs,
+            "geometry": self.geometry.to_attrs(),
+            "per_sample_params": sorted(self.per_sample),
+            "per_sample_dtype": str(self.dtype),
+            "shard_samples": self.shard_samples,
+            "count": n,
+            "skipped": [{"id": sample_id, "reason": reason} for sample_id, reason in skipped],
+        })
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(self.partial)
+        return publish(self.partial, self.path)
+
+
+def _float64(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+# --- reading shards ------------------------------------------------------------------------------
+_RERUN = ("rerun its job (the workflow reruns only missing shards: `snakemake --cores N`; by hand: "
+          "`python -m fisher_pipeline fisher --config ... --task TASK --sample-shard k/K --param-shard p/P "
+          "--out PATH`)")
+
+
+class Shard:
+    """Lazy reader of one complete partial store."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.name.endswith(".partial"):
+            raise StoreFormatError(
+                f"shard {self.path} is a partial shard (the unfinished output of a failed or interrupted job), "
+                f"not a complete one: pass {self.path.with_name(self.path.name[:-len('.partial')])} once its job "
+                f"has finished; {_RERUN}"
+            )
+        if not self.path.exists():
+            if partial_path(self.path).exists():
+                raise StoreFormatError(
+                    f"shard {self.path} is incomplete: its job failed or was interrupted (it left "
+                    f"{partial_path(self.path).name}); {_RERUN}"
+                )
+            raise StoreFormatError(f"shard {self.path} does not exist: {_RERUN}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.root = zarr.open_consolidated(self.path, mode="r")
+        except Exception as err:
+            raise StoreFormatError(f"{self.path} is not a phase 1 shard ({err}); {_RERUN}") from None
+        self.attrs = dict(self.root.attrs)
+        version = self.attrs.get("shard_format_version")
+        if version != SHARD_FORMAT_VERSION:
+            what = "a finished Fisher store, not a shard" if "format_version" in self.attrs else "not a phase 1 shard"
+            raise StoreFormatError(
+                f"{self.path} is {what} (shard_format_version {version!r}; this fisher_pipeline merges version "
+                f"{SHARD_FORMAT_VERSION}): pass the shards written by `fisher --sample-shard ...`; {_RERUN}"
+            )
+        self.info = ShardInfo.from_attrs(self.attrs["shard"])
+        self.store_attrs: dict[str, Any] = dict(self.attrs["store_attrs"])
+        self.count = int(self.attrs["count"])
+        self.skipped: list[dict[str, str]] = list(self.attrs["skipped"])
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.info.sample_shard, self.info.param_shard
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return [str(x) for x in self.root["samples/id"][:]]
+
+    @cached_property
+    def n_tokens(self) -> np.ndarray:
+        return self.root["samples/n_tokens"][:]
+
+    @cached_property
+    def losses(self) -> np.ndarray:
+        return self.root["samples/loss"][:]
+
+    def welford(self, kind: str, name: str) -> Welford:
+        """The shard's float64 Welford state `kind` (fisher, grad, group) of parameter `name`."""
+        total_key, m2_key = STATE_ARRAYS[kind]
+        total = torch.from_numpy(self.root[f"{total_key}/{name}"][...])
+        m2 = None
+        if m2_key is not None and f"{m2_key}/{name}" in self.root:
+            m2 = torch.from_numpy(self.root[f"{m2_key}/{name}"][...])
+        return Welford(self.count, total, m2)
+
+    def per_sample(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop` of the shard's per-sample gradients of `name`."""
+        return self.root[f"per_sample/{name}"][start:stop]
+
+
+# --- merging -------------------------------------------------------------------------------------
+class _MergedStates(Mapping):
+    """Parameter -> Welford state merged over the sample shards (Chan, in shard index order).
+
+    Computed when asked for, one shard's state read at a time (the last result is kept);
+    what stays in memory beyond that is up to the caller.
+    """
+
+    def __init__(self, kind: str, sources: dict[str, list[Shard]]):
+        self.kind = kind
+        self.sources = sources
+        self._last: tuple[str, Welford] | None = None
+
+    def __getitem__(self, name: str) -> Welford:
+        last = self._last
+        if last is not None and last[0] == name:
+            return last[1]
+        merged = None
+        for shard in self.sources[name]:  # one shard's state read at a time
+            state = shard.welford(self.kind, name)
+            if merged is None:
+                merged = Welford.zeros(tuple(state.total.shape), state.m2 is not None)
+            merged.merge(state)
+        self._last = (name, merged)
+        return merged
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+class MergedStatistics:
+    """What `StoreWriter.close` reads from an accumulator, merged from shards on demand."""
+
+    def __init__(self, sources: dict[str, list[Shard]], count: int, geometry: ModelGeometry):
+        self.fisher = _MergedStates("fisher", sources)
+        self.grad = _MergedStates("grad", sources)
+        self.group = _MergedStates("group", sources)
+        self.count = count
+        self.shapes = {name: geometry.params[name].shape for name in sources}
+
+
+def _describe(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)[:200]
+
+
+def check_shards(shards: Sequence[Shard], *, task: str | None = None,
+                 config_hash: str | None = None) -> dict[tuple[int, int], Shard]:
+    """Check that `shards` are one complete, consistent K x P grid; return it by (k, p).
+
+    Raises:
+        StoreMismatchError: shards of another model / config / task / split, duplicated or
+            overlapping shards, parameter shares that do not partition the model.
+        StoreFormatError: a shard of the grid is missing.
+    """
+    if not shards:
+        raise StoreFormatError("no shards to merge: pass the partial stores of every shard of the task")
+    first = shards[0]
+    expected = {"task": task, "config_hash": config_hash}
+    for key, value in expected.items():
+        found = first.store_attrs.get(key)
+        if value is not None and found != value:
+            raise StoreMismatchError(
+                f"shard {first.path} was written with {key} {found!r}, but this merge expects {value!r}: it "
+                f"belongs to another {'task' if key == 'task' else 'config'}. Delete it and {_RERUN}"
+            )
+    for shard in shards[1:]:
+        for key in sorted(set(first.store_attrs) | set(shard.store_attrs)):
+            if first.store_attrs.get(key) != shard.store_attrs.get(key):
+                raise StoreMismatchError(
+                    f"shards {first.path} and {shard.path} differ in {key} ({_describe(first.store_attrs.get(key))} "
+                    f"vs {_describe(shard.store_attrs.get(key))}): they come from different runs (model, config, "
+                    f"task or package version). Delete the stale one and {_RERUN}"
+                )
+        for key in ("geometry", "per_sample_dtype", "shard_samples"):
+            if first.attrs.get(key) != shard.attrs.get(key):
+                raise StoreMismatchError(f"shards {first.path} and {shard.path} differ in {key}: they come from "
+                                         f"different models or configs. Delete the stale one and {_RERUN}")
+        counts = (shard.info.sample_shards, shard.info.param_shards, shard.info.task_samples)
+        if counts != (first.info.sample_shards, first.info.param_shards, first.info.task_samples):
+            raise StoreMismatchError(
+                f"shard {shard.path} belongs to a split into {shard.info.sample_shards} sample shards x "
+                f"{shard.info.param_shards} parameter shares of {shard.info.task_samples} samples, but "
+                f"{first.path} to {first.info.sample_shards} x {first.info.param_shards} of "
+                f"{first.info.task_samples}: shards of different runs are mixed. Pass only the shards of one run "
+                f"(delete the stale ones)."
+            )
+    n_k, n_p, n_task = first.info.sample_shards, first.info.param_shards, first.info.task_samples
+    grid: dict[tuple[int, int], Shard] = {}
+    for shard in shards:
+        k, p = shard.key
+        if not (0 <= k < n_k and 0 <= p < n_p):
+            raise StoreMismatchError(f"shard {shard.path} claims to be {shard.info.label}, outside the grid: "
+                                     f"it is damaged. Delete it and {_RERUN}")
+        if shard.key in grid:
+            raise StoreMismatchError(
+                f"shards {grid[shard.key].path} and {shard.path} are both {shard.info.label} (duplicated "
+                f"shards): pass each shard once."
+            )
+        grid[shard.key] = shard
+    ranges = shard_ranges(n_task, n_k)
+    for k in range(n_k):
+        for p in range(n_p):
+            if (k, p) not in grid:
+                where = first.path.parent / shard_name(k, n_k, p, n_p)
+                raise StoreFormatError(
+                    f"shard {where} (task {first.store_attrs.get('task')!r}, sample shard {k} of {n_k}, parameter "
+                    f"share {p} of {n_p}) is missing from the merge: pass it too, or {_RERUN}"
+                )
+    for (k, p), shard in sorted(grid.items()):
+        if (shard.info.sample_start, shard.info.sample_stop) != ranges[k]:
+            raise StoreMismatchError(
+                f"shard {shard.path} holds samples {shard.info.sample_start}..{shard.info.sample_stop} of "
+                f"{n_task}, but sample shard {k} of {n_k} covers {ranges[k][0]}..{ranges[k][1]} (overlapping or "
+                f"misplaced shards). Delete it and {_RERUN}"
+            )
+        reference = grid[(k, 0)]
+        skipped_ids = [item["id"] for item in shard.skipped]
+        if p and (shard.ids != reference.ids or skipped_ids != [item["id"] for item in reference.skipped]):
+            raise StoreMismatchError(
+                f"shards {reference.path} and {shard.path} (parameter shares of sample shard {k}) hold different "
+                f"samples or skipped samples ({_describe(reference.skipped)} vs {_describe(shard.skipped)}). A "
+                f"sample whose gradient is non-finite only in some parameters is skipped only by the shares "
+                f"holding them: fix the model or data, or set fisher.param_shards: 1."
+            )
+        if shard.info.params != grid[(0, p)].info.params:
+            raise StoreMismatchError(f"shards {grid[(0, p)].path} and {shard.path} hold different parameters for "
+                                     f"share {p}: they come from different runs. Delete the stale one and {_RERUN}")
+    geometry_names = set(first.attrs["geometry"]["params"])
+    owner: dict[str, Shard] = {}
+    for p in range(n_p):
+        for name in grid[(0, p)].info.params:
+            if name in owner:
+                raise StoreMismatchError(f"parameter {name} is in both {owner[name].path} and {grid[(0, p)].path} "
+                                         f"(overlapping parameter shares): they come from different runs.")
+            owner[name] = grid[(0, p)]
+    missing = sorted(geometry_names - set(owner))
+    if missing or set(owner) - geometry_names:
+        raise StoreMismatchError(
+            f"the parameter shares of {first.path.parent} do not cover the model exactly (missing "
+            f"{missing[:3]}, unknown {sorted(set(owner) - geometry_names)[:3]}): the shards are damaged or mixed."
+        )
+    return grid
+
+
+def all_skipped_error(task: str, n_samples: int, skipped: Sequence[tuple[str, str]]) -> TaskError:
+    """The error of a task whose every sample was skipped (one job or a merge)."""
+    reasons = "; ".join(f"{sample_id}: {reason}" for sample_id, reason in skipped[:3])
+    return TaskError(
+        f"task {task!r}: all {n_samples} samples were skipped (non-finite loss or gradient; "
+        f"e.g. {reasons}), so there is nothing to store. Check the model's weights (NaN/inf) and "
+        "the task's text; with fisher.labels 'sampled', try 'empirical'."
+    )
+
+
+def _skipped(grid: dict[tuple[int, int], Shard], n_k: int, n_p: int) -> list[tuple[str, str]]:
+    """Skipped samples of every sample shard in order, each with the least reason over the shares.
+
+    Every share of a sample shard skips the same samples (checked); a non-finite gradient is
+    reported in a parameter of the share's own, so the shares may name different ones: the
+    least reason is kept ("non-finite gradient in <the smallest parameter name reported>").
+    """
+    skipped = []
+    for k in range(n_k):
+        for row, item in enumerate(grid[(k, 0)].skipped):
+            skipped.append((item["id"], min(grid[(k, p)].skipped[row]["reason"] for p in range(n_p))))
+    return skipped
+
+
+def open_shards(paths: Iterable[str | os.PathLike], *, task: str | None = None,
+                config_hash: str | None = None) -> dict[tuple[int, int], Shard]:
+    """Open and check the partial stores of one task's shards (`check_shards`): (k, p) -> shard."""
+    return check_shards([Shard(path) for path in paths], task=task, config_hash=config_hash)
+
+
+def _grid_shape(grid: Mapping[tuple[int, int], Shard]) -> tuple[int, int]:
+    return 1 + max(k for k, _ in grid), 1 + max(p for _, p in grid)
+
+
+def merged_statistics(grid: Mapping[tuple[int, int], Shard]) -> MergedStatistics:
+    """The float64 Welford states of the whole task, merged from a checked grid on demand.
+
+    Each parameter's state is the Chan merge of its share's states over the sample shards
+    in shard index order, starting from an empty state (what `merge_shards` stores).
+    """
+    n_k, n_p = _grid_shape(grid)
+    first = grid[(0, 0)]
+    geometry = ModelGeometry.from_attrs(first.attrs["geometry"])
+    owners = {name: p for p in range(n_p) for name in grid[(0, p)].info.params}
+    sources = {name: [grid[(k, owners[name])] for k in range(n_k)] for name in geometry.params}
+    return MergedStatistics(sources, sum(grid[(k, 0)].count for k in range(n_k)), geometry)
+
+
+def merge_shards(paths: Iterable[str | os.PathLike], out: str | os.PathLike, *, task: str | None = None,
+                 config_hash: str | None = None) -> Path:
+    """Merge the partial stores of one task's K x P shards into the task's store `out`.
+
+    The result is the store one job would have written, to float rounding (`StoreWriter`,
+    same attrs): Welford states merged with Chan's formula over the sample shards in shard
+    index order (whatever the order of `paths`), parameter shares joined, per-sample arrays
+    and sample lists concatenated in sample order, `shard_samples` rows at a time. Written
+    atomically; nothing is left at `out` on an error.
+
+    Args:
+        paths: the partial stores (any order).
+        out: the store to write (`results/fisher/{task}.zarr`).
+        task, config_hash: when given, every shard must have been written for them.
+
+    Raises:
+        StoreFormatError: a shard is missing, partial or not a shard.
+        StoreMismatchError: shards of another config / model / task / split, duplicates, overlaps.
+        TaskError: every sample of the task was skipped.
+    """
+    grid = open_shards(paths, task=task, config_hash=config_hash)
+    n_k, n_p = _grid_shape(grid)
+    first = grid[(0, 0)]
+    rows = [grid[(k, 0)] for k in range(n_k)]  # samples come from parameter share 0 (all shares agree)
+    skipped = _skipped(grid, n_k, n_p)
+    total = sum(shard.count for shard in rows)
+    store_attrs = first.store_attrs
+    if total == 0:
+        raise all_skipped_error(str(store_attrs.get("task")), first.info.task_samples, skipped)
+    geometry = ModelGeometry.from_attrs(first.attrs["geometry"])
+    per_sample_owner = {name: p for p in range(n_p) for name in grid[(0, p)].attrs["per_sample_params"]}
+    block = max(int(first.attrs["shard_samples"]), 1)
+    writer = StoreWriter(out, store_attrs, geometry, sorted(per_sample_owner), first.attrs["per_sample_dtype"],
+                         total, shard_samples=block)
+    try:
+        offsets = np.cumsum([0] + [shard.count for shard in rows])
+        for start in range(0, total, block):  # blocks aligned with the store's per-sample shards
+            stop = min(start + block, total)
+            pieces = []  # (sample shard, first row, end row) in the shard's own rows
+            for k in range(n_k):
+                lo, hi = max(start, offsets[k]), min(stop, offsets[k + 1])
+                if lo < hi:
+                    pieces.append((k, int(lo - offsets[k]), int(hi - offsets[k])))
+            ids = [sample_id for k, lo, hi in pieces for sample_id in rows[k].ids[lo:hi]]
+            n_tokens = np.concatenate([rows[k].n_tokens[lo:hi] for k, lo, hi in pieces])
+            losses = np.concatenate([rows[k].losses[lo:hi] for k, lo, hi in pieces])
+            per_sample = {
+                name: torch.from_numpy(np.concatenate([grid[(k, p)].per_sample(name, lo, hi) for k, lo, hi in pieces]))
+                for name, p in per_sample_owner.items()
+            }
+            writer.append(ids, torch.from_numpy(n_tokens), torch.from_numpy(losses), per_sample)
+        for sample_id, reason in skipped:
+            writer.skip(sample_id, reason)
+        return writer.close(merged_statistics(grid))
+    except BaseException:
+        writer.abort()
+        raise

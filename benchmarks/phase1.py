@@ -209,7 +209,7 @@ def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
     commits: list[float] = []
 
     def on_commit(batch, losses, grads):
-        writer.append(batch.ids, batch.n_tokens, losses, grads)
+        writer.append(batch.ids, batch.n_tokens, losses, grads, lent=True)  # as run_fisher does
         commits.append(time.perf_counter())
 
     result = compute_fisher(model, adapter, samples, config, pad_id=0, on_commit=on_commit)

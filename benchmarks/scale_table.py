@@ -389,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=16, help="fisher.batch_size (default 16)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample, T (default 128)")
-    parser.add_argument("--chunk-elements", type=int, default=1 << 25, help="fisher.chunk_elements")
+    parser.add_argument("--chunk-elements", type=int, default=1 << 21, help="fisher.chunk_elements")
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args(argv)
     models = [model_sizes(name, meta_model(published_config(name))) for name in args.models]

@@ -89,7 +89,7 @@ class FisherConfig:
     per_sample_dtype: str = "float16"  # "float16" or "float32" for stored g_i
     fisher_m2_params: str = "attention"  # named selection or regex: parameters with elementwise M2 of g^2
     fisher_m2_layers: tuple[int, ...] | None = None  # only these layers (negative: from the last); None: all
-    chunk_elements: int = 1 << 25  # per-sample elements materialised at once for big tensors
+    chunk_elements: int = 1 << 21  # per-sample elements materialised at once: a cache-sized chunk
     shards: int = 1  # jobs per task over contiguous sample ranges, merged exactly (workflow; >= 1)
     param_shards: int = 1  # jobs per sample shard, each over a size-balanced share of the parameters (>= 1)
 

@@ -46,7 +46,7 @@ class PerSampleGradients:
             trainable one); the backward still runs through the whole model.
     """
 
-    def __init__(self, model: nn.Module, sink: Sink, chunk_elements: int = 1 << 25,
+    def __init__(self, model: nn.Module, sink: Sink, chunk_elements: int = 1 << 21,
                  only: set[str] | None = None):
         self.model = model
         self.sink = sink

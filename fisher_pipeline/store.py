@@ -206,7 +206,8 @@ class StoreWriter:
         self._writer.shutdown()
         n = len(self.ids)
         for array in self.per_sample.values():
-            array.resize((n, *array.shape[1:]))
+            if array.shape[0] != n:  # fewer samples than planned (skipped, or a short task)
+                array.resize((n, *array.shape[1:]))
         ids = self.root.create_array("samples/id", shape=(n,), dtype=str)  # variable-length UTF-8
         ids[:] = np.array(self.ids, dtype=object)
         self.root.create_array("samples/n_tokens", data=np.array(self.n_tokens, dtype=np.int32))
@@ -222,13 +223,27 @@ class StoreWriter:
             "skipped": self.skipped,
             "geometry": self.geometry.to_attrs(),
         })
-        with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3
-            warnings.simplefilter("ignore", UserWarning)
-            zarr.consolidate_metadata(self.partial)
+        consolidate(self.partial)
         publish(self.partial, self.path)  # the path holds the old or the new store, never neither
         return self.path
 
 
+
+
+def consolidate(path: Path) -> None:
+    """zarr's consolidated metadata of the store at `path`, computed in memory.
+
+    `zarr.consolidate_metadata` on the folder reads ~1,200 `zarr.json` files through its
+    event loop (~0.8 s); the same call on an in-memory copy of just those files gives the
+    same root `zarr.json` in a third of the time.
+    """
+    prototype = zarr.core.buffer.default_buffer_prototype()
+    memory = {str(file.relative_to(path)): prototype.buffer.from_bytes(file.read_bytes())
+              for file in path.rglob("zarr.json")}
+    with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(zarr.storage.MemoryStore(memory))
+    (path / "zarr.json").write_bytes(memory["zarr.json"].to_bytes())
 
 
 class _MetadataTemplates:

@@ -89,3 +89,28 @@ def test_phase1_benchmark_opacus_variant_runs():
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["variant"] == "opacus" and measured["sec_per_sample"] > 0 and measured["peak_rss_mb"] > 0
+
+
+@pytest.mark.workflow
+def test_sharding_benchmark_runs_and_merged_stores_equal_one_job(tiny_model_dir, tmp_path):
+    """benchmarks/sharding.py on a tiny config: both variants run, and the merged stores it
+    compares equal the one-job stores (to float32 rounding)."""
+    import re
+
+    import yaml
+
+    config = {"model": {"path": str(tiny_model_dir("llama"))},
+              "tasks": {task: {"source": f"builtin:{task}", "n_samples": 3, "max_length": 16}
+                        for task in ("code", "prose")},
+              "fisher": {"batch_size": 2, "per_sample_params": "attention", "fisher_m2_params": ""}}
+    configfile = tmp_path / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    command = [sys.executable, str(ROOT / "benchmarks" / "sharding.py"), "--configfile", str(configfile),
+               "--shards", "2", "--cores", "2", "--keep", str(tmp_path / "runs")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"speed-up of phase 1: [0-9.]+x", result.stdout), result.stdout
+    differences = [float(x) for x in re.findall(r"largest relative difference, merged vs one job: (\S+)",
+                                                 result.stdout)]
+    assert len(differences) == 2 and max(differences) < 1e-5, result.stdout
+    assert (tmp_path / "runs" / "sharded" / "logs" / "benchmarks" / "fisher" / "code.merge.tsv").exists()

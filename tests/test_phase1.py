@@ -276,3 +276,12 @@ def test_statistics_files_are_the_arrays_zarr_would_write(tmp_path):
             assert (path / kind / name / "zarr.json").read_bytes() == \
                 (tmp_path / "ref" / kind / name / "zarr.json").read_bytes()
             np.testing.assert_array_equal(zarr.open_array(path / kind / name)[...], reference[...])
+    # the consolidated metadata, computed in memory, is the one zarr computes on the folder
+    import shutil
+    import warnings
+
+    copy = shutil.copytree(path, tmp_path / "copy.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(copy)
+    assert (copy / "zarr.json").read_bytes() == (path / "zarr.json").read_bytes()

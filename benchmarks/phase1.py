@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/phase1.py                 # SmolLM2-135M, T=128, B=8 and 16
     .venv/bin/python benchmarks/phase1.py --variants floor loop ours opacus   # with Opacus
     .venv/bin/python benchmarks/phase1.py --rss-scaling   # peak RSS at N=32 vs N=256
+    .venv/bin/python benchmarks/phase1.py --fixed-cost    # one-off cost per store
 
 Each measurement runs in its own subprocess (so peak RSS is that variant's alone),
 after one warm-up micro-batch; variants are interleaved over repeats and the table
@@ -256,6 +257,32 @@ def worker(args: argparse.Namespace) -> None:
                       "sec_per_sample": elapsed / args.n, "peak_rss_mb": peak_mb, **extra}))
 
 
+def fixed_cost(model_kind: str, out: Path) -> dict:
+    """One-off costs of a store, apart from the model load: the float64 state, the writer
+    (its ~120 per-sample arrays) and `close` (~1,100 statistics arrays, consolidation,
+    rename) for a store with one sample's worth of state (values do not matter)."""
+    from fisher_pipeline.accumulate import FisherAccumulator
+    from fisher_pipeline.config import FisherConfig
+    from fisher_pipeline.fisher import stored_selections
+    from fisher_pipeline.models.adapters import adapter_for
+    from fisher_pipeline.store import StoreWriter
+
+    geometry = adapter_for(_model(model_kind)).geometry()
+    per_sample, m2 = stored_selections(geometry, FisherConfig(fisher_m2_layers=(0, -1)))
+    start = time.perf_counter()
+    accumulator = FisherAccumulator({n: g.shape for n, g in geometry.params.items()},
+                                    {n: g.groups for n, g in geometry.params.items()}, m2, per_sample)
+    state = time.perf_counter()
+    writer = StoreWriter(out, {"task": "bench"}, geometry, per_sample, "float16", 32, 16)
+    opened = time.perf_counter()
+    for states in (accumulator.fisher, accumulator.grad, accumulator.group):
+        for welford in states.values():
+            welford.count = 1
+    writer.close(accumulator)
+    end = time.perf_counter()
+    return {"state_s": state - start, "writer_s": opened - state, "close_s": end - opened, "total_s": end - start}
+
+
 def _run(variant: str, batch: int, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(batch), "--n", str(n),
            "--length", str(args.length), "--threads", str(args.threads), "--model", args.model]
@@ -265,7 +292,7 @@ def _run(variant: str, batch: int, n: int, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["floor", "loop", "ours", "opacus"])
+    parser.add_argument("--worker", choices=["floor", "loop", "ours", "opacus", "fixed"])
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "small"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
@@ -275,13 +302,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["floor", "loop", "ours"])
     parser.add_argument("--rss-scaling", action="store_true", help="peak RSS of ours at N=32 vs N=256")
+    parser.add_argument("--fixed-cost", action="store_true", help="one-off cost per store (state, writer, close)")
     args = parser.parse_args()
+    if args.worker == "fixed":
+        with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+            print(json.dumps(fixed_cost(args.model, Path(tmp) / "fixed.zarr")))
+        return
     if args.worker:
         worker(args)
         return
 
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, threads={args.threads}, T={args.length}, model={args.model}")
+    if args.fixed_cost:
+        runs = [_run("fixed", 0, 0, args) for _ in range(args.repeats)]
+        print("| part | seconds, median | runs |\n|---|---|---|")
+        for key in ("state_s", "writer_s", "close_s", "total_s"):
+            values = [run[key] for run in runs]
+            print(f"| {key[:-2]} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+        return
     if args.rss_scaling:
         runs = {n: [_run("ours", args.batch, n, args)["peak_rss_mb"] for _ in range(args.repeats)] for n in (32, 256)}
         small, large = (statistics.median(runs[n]) for n in (32, 256))

@@ -114,3 +114,22 @@ def test_sharding_benchmark_runs_and_merged_stores_equal_one_job(tiny_model_dir,
                                                  result.stdout)]
     assert len(differences) == 2 and max(differences) < 1e-5, result.stdout
     assert (tmp_path / "runs" / "sharded" / "logs" / "benchmarks" / "fisher" / "code.merge.tsv").exists()
+
+
+@pytest.mark.parametrize("variant", ["floor", "loop", "ours"])
+def test_phase1_benchmark_variants_run(variant):
+    command = [sys.executable, str(ROOT / "benchmarks" / "phase1.py"), "--worker", variant, "--model", "small",
+               "--batch", "2", "--n", "4", "--length", "16", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["variant"] == variant and measured["sec_per_sample"] > 0 and measured["peak_rss_mb"] > 0
+
+
+def test_phase1_benchmark_fixed_cost_table():
+    command = [sys.executable, str(ROOT / "benchmarks" / "phase1.py"), "--fixed-cost", "--model", "small",
+               "--repeats", "1", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["state", "writer", "close", "total"]

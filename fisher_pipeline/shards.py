@@ -40,7 +40,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -53,7 +53,7 @@ import zarr
 from .atomic import clean_stale, publish, remove_path
 from .errors import ConfigError, StoreFormatError, StoreMismatchError, TaskError
 from .layout import ModelGeometry
-from .store import StoreWriter, partial_path
+from .store import SampleRows, StoreWriter, partial_path
 from .welford import Welford
 
 SHARD_FORMAT_VERSION = 1
@@ -209,40 +209,16 @@ class ShardWriter:
             self.per_sample[name] = self.root.create_array(
                 f"per_sample/{name}", shape=(rows, *shape), chunks=(1, *shape), shards=(max(shard_samples, 1), *shape),
                 dtype=self.dtype, compressors=None, fill_value=0)
-        self.ids: list[str] = []
-        self.n_tokens: list[int] = []
-        self.losses: list[float] = []
-        self._writer = ThreadPoolExecutor(max_workers=1)  # one micro-batch in flight, as StoreWriter
-        self._pending: Future | None = None
+        self.samples = SampleRows(self.per_sample, per_sample_dtype)
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
                per_sample: Mapping[str, torch.Tensor]) -> None:
         """Record a committed micro-batch (the caller's tensors are copied at once)."""
-        start = len(self.ids)
-        rows = {name: per_sample[name].detach().to("cpu", self.torch_dtype, copy=True).numpy()
-                for name in self.per_sample}
-        self._wait()
-        self._pending = self._writer.submit(self._write_rows, start, rows)
-        self.ids.extend(ids)
-        self.n_tokens.extend(int(n) for n in n_tokens.tolist())
-        self.losses.extend(float(x) for x in losses.tolist())
-
-    def _write_rows(self, start: int, rows: dict[str, np.ndarray]) -> None:
-        for name, data in rows.items():
-            self.per_sample[name][start:start + len(data)] = data
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        self.samples.append(ids, n_tokens, losses, dict(per_sample))
 
     def abort(self) -> None:
         """Give up: stop the background writer and remove the partial store."""
-        try:
-            self._wait()
-        except Exception:  # the caller's error matters more
-            pass
-        self._writer.shutdown()
+        self.samples.abort()
         remove_path(self.partial)
 
     def close(self, accumulator, skipped: Sequence[tuple[str, str]]) -> Path:
@@ -252,17 +228,9 @@ class ShardWriter:
             accumulator: exposes `.fisher`, `.grad`, `.group` (name -> `Welford`) and `.count`.
             skipped: (sample id, reason) of the samples left out, in task order.
         """
-        self._wait()
-        self._writer.shutdown()
-        n = len(self.ids)
+        n = self.samples.finish(self.root)
         if n != accumulator.count:
             raise RuntimeError(f"{n} samples were written but {accumulator.count} folded into the statistics")
-        for array in self.per_sample.values():
-            array.resize((n, *array.shape[1:]))
-        ids = self.root.create_array("samples/id", shape=(n,), dtype=str)
-        ids[:] = np.array(self.ids, dtype=object)
-        self.root.create_array("samples/n_tokens", data=np.array(self.n_tokens, dtype=np.int32))
-        self.root.create_array("samples/loss", data=np.array(self.losses, dtype=np.float32))
         arrays: list[tuple[str, np.ndarray]] = []
         for name in self.shard.params:
             for kind, (total_key, m2_key) in STATE_ARRAYS.items():

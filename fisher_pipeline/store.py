@@ -55,6 +55,82 @@ def _remove(path: Path) -> None:
     remove_path(path)
 
 
+class SampleRows:
+    """The samples of a store being written: ids, token counts, losses and per-sample rows.
+
+    Rows are written by a background thread, at most one micro-batch in flight, so that
+    zarr's encoding and the disk overlap the next micro-batch's compute.
+
+    Args:
+        arrays: parameter name -> its `per_sample/` array, rows = samples in order.
+        dtype: "float16" or "float32", the arrays' dtype.
+    """
+
+    def __init__(self, arrays: dict[str, zarr.Array], dtype: str):
+        self.arrays = arrays
+        self.torch_dtype = getattr(torch, dtype)
+        self.ids: list[str] = []
+        self.n_tokens: list[int] = []
+        self.losses: list[float] = []
+        self._writer = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future | None = None
+
+    def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
+               per_sample: dict[str, torch.Tensor], lent: bool = False) -> None:
+        """Record a micro-batch: sample ids `[b]`, token counts, losses, g_i `[b, *shape]`.
+
+        By default the rows are copied in the stored dtype at once (the caller may reuse
+        its buffers). With `lent=True` the caller promises CPU tensors in the stored
+        dtype, unchanged until the *next* `append` returns (phase 1's accumulator
+        alternates two buffer sets), and no copy is made.
+        """
+        start = len(self.ids)
+        rows = {}
+        for name in self.arrays:
+            tensor = per_sample[name].detach()
+            if lent and tensor.device.type == "cpu" and tensor.dtype == self.torch_dtype:
+                rows[name] = tensor.numpy()
+            else:  # torch converts to float16 several times faster than numpy
+                rows[name] = tensor.to("cpu", self.torch_dtype, copy=True).numpy()
+        self._wait()
+        self._pending = self._writer.submit(self._write_rows, start, rows)
+        self.ids.extend(ids)
+        self.n_tokens.extend(int(n) for n in n_tokens.tolist())
+        self.losses.extend(float(x) for x in losses.tolist())
+
+    def _write_rows(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        for name, data in rows.items():
+            self.arrays[name][start:start + len(data)] = data
+
+    def _wait(self) -> None:
+        """Block until the write in flight (if any) is done; re-raise its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def abort(self) -> None:
+        """Stop the background writer (its error, if any, matters less than the caller's)."""
+        try:
+            self._wait()
+        except Exception:
+            pass
+        self._writer.shutdown()
+
+    def finish(self, root: zarr.Group) -> int:
+        """Wait for the last rows, trim the arrays, write `samples/`; return N."""
+        self._wait()
+        self._writer.shutdown()
+        n = len(self.ids)
+        for array in self.arrays.values():
+            if array.shape[0] != n:  # fewer samples than planned (skipped, or a short task)
+                array.resize((n, *array.shape[1:]))
+        ids = root.create_array("samples/id", shape=(n,), dtype=str)  # variable-length UTF-8
+        ids[:] = np.array(self.ids, dtype=object)
+        root.create_array("samples/n_tokens", data=np.array(self.n_tokens, dtype=np.int32))
+        root.create_array("samples/loss", data=np.array(self.losses, dtype=np.float32))
+        return n
+
+
 class StoreWriter:
     """Writes one task's store; `close()` completes it atomically.
 
@@ -103,55 +179,18 @@ class StoreWriter:
             )
             for name in sorted(per_sample_names)
         }
-        self.ids: list[str] = []
-        self.n_tokens: list[int] = []
-        self.losses: list[float] = []
+        self.samples = SampleRows(self.per_sample, per_sample_dtype)
         self.skipped: list[dict[str, str]] = []
-        self._writer = ThreadPoolExecutor(max_workers=1)  # at most one micro-batch in flight
-        self._pending: Future | None = None
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
                per_sample: dict[str, torch.Tensor], lent: bool = False) -> None:
-        """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i.
-
-        The per-sample rows are written by a background thread, so that zarr's encoding and
-        the disk overlap the next micro-batch's compute. By default the writer takes its
-        own copies in the stored dtype (the caller may reuse its buffers at once). With
-        `lent=True` the caller promises CPU tensors in the stored dtype, unchanged until
-        the *next* `append` returns (phase 1's accumulator alternates two buffer sets),
-        and no copy is made.
-        """
-        start = len(self.ids)
-        rows = {}
-        for name in self.per_sample:
-            tensor = per_sample[name].detach()
-            if lent and tensor.device.type == "cpu" and tensor.dtype == self.torch_dtype:
-                rows[name] = tensor.numpy()
-            else:  # torch converts to float16 several times faster than numpy
-                rows[name] = tensor.to("cpu", self.torch_dtype, copy=True).numpy()
-        self._wait_for_write()
-        self._pending = self._writer.submit(self._write_rows, start, rows)
-        self.ids.extend(ids)
-        self.n_tokens.extend(int(n) for n in n_tokens.tolist())
-        self.losses.extend(float(x) for x in losses.tolist())
-
-    def _write_rows(self, start: int, rows: dict[str, np.ndarray]) -> None:
-        for name, data in rows.items():
-            self.per_sample[name][start:start + len(data)] = data
-
-    def _wait_for_write(self) -> None:
-        """Block until the write in flight (if any) is done; re-raise its error."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i
+        (see `SampleRows.append`)."""
+        self.samples.append(ids, n_tokens, losses, per_sample, lent)
 
     def abort(self) -> None:
         """Give up: stop the background writer and remove the partial store."""
-        try:
-            self._wait_for_write()
-        except Exception:  # the error being handled by the caller matters more
-            pass
-        self._writer.shutdown()
+        self.samples.abort()
         _remove(self.partial)
 
     def skip(self, sample_id: str, reason: str) -> None:
@@ -202,16 +241,7 @@ class StoreWriter:
 
     def close(self, accumulator) -> Path:
         """Write the statistics and metadata, then rename the store into place."""
-        self._wait_for_write()
-        self._writer.shutdown()
-        n = len(self.ids)
-        for array in self.per_sample.values():
-            if array.shape[0] != n:  # fewer samples than planned (skipped, or a short task)
-                array.resize((n, *array.shape[1:]))
-        ids = self.root.create_array("samples/id", shape=(n,), dtype=str)  # variable-length UTF-8
-        ids[:] = np.array(self.ids, dtype=object)
-        self.root.create_array("samples/n_tokens", data=np.array(self.n_tokens, dtype=np.int32))
-        self.root.create_array("samples/loss", data=np.array(self.losses, dtype=np.float32))
+        n = self.samples.finish(self.root)
         self._write_statistics(accumulator)
         self.root.attrs.update({
             **self.attrs,

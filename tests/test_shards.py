@@ -45,6 +45,7 @@ from fisher_pipeline.shards import (
     share_weight,
 )
 from fisher_pipeline.store import open_store, partial_path
+from test_phase1 import _PoisonGradient
 from test_workflow_phases import TINY_CONFIG, planned_jobs, snakemake, tiny_run, write_config  # noqa: F401
 
 TASK = "prose"
@@ -63,21 +64,6 @@ def make_config(model_dir, **fisher) -> PipelineConfig:
 
 
 # --- two samples made non-finite, the same way in every job ---------------------------------------
-class _NanGradient(torch.autograd.Function):
-    """Identity forward; backward makes the gradient of batch rows `rows` NaN."""
-
-    @staticmethod
-    def forward(ctx, x, rows):
-        ctx.rows = rows
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        grad[ctx.rows] = float("nan")
-        return grad, None
-
-
 @contextlib.contextmanager
 def poisoned_samples():
     """Phase 1 with task sample LOSS_ROW giving a NaN loss and GRAD_ROW a NaN gradient.
@@ -110,7 +96,7 @@ def poisoned_samples():
             ids = seen["ids"]
             nan_loss = (ids == markers["loss"]).any(1)
             output = torch.where(nan_loss[:, None, None], torch.full_like(output, float("nan")), output)
-            return _NanGradient.apply(output, (ids == markers["grad"]).any(1))
+            return _PoisonGradient.apply(output, (ids == markers["grad"]).any(1))
 
         loaded.model.register_forward_pre_hook(record, with_kwargs=True)
         loaded.model.model.layers[1].mlp.register_forward_hook(poison)

@@ -209,7 +209,7 @@ class ShardWriter:
             self.per_sample[name] = self.root.create_array(
                 f"per_sample/{name}", shape=(rows, *shape), chunks=(1, *shape), shards=(max(shard_samples, 1), *shape),
                 dtype=self.dtype, compressors=None, fill_value=0)
-        self.samples = SampleRows(self.per_sample, per_sample_dtype)
+        self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial)
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
                per_sample: Mapping[str, torch.Tensor]) -> None:

@@ -285,3 +285,50 @@ def test_statistics_files_are_the_arrays_zarr_would_write(tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         zarr.consolidate_metadata(copy)
     assert (copy / "zarr.json").read_bytes() == (path / "zarr.json").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_per_sample_shards_are_the_files_zarr_would_write(tmp_path, dtype):
+    """Whole-shard micro-batches are written as shard files directly (not through zarr's
+    API): each file must equal zarr's own for the same rows, byte for byte, including a
+    last shard with fewer rows; a micro-batch straddling shards goes through zarr."""
+    from fisher_pipeline.store import SampleRows, _direct_shard_rows
+
+    rng = np.random.default_rng(5)
+    shapes = {"w": (6, 5), "b": (7,)}
+    data = {name: (rng.standard_normal((11, *shape)) + 3).astype(dtype) for name, shape in shapes.items()}
+
+    def arrays(root):
+        return {name: root.create_array(f"per_sample/{name}", shape=(11, *shape), chunks=(1, *shape),
+                                        shards=(4, *shape), dtype=dtype, compressors=None, fill_value=0)
+                for name, shape in shapes.items()}
+
+    ours_root = zarr.open_group(tmp_path / "ours.zarr", mode="w")
+    ours_arrays = arrays(ours_root)
+    assert all(_direct_shard_rows(array) == 4 for array in ours_arrays.values())  # the direct path is taken
+    rows = SampleRows(ours_arrays, dtype, tmp_path / "ours.zarr")
+    for start, stop in ((0, 4), (4, 8), (8, 11)):  # whole shards, then a short last one
+        rows.append([f"s{k}" for k in range(start, stop)], torch.ones(stop - start), torch.ones(stop - start),
+                    {name: torch.from_numpy(x[start:stop]) for name, x in data.items()})
+    assert rows.finish(ours_root) == 11
+    zarr_root = zarr.open_group(tmp_path / "zarr.zarr", mode="w")
+    for name, array in arrays(zarr_root).items():
+        array[...] = data[name]
+    for name in shapes:
+        files = sorted(p.relative_to(tmp_path / "ours.zarr" / "per_sample" / name)
+                       for p in (tmp_path / "ours.zarr" / "per_sample" / name).rglob("c/**/*") if p.is_file())
+        assert len(files) == 3
+        for file in files:
+            assert (tmp_path / "ours.zarr" / "per_sample" / name / file).read_bytes() == \
+                (tmp_path / "zarr.zarr" / "per_sample" / name / file).read_bytes(), f"{name} {file}"
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / "ours.zarr")["per_sample"][name][...], data[name])
+    # rows 0-2, then 3-6: the second straddles two shards and goes through zarr
+    mixed_root = zarr.open_group(tmp_path / "mixed.zarr", mode="w")
+    mixed = SampleRows(arrays(mixed_root), dtype, tmp_path / "mixed.zarr")
+    for start, stop in ((0, 3), (3, 7)):
+        mixed.append(["x"] * (stop - start), torch.ones(stop - start), torch.ones(stop - start),
+                     {name: torch.from_numpy(x[start:stop]) for name, x in data.items()})
+    mixed.finish(mixed_root)
+    for name in shapes:
+        np.testing.assert_array_equal(zarr.open_group(tmp_path / "mixed.zarr")["per_sample"][name][...],
+                                      data[name][:7])

@@ -73,7 +73,6 @@ class FisherAccumulator:
         self._labels = {n: s.labels.to(self.device) for n, s in specs.items()}
         self.m2_names = set(m2_names)
         self.per_sample_names = set(per_sample_names)
-        self.dtype = dtype
         self.per_sample_dtype = per_sample_dtype or dtype
         self.fisher = {n: Welford.zeros(s, n in self.m2_names, self.state_device) for n, s in shapes.items()}
         self.grad = {n: Welford.zeros(s, False, self.state_device) for n, s in shapes.items()}

@@ -201,7 +201,6 @@ class ShardWriter:
         self.shard = shard
         self.shard_samples = shard_samples
         self.dtype = np.dtype(per_sample_dtype)
-        self.torch_dtype = getattr(torch, per_sample_dtype)
         rows = shard.sample_stop - shard.sample_start
         self.per_sample = {}
         for name in sorted(per_sample_names):

@@ -116,8 +116,11 @@ class SampleRows:
 
     def __init__(self, arrays: dict[str, zarr.Array], dtype: str, folder: Path | None = None):
         self.arrays = arrays
-        #: where each array's files are (its shards are written as plain files when it can)
+        #: where each array's files are, and its rows per shard when its shards can be written
+        #: as plain files (0: only through zarr)
         self.folders = {name: folder / "per_sample" / name for name in arrays} if folder is not None else {}
+        self.shard_rows = {name: _direct_shard_rows(array) if folder is not None else 0
+                           for name, array in arrays.items()}
         self.torch_dtype = getattr(torch, dtype)
         self.ids: list[str] = []
         self.n_tokens: list[int] = []
@@ -150,12 +153,11 @@ class SampleRows:
 
     def _write_rows(self, start: int, rows: dict[str, np.ndarray]) -> None:
         for name, data in rows.items():
-            array = self.arrays[name]
-            shard = _direct_shard_rows(array)
+            shard = self.shard_rows[name]
             if shard and start % shard == 0 and len(data) <= shard:
                 _write_shard(self.folders[name], start // shard, data, shard)
             else:  # a micro-batch that straddles shards (after a skipped sample): zarr merges
-                array[start:start + len(data)] = data
+                self.arrays[name][start:start + len(data)] = data
 
     def _wait(self) -> None:
         """Block until the write in flight (if any) is done; re-raise its error."""
@@ -221,7 +223,6 @@ class StoreWriter:
         self.shapes = {name: geo.shape for name, geo in geometry.params.items()}
         shapes = self.shapes
         self.dtype = np.dtype(per_sample_dtype)
-        self.torch_dtype = getattr(torch, per_sample_dtype)
         self.per_sample = {
             name: self.root.create_array(
                 f"per_sample/{name}",

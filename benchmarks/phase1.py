@@ -234,7 +234,7 @@ def worker(args: argparse.Namespace) -> None:
     samples = _samples(args.n, args.length, vocab)
     batches = [collate(samples[i:i + args.batch], 0) for i in range(0, len(samples), args.batch)]
     extra: dict = {}
-    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         if args.worker == "floor":
             _floor(model, [collate(warm, 0)])
             start = time.perf_counter()
@@ -273,7 +273,8 @@ def fixed_cost(model_kind: str, out: Path) -> dict:
     accumulator = FisherAccumulator({n: g.shape for n, g in geometry.params.items()},
                                     {n: g.groups for n, g in geometry.params.items()}, m2, per_sample)
     state = time.perf_counter()
-    writer = StoreWriter(out, {"task": "bench"}, geometry, per_sample, "float16", 32, 16)
+    # planned N = N written (0): the usual case, where `close` resizes no per-sample array
+    writer = StoreWriter(out, {"task": "bench"}, geometry, per_sample, "float16", 0, 16)
     opened = time.perf_counter()
     for states in (accumulator.fisher, accumulator.grad, accumulator.group):
         for welford in states.values():
@@ -285,7 +286,8 @@ def fixed_cost(model_kind: str, out: Path) -> dict:
 
 def _run(variant: str, batch: int, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(batch), "--n", str(n),
-           "--length", str(args.length), "--threads", str(args.threads), "--model", args.model]
+           "--length", str(args.length), "--threads", str(args.threads), "--model", args.model,
+           "--dir", str(args.dir)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -303,9 +305,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["floor", "loop", "ours"])
     parser.add_argument("--rss-scaling", action="store_true", help="peak RSS of ours at N=32 vs N=256")
     parser.add_argument("--fixed-cost", action="store_true", help="one-off cost per store (state, writer, close)")
+    parser.add_argument("--dir", type=Path, default=ROOT / "benchmarks",
+                        help="folder the stores are written in (file creation costs differ between disks)")
     args = parser.parse_args()
     if args.worker == "fixed":
-        with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             print(json.dumps(fixed_cost(args.model, Path(tmp) / "fixed.zarr")))
         return
     if args.worker:
@@ -313,7 +317,8 @@ def main() -> None:
         return
 
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, threads={args.threads}, T={args.length}, model={args.model}")
+          f"python {platform.python_version()}, threads={args.threads}, T={args.length}, model={args.model}, "
+          f"stores in {args.dir}")
     if args.fixed_cost:
         runs = [_run("fixed", 0, 0, args) for _ in range(args.repeats)]
         print("| part | seconds, median | runs |\n|---|---|---|")

@@ -53,7 +53,7 @@ import zarr
 from .atomic import clean_stale, publish, remove_path
 from .errors import ConfigError, StoreFormatError, StoreMismatchError, TaskError
 from .layout import ModelGeometry
-from .store import SampleRows, StoreWriter, partial_path
+from .store import SampleArrays, SampleRows, StoreWriter, partial_path
 from .welford import Welford
 
 SHARD_FORMAT_VERSION = 1
@@ -202,12 +202,8 @@ class ShardWriter:
         self.shard_samples = shard_samples
         self.dtype = np.dtype(per_sample_dtype)
         rows = shard.sample_stop - shard.sample_start
-        self.per_sample = {}
-        for name in sorted(per_sample_names):
-            shape = geometry.params[name].shape
-            self.per_sample[name] = self.root.create_array(
-                f"per_sample/{name}", shape=(rows, *shape), chunks=(1, *shape), shards=(max(shard_samples, 1), *shape),
-                dtype=self.dtype, compressors=None, fill_value=0)
+        shapes = {name: (rows, *geometry.params[name].shape) for name in sorted(per_sample_names)}
+        self.per_sample = SampleArrays(self.root, self.partial, shapes, shard_samples, self.dtype)
         self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial)
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,

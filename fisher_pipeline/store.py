@@ -23,10 +23,12 @@ store, and a rerun starts the partial store afresh.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import unicodedata
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -94,6 +96,57 @@ def _write_shard(folder: Path, index: int, rows: np.ndarray, shard_rows: int) ->
         file.write(index_bytes + checksum)
 
 
+class SampleArrays(Mapping[str, zarr.Array]):
+    """The `per_sample/` arrays of a store being written, each opened by zarr only when used.
+
+    Their `zarr.json` files are written from one template per shape, made by zarr in
+    memory: created through zarr's API each array costs ~3 ms of event-loop round trips
+    (0.3-0.5 s per store), and the direct shard writes never need the array objects. A
+    write that straddles shards, or a resize, opens the array through zarr.
+
+    Args:
+        root: the store's root group (the arrays' parent's parent).
+        folder: the store's folder.
+        shapes: parameter name -> `[rows, *param_shape]`.
+        shard_samples: rows per shard file; each row is one inner chunk.
+        dtype: the arrays' dtype.
+    """
+
+    def __init__(self, root: zarr.Group, folder: Path, shapes: dict[str, tuple[int, ...]], shard_samples: int,
+                 dtype: np.dtype):
+        self.root = root
+        self.group = "per_sample"
+        if shapes:  # no empty group in a store without per-sample arrays
+            root.require_group(self.group)
+        self.layouts: dict[str, zarr.Array] = {}  # in-memory arrays with each shape's metadata
+        made: dict[tuple[int, ...], zarr.Array] = {}
+        for name, shape in shapes.items():
+            if shape not in made:
+                made[shape] = zarr.create_array(
+                    zarr.storage.MemoryStore(), shape=shape, chunks=(1, *shape[1:]),
+                    shards=(max(shard_samples, 1), *shape[1:]), dtype=dtype,
+                    compressors=None,  # gradients barely compress (5-9%); not worth the time
+                    fill_value=0)
+            self.layouts[name] = made[shape]
+            array_folder = folder / self.group / name
+            array_folder.mkdir()
+            metadata = made[shape].metadata.to_buffer_dict(zarr.core.buffer.default_buffer_prototype())
+            (array_folder / "zarr.json").write_bytes(metadata["zarr.json"].to_bytes())
+        self._opened: dict[str, zarr.Array] = {}
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        if name not in self._opened:
+            self.layouts[name]  # KeyError for a name that is not here
+            self._opened[name] = self.root[f"{self.group}/{name}"]
+        return self._opened[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layouts)
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+
 class SampleRows:
     """The samples of a store being written: ids, token counts, losses and per-sample rows.
 
@@ -114,13 +167,14 @@ class SampleRows:
         folder: the store's folder (None: every write goes through zarr).
     """
 
-    def __init__(self, arrays: dict[str, zarr.Array], dtype: str, folder: Path | None = None):
+    def __init__(self, arrays: Mapping[str, zarr.Array], dtype: str, folder: Path | None = None):
         self.arrays = arrays
         #: where each array's files are, and its rows per shard when its shards can be written
         #: as plain files (0: only through zarr)
         self.folders = {name: folder / "per_sample" / name for name in arrays} if folder is not None else {}
-        self.shard_rows = {name: _direct_shard_rows(array) if folder is not None else 0
-                           for name, array in arrays.items()}
+        layouts = arrays.layouts if isinstance(arrays, SampleArrays) else arrays  # without opening any
+        self.shard_rows = {name: _direct_shard_rows(layouts[name]) if folder is not None else 0 for name in arrays}
+        self._rows = {name: layouts[name].shape[0] for name in arrays}
         self.torch_dtype = getattr(torch, dtype)
         self.ids: list[str] = []
         self.n_tokens: list[int] = []
@@ -178,8 +232,9 @@ class SampleRows:
         self._wait()
         self._writer.shutdown()
         n = len(self.ids)
-        for array in self.arrays.values():
-            if array.shape[0] != n:  # fewer samples than planned (skipped, or a short task)
+        for name, rows in self._rows.items():
+            if rows != n:  # fewer samples than planned (skipped, or a short task)
+                array = self.arrays[name]
                 array.resize((n, *array.shape[1:]))
         ids = root.create_array("samples/id", shape=(n,), dtype=str)  # variable-length UTF-8
         ids[:] = np.array(self.ids, dtype=object)
@@ -223,18 +278,9 @@ class StoreWriter:
         self.shapes = {name: geo.shape for name, geo in geometry.params.items()}
         shapes = self.shapes
         self.dtype = np.dtype(per_sample_dtype)
-        self.per_sample = {
-            name: self.root.create_array(
-                f"per_sample/{name}",
-                shape=(max_samples, *shapes[name]),
-                chunks=(1, *shapes[name]),
-                shards=(shard_samples, *shapes[name]),
-                dtype=self.dtype,
-                compressors=None,  # gradients barely compress (5-9%); not worth the time
-                fill_value=0,
-            )
-            for name in sorted(per_sample_names)
-        }
+        self.per_sample = SampleArrays(self.root, self.partial,
+                                       {name: (max_samples, *shapes[name]) for name in sorted(per_sample_names)},
+                                       shard_samples, self.dtype)
         self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial)
         self.skipped: list[dict[str, str]] = []
 
@@ -260,37 +306,44 @@ class StoreWriter:
         costs ~3 ms of its event-loop round trips, seconds per store; so zarr writes the
         metadata of one array per distinct shape (into memory), and each array's
         `zarr.json` (that metadata, verbatim) and its single uncompressed chunk (raw
-        little-endian bytes, the `bytes` codec) are written as files by a few threads,
-        each converting its tensor just before writing it: at most a few tensors' float32
-        copies exist at once, whatever the model size. Uncompressed: zstd saved only 5-7%
+        little-endian bytes, the `bytes` codec) are written as files by a few threads.
+        Each thread converts its float64 state to float32 through one reused 4 MB buffer,
+        a slice at a time, writing each slice while it is in cache: a fresh float32 copy
+        per array would cost a page fault per 4 KB (three times the conversion itself),
+        and no copy of the model's size is ever made. Uncompressed: zstd saved only 5-7%
         of these bytes for seconds of CPU per store.
         """
         for kind in ("fisher", "grad_mean", "group", "group_m2"):
             self.root.create_group(kind)
         templates = _MetadataTemplates()
         m2_group = threading.Lock()  # fisher_m2/ exists only where some parameter has M2
+        local = threading.local()
 
-        def write_array(key: str, data: np.ndarray) -> None:
-            data = np.ascontiguousarray(data, dtype="<f4")
+        def write_array(key: str, source: torch.Tensor, divisor: int = 1) -> None:
+            if not hasattr(local, "buffer"):
+                local.buffer = torch.empty(_STATISTICS_SLICE, dtype=torch.float32)
             folder = self.partial / key
             folder.mkdir()
-            (folder / "zarr.json").write_bytes(templates.get(data.shape))
-            chunk = folder.joinpath("c", *["0"] * data.ndim)
-            chunk.parent.mkdir(parents=True)
-            chunk.write_bytes(data.data)
+            (folder / "zarr.json").write_bytes(templates.get(tuple(source.shape)))
+            chunk = folder / "c"
+            for _ in range(source.dim()):  # one mkdir each: file-system calls cost ~0.1-0.7 ms
+                chunk.mkdir()
+                chunk = chunk / "0"
+            _write_float32(chunk, source, divisor, local.buffer)
 
         def write(name: str) -> None:
             # Looked up here, one parameter at a time: a merge of shards computes each on demand.
             fisher, group = accumulator.fisher[name], accumulator.group[name]
-            write_array(f"fisher/{name}", _mean32(fisher))
-            write_array(f"grad_mean/{name}", _mean32(accumulator.grad[name]))
+            write_array(f"fisher/{name}", fisher.total, max(fisher.count, 1))
+            grad = accumulator.grad[name]
+            write_array(f"grad_mean/{name}", grad.total, max(grad.count, 1))
             if fisher.m2 is not None:
                 with m2_group:
                     if not (self.partial / "fisher_m2").exists():
                         self.root.create_group("fisher_m2")
-                write_array(f"fisher_m2/{name}", _float32(fisher.m2))
-            write_array(f"group/{name}", _float32(group.mean))
-            write_array(f"group_m2/{name}", _float32(group.m2))
+                write_array(f"fisher_m2/{name}", fisher.m2)
+            write_array(f"group/{name}", group.total, max(group.count, 1))
+            write_array(f"group_m2/{name}", group.m2)
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(write, self.shapes))
@@ -317,19 +370,31 @@ class StoreWriter:
 
 
 def consolidate(path: Path) -> None:
-    """zarr's consolidated metadata of the store at `path`, computed in memory.
+    """Write zarr's consolidated metadata into the root `zarr.json` of the store at `path`.
 
-    `zarr.consolidate_metadata` on the folder reads ~1,200 `zarr.json` files through its
-    event loop (~0.8 s); the same call on an in-memory copy of just those files gives the
-    same root `zarr.json` in a third of the time.
+    The same bytes as `zarr.consolidate_metadata(path)` (zarr-python's extension to v3,
+    `tests/test_phase1.py` compares them), built from the ~1,200 `zarr.json` files with
+    the json module: zarr's own call parses every node into its metadata classes through
+    its event loop (~0.3-0.8 s per store). Every node's metadata, keyed by its path, goes
+    in flat, sorted by depth then case-folded path; groups carry an empty
+    `consolidated_metadata` of their own.
     """
-    prototype = zarr.core.buffer.default_buffer_prototype()
-    memory = {str(file.relative_to(path)): prototype.buffer.from_bytes(file.read_bytes())
-              for file in path.rglob("zarr.json")}
-    with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3
-        warnings.simplefilter("ignore", UserWarning)
-        zarr.consolidate_metadata(zarr.storage.MemoryStore(memory))
-    (path / "zarr.json").write_bytes(memory["zarr.json"].to_bytes())
+    nodes = {}
+    for file in path.rglob("zarr.json"):
+        nodes[file.parent.relative_to(path).as_posix()] = json.loads(file.read_bytes())
+    root = nodes.pop(".")
+    order = sorted(nodes, key=lambda key: (key.count("/"), unicodedata.normalize("NFKC", key).casefold()))
+    flat = {key: _consolidated_group(nodes[key], {}) if nodes[key]["node_type"] == "group" else nodes[key]
+            for key in order}
+    document = json.dumps(_consolidated_group(root, flat), indent=2, allow_nan=True)
+    (path / "zarr.json").write_bytes(document.encode())
+
+
+def _consolidated_group(group: dict, metadata: dict) -> dict:
+    """A group's metadata with `consolidated_metadata` (listing `metadata`), in zarr's key order."""
+    consolidated = {"kind": "inline", "must_understand": False, "metadata": metadata}
+    out = {key: value for key, value in group.items() if key not in ("consolidated_metadata", "node_type")}
+    return {**out, "consolidated_metadata": consolidated, "node_type": group["node_type"]}
 
 
 class _MetadataTemplates:
@@ -530,15 +595,26 @@ class FisherStore:
         return self
 
 
-def _mean32(welford) -> np.ndarray:
-    """The mean as float32 in one pass, without a float64 temporary of the parameter's size."""
-    total = welford.total
-    out = torch.empty(total.shape, dtype=torch.float32, device=total.device)
-    return torch.div(total, max(welford.count, 1), out=out).cpu().numpy()
+#: float32 elements converted and written at a time by each statistics thread (4 MB).
+_STATISTICS_SLICE = 1 << 20
 
 
-def _float32(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).numpy()
+def _write_float32(path: Path, source: torch.Tensor, divisor: int, buffer: torch.Tensor) -> None:
+    """Write `source / divisor` as raw little-endian float32 to `path`, a slice at a time.
+
+    `source` is a float64 tensor on any device; `buffer` a reused float32 CPU tensor. The
+    quotient is computed in float64 and rounded once to float32, as `(source / divisor).float()`.
+    """
+    flat = source.detach().reshape(-1)
+    with open(path, "wb") as file:
+        for start in range(0, flat.numel(), buffer.numel()):
+            part = flat[start:start + buffer.numel()]
+            out = buffer[:part.numel()]
+            if part.device == out.device:
+                torch.div(part, divisor, out=out)
+            else:  # on the device in float64, then one transfer of the float32 result
+                out.copy_(torch.div(part, divisor).to(torch.float32))
+            file.write(out.numpy().data)
 
 
 def _standard_error(m2: np.ndarray, n: int) -> np.ndarray:

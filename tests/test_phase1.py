@@ -256,10 +256,16 @@ def test_missing_model_path_is_named(tmp_path):
         load_model(ModelConfig(path=str(tmp_path / "pickled")))
 
 
-def test_statistics_files_are_the_arrays_zarr_would_write(tmp_path):
+@pytest.mark.parametrize("slice_elements", [None, 7])
+def test_statistics_files_are_the_arrays_zarr_would_write(tmp_path, monkeypatch, slice_elements):
     """The statistics' `zarr.json` and chunk files are written directly (not through zarr's
-    API, for speed): each must equal what zarr itself writes, and hold the right numbers."""
+    API, for speed): each must equal what zarr itself writes, and hold the right numbers,
+    also when each array is converted and written in many slices (7 elements, not a
+    divisor of any shape: every array ends with a short slice)."""
     from store_factory import llama_layout, make_store
+
+    if slice_elements is not None:
+        monkeypatch.setattr("fisher_pipeline.store._STATISTICS_SLICE", slice_elements)
 
     names = sorted(llama_layout()[0])[:6]
     path = make_store(tmp_path / "s.zarr", n_samples=5, seed=3, per_sample=tuple(names))

@@ -11,7 +11,8 @@ reports medians. Variants:
   floor  plain batched forward + backward (parameter .grad summed over the batch)
   loop   batch-1 forward/backward per sample, accumulating g^2 (the seeds' method)
   ours   phase 1: full-model Fisher + Welford + per-sample attention gradients of all
-         layers written to a zarr store (float16), store completed and renamed
+         layers written to a zarr store (float16), store completed and renamed; M2 of
+         g^2 for the first and last layer's attention, as in config/config.yaml
   opacus Opacus's GradSampleModule (benchmarks/requirements.txt; not in the default
          --variants: `--variants floor loop ours opacus`): per-sample gradients of every
          parameter, same model, batches and token-sum loss (loss_reduction="sum"), g^2
@@ -202,7 +203,8 @@ def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
     from fisher_pipeline.store import StoreWriter
 
     start = time.perf_counter()
-    config = FisherConfig(batch_size=batch_size, per_sample_params=per_sample)
+    # the shipped default (config/config.yaml): M2 of g^2 for the first and last layer's attention
+    config = FisherConfig(batch_size=batch_size, per_sample_params=per_sample, fisher_m2_layers=(0, -1))
     adapter = adapter_for(model)
     geometry = adapter.geometry()
     writer = StoreWriter(out, {"task": "bench"}, geometry, stored_selections(geometry, config)[0], "float16",

@@ -195,7 +195,44 @@ def _opacus(model, batches, state: dict) -> None:
             gsm.zero_grad(set_to_none=True)  # drops grad_sample before the next forward
 
 
-def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
+class _RssSampler:
+    """Largest resident set size seen between two `mark()`s, sampled every 2 ms by a thread.
+
+    ru_maxrss gives the peak of the whole run only; these per-micro-batch peaks show
+    whether memory accumulates (a trend) or only fluctuates (the run's peak is then the
+    largest of more draws the more micro-batches there are). Sampling can miss a peak
+    shorter than 2 ms: the values are lower bounds.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peaks: list[int] = []
+        self._current = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss_mb() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._current = max(self._current, self.rss_mb())
+
+    def mark(self) -> None:
+        self.peaks.append(max(self._current, self.rss_mb()))
+        self._current = 0
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
+def _ours(model, samples, batch_size: int, out: Path, per_sample: str, trace_rss: bool = False) -> dict:
     """Phase 1 into a store; returns the steady per-sample time and the fixed costs."""
     from fisher_pipeline.config import FisherConfig
     from fisher_pipeline.fisher import compute_fisher, stored_selections
@@ -210,18 +247,22 @@ def _ours(model, samples, batch_size: int, out: Path, per_sample: str) -> dict:
     writer = StoreWriter(out, {"task": "bench"}, geometry, stored_selections(geometry, config)[0], "float16",
                          len(samples), batch_size)
     commits: list[float] = []
+    sampler = _RssSampler() if trace_rss else None
 
     def on_commit(batch, losses, grads):
         writer.append(batch.ids, batch.n_tokens, losses, grads, lent=True)  # as run_fisher does
         commits.append(time.perf_counter())
+        if sampler is not None:
+            sampler.mark()
 
     result = compute_fisher(model, adapter, samples, config, pad_id=0, on_commit=on_commit)
     before_close = time.perf_counter()
     writer.close(result.accumulator)
     end = time.perf_counter()
     steady = (commits[-1] - commits[0]) / (len(samples) - batch_size) if len(commits) > 1 else float("nan")
+    extra = {"batch_peak_rss_mb": sampler.stop()} if sampler is not None else {}
     return {"steady_sec_per_sample": steady, "close_s": end - before_close,
-            "setup_s": commits[0] - start - steady * batch_size}
+            "setup_s": commits[0] - start - steady * batch_size, **extra}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -252,7 +293,7 @@ def worker(args: argparse.Namespace) -> None:
         else:
             _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", "attention")
             start = time.perf_counter()
-            extra = _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", "attention")
+            extra = _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", "attention", args.trace_rss)
         elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": args.worker, "batch": args.batch, "n": args.n,
@@ -286,8 +327,9 @@ def fixed_cost(model_kind: str, out: Path) -> dict:
     return {"state_s": state - start, "writer_s": opened - state, "close_s": end - opened, "total_s": end - start}
 
 
-def _run(variant: str, batch: int, n: int, args: argparse.Namespace) -> dict:
+def _run(variant: str, batch: int, n: int, args: argparse.Namespace, trace_rss: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(batch), "--n", str(n),
+           *(["--trace-rss"] if trace_rss else []),
            "--length", str(args.length), "--threads", str(args.threads), "--model", args.model,
            "--dir", str(args.dir)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -306,6 +348,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["floor", "loop", "ours"])
     parser.add_argument("--rss-scaling", action="store_true", help="peak RSS of ours at N=32 vs N=256")
+    parser.add_argument("--trace-rss", action="store_true", help=argparse.SUPPRESS)  # worker: peaks per micro-batch
     parser.add_argument("--fixed-cost", action="store_true", help="one-off cost per store (state, writer, close)")
     parser.add_argument("--dir", type=Path, default=ROOT / "benchmarks",
                         help="folder the stores are written in (file creation costs differ between disks)")
@@ -329,11 +372,20 @@ def main() -> None:
             print(f"| {key[:-2]} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
         return
     if args.rss_scaling:
-        runs = {n: [_run("ours", args.batch, n, args)["peak_rss_mb"] for _ in range(args.repeats)] for n in (32, 256)}
-        small, large = (statistics.median(runs[n]) for n in (32, 256))
-        print("| N | peak RSS (MB), median |\n|---|---|")
-        print(f"| 32 | {small:.0f} |\n| 256 | {large:.0f} |")
+        runs = {n: [_run("ours", args.batch, n, args, trace_rss=True) for _ in range(args.repeats)] for n in (32, 256)}
+        small, large = (statistics.median(run["peak_rss_mb"] for run in runs[n]) for n in (32, 256))
+        print(f"# MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '(unset)')}")
+        print("| N | peak RSS (MB), median | runs |\n|---|---|---|")
+        for n, value in ((32, small), (256, large)):
+            print(f"| {n} | {value:.0f} | {', '.join(str(round(run['peak_rss_mb'])) for run in runs[n])} |")
         print(f"growth N=32 -> 256: {100 * (large / small - 1):+.1f}%")
+        for n in (32, 256):
+            for run in runs[n]:
+                peaks = run["batch_peak_rss_mb"]
+                half = len(peaks) // 2
+                print(f"N={n}: peak RSS per micro-batch (MB, sampled every 2 ms): {peaks}; "
+                      f"median of the first half {statistics.median(peaks[:max(half, 1)]):.0f}, "
+                      f"of the second half {statistics.median(peaks[half:]):.0f}")
         return
     results: dict[tuple[str, int], list[dict]] = {}
     for _ in range(args.repeats):

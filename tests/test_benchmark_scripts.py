@@ -126,6 +126,17 @@ def test_phase1_benchmark_variants_run(variant):
     assert measured["variant"] == variant and measured["sec_per_sample"] > 0 and measured["peak_rss_mb"] > 0
 
 
+def test_phase1_benchmark_traces_rss_per_micro_batch():
+    """The RSS-scaling worker reports one sampled peak per committed micro-batch."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "phase1.py"), "--worker", "ours", "--model", "small",
+               "--batch", "2", "--n", "6", "--length", "16", "--threads", "1", "--trace-rss"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    peaks = measured["batch_peak_rss_mb"]
+    assert len(peaks) == 3 and all(0 < peak <= measured["peak_rss_mb"] for peak in peaks), measured
+
+
 def test_phase1_benchmark_fixed_cost_table():
     command = [sys.executable, str(ROOT / "benchmarks" / "phase1.py"), "--fixed-cost", "--model", "small",
                "--repeats", "1", "--threads", "1"]

@@ -252,14 +252,16 @@ def _write_store(path: str, seed: int, extra: int, ready=None) -> None:
     from store_factory import make_store
 
     if ready is not None:
-        consolidate = zarr.consolidate_metadata
+        import fisher_pipeline.store
+
+        consolidate = fisher_pipeline.store.consolidate
 
         def consolidate_then_signal(*args, **kwargs):
             result = consolidate(*args, **kwargs)
             ready.send(True)
             return result
 
-        zarr.consolidate_metadata = consolidate_then_signal
+        fisher_pipeline.store.consolidate = consolidate_then_signal
     shapes, specs = _layout(extra)
     make_store(path, seed=seed, shapes=shapes, specs=specs, per_sample=("model.layers.0.self_attn.q_proj.weight",))
 

@@ -122,16 +122,14 @@ class SampleArrays(Mapping[str, zarr.Array]):
         made: dict[tuple[int, ...], zarr.Array] = {}
         for name, shape in shapes.items():
             if shape not in made:
-                made[shape] = zarr.create_array(
-                    zarr.storage.MemoryStore(), shape=shape, chunks=(1, *shape[1:]),
-                    shards=(max(shard_samples, 1), *shape[1:]), dtype=dtype,
+                made[shape] = _in_memory_array(
+                    shape=shape, chunks=(1, *shape[1:]), shards=(max(shard_samples, 1), *shape[1:]), dtype=dtype,
                     compressors=None,  # gradients barely compress (5-9%); not worth the time
                     fill_value=0)
             self.layouts[name] = made[shape]
             array_folder = folder / self.group / name
             array_folder.mkdir()
-            metadata = made[shape].metadata.to_buffer_dict(zarr.core.buffer.default_buffer_prototype())
-            (array_folder / "zarr.json").write_bytes(metadata["zarr.json"].to_bytes())
+            (array_folder / "zarr.json").write_bytes(_metadata_bytes(made[shape]))
         self._opened: dict[str, zarr.Array] = {}
 
     def __getitem__(self, name: str) -> zarr.Array:
@@ -409,11 +407,19 @@ class _MetadataTemplates:
             if shape not in self._made:
                 if not shape:
                     raise ValueError("statistics are at least 1-d")
-                memory: dict = {}
-                zarr.create_array(zarr.storage.MemoryStore(memory), name="a", shape=shape, dtype="float32",
-                                  chunks=shape, compressors=None, fill_value=0, overwrite=True)
-                self._made[shape] = memory["a/zarr.json"].to_bytes()
+                self._made[shape] = _metadata_bytes(_in_memory_array(
+                    shape=shape, dtype="float32", chunks=shape, compressors=None, fill_value=0))
             return self._made[shape]
+
+
+def _in_memory_array(**settings: Any) -> zarr.Array:
+    """An array made by zarr in memory: its metadata is a template for files we write ourselves."""
+    return zarr.create_array(zarr.storage.MemoryStore(), **settings)
+
+
+def _metadata_bytes(array: zarr.Array) -> bytes:
+    """The `zarr.json` zarr writes for `array`."""
+    return array.metadata.to_buffer_dict(zarr.core.buffer.default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 class FisherStore:

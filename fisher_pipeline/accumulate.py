@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .layout import GroupSpec
 from .scratch import Scratch
 from .welford import Welford, batch_moments
@@ -53,6 +54,8 @@ class FisherAccumulator:
             store's: converting while the chunk is in cache saves a pass).
         state_device: where the float64 statistics live (default `device`); `cpu`
             keeps a large model's state off the GPU at the price of a transfer per chunk.
+        fold_kernel: "auto" folds float32 CPU chunks with the compiled one-pass kernel
+            (`kernels/fold.c`) where it builds, "torch" always with torch operations.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class FisherAccumulator:
         dtype: torch.dtype = torch.float32,
         per_sample_dtype: torch.dtype | None = None,
         state_device: torch.device | str | None = None,
+        fold_kernel: str = "auto",
     ):
         self.shapes = shapes
         self.specs = specs
@@ -92,6 +96,11 @@ class FisherAccumulator:
         self._sums = Scratch()
         self._squares = Scratch()
         self._deviations = Scratch()
+        if fold_kernel not in ("auto", "torch"):
+            raise ValueError(f"fold_kernel must be 'auto' or 'torch', not {fold_kernel!r}")
+        compiled = (fold_kernel == "auto" and self.device.type == "cpu" and self.state_device.type == "cpu"
+                    and dtype == torch.float32 and self.per_sample_dtype in kernels.COPY_KINDS)
+        self._kernel = kernels.load() if compiled else None
 
     # --- staging ---------------------------------------------------------------------
     def begin(self, batch_size: int, undo: list[Chunk] | None = None) -> None:
@@ -125,9 +134,14 @@ class FisherAccumulator:
         `grads` is consumed (squared in place).
         """
         rows = slice(start, stop)
+        compiled = self._kernel is not None and self._kernel_takes(name, grads)
         if self._undo is not None:
             if (name, start, stop) in self._undo:
-                self._fold(name, rows, grads, sign=-1)
+                (self._fold_compiled if compiled else self._fold)(name, rows, grads, sign=-1)
+            return
+        if compiled:
+            self._fold_compiled(name, rows, grads, sign=1)
+            self._touched.add(name)
             return
         if name in self.per_sample_names:
             self._per_sample[name][:, rows].copy_(grads)
@@ -166,6 +180,39 @@ class FisherAccumulator:
             batch = batch.to(self.state_device)
         self.fisher[name].fold_rows(rows, batch, self._to_state(sum_c), self._to_state(m2_c), sign)
         self.grad[name].fold_rows(rows, batch, self._to_state(sum_g), None, sign)
+
+    def _kernel_takes(self, name: str, grads: torch.Tensor) -> bool:
+        """Whether the compiled kernel folds this chunk (not M2 states, not tensors of 3+ dims)."""
+        return name not in self.m2_names and grads.dim() in (2, 3) and grads.is_contiguous()
+
+    def _fold_compiled(self, name: str, rows: slice, grads: torch.Tensor, sign: int) -> None:
+        """`_fold` (with the per-sample copy and group staging) in one pass of the compiled kernel.
+
+        Non-finite values are handled per row of the chunk rather than per chunk: a row
+        whose `g^2` is not finite is left out of the state, the chunk's finite rows are
+        folded and the chunk recorded, and an undo pass leaves out the same rows.
+        """
+        n_batch, n_rows = grads.shape[:2]
+        flat = grads.view(n_batch, n_rows, -1) if grads.dim() == 3 else grads.view(n_batch, 1, n_rows)
+        spec = self.specs[name]
+        fold_state = sign < 0 or bool(self._ok)  # after a non-finite chunk: copies and group sums only
+        total_c = self.fisher[name].total[rows] if fold_state else None
+        total_g = self.grad[name].total[rows] if fold_state else None
+        copy, group_kind = None, kernels.GROUP_NONE
+        if sign > 0:
+            if name in self.per_sample_names:
+                copy = self._per_sample[name][:, rows].view(flat.shape)  # rows of a sample are contiguous
+            per_row = grads.dim() == 3 and spec.dim == 0
+            group_kind = kernels.GROUP_PER_ROW if per_row else kernels.GROUP_PER_COLUMN
+        skipped, group = self._kernel.fold(flat, total_g, total_c, float(sign), copy, group_kind)
+        if sign < 0:
+            return
+        labels = self._labels[name][rows] if spec.dim == 0 else self._labels[name]
+        self._group_c[name].index_add_(1, labels, group)
+        if fold_state:
+            self._chunks.append(((name, rows.start, rows.stop), None))
+            if skipped:
+                self._ok = torch.zeros((), dtype=torch.bool)
 
     def _to_state(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         if tensor is None or tensor.device == self.state_device:

@@ -84,6 +84,7 @@ class FisherConfig:
     seed: int = 0  # seeds sampled labels
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     state_device: str | None = None  # where the float64 statistics live: None = with the model, or "cpu"
+    fold_kernel: str = "auto"  # "auto": compiled one-pass fold of CPU float32 chunks where it builds; "torch"
     per_sample_params: str = "attention"  # named selection (attention, mlp, all, none) or a regex: g_i stored
     per_sample_layers: tuple[int, ...] | None = None  # only these layers (negative: from the last); None: all
     per_sample_dtype: str = "float16"  # "float16" or "float32" for stored g_i

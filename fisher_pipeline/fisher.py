@@ -205,6 +205,7 @@ def compute_fisher(
         first.dtype,
         per_sample_dtype=getattr(torch, config.per_sample_dtype),
         state_device=config.state_device,
+        fold_kernel=config.fold_kernel,
     )
     engine_type = HookEngine if config.engine == "hooks" else LoopEngine
     engine = engine_type(model, accumulator, config)
@@ -235,11 +236,12 @@ def phase1_config_hash(config: PipelineConfig, task: str) -> str:
     """Hash of everything besides the weights that determines task `task`'s store.
 
     `fisher.shards` and `fisher.param_shards` are left out: they only say how the work is
-    split into jobs, and a merged store equals the one-job store. So is `state_device`,
-    where the float64 sums live while they are accumulated.
+    split into jobs, and a merged store equals the one-job store. So are `state_device`,
+    where the float64 sums live while they are accumulated, and `fold_kernel`, which
+    computes the same sums (up to float64 rounding) by another route.
     """
     fisher = {key: value for key, value in dataclasses.asdict(config.fisher).items()
-              if key not in (*SHARDING_KEYS, "state_device")}
+              if key not in (*SHARDING_KEYS, "state_device", "fold_kernel")}
     return config_hash(config.tasks[task], fisher)
 
 

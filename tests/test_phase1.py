@@ -192,10 +192,11 @@ class _PoisonGradient(torch.autograd.Function):
         return grad, None
 
 
-@pytest.mark.parametrize("flags", ["host", "device"])
-def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir, monkeypatch, flags):
-    """A sample with a non-finite gradient leaves no trace. `device`: the GPU's way of
-    checking (a device-side flag, zeros folded once it trips), exercised on the CPU."""
+@pytest.mark.parametrize("flags, fold_kernel", [("host", "auto"), ("host", "torch"), ("device", "torch")])
+def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir, monkeypatch, flags, fold_kernel):
+    """A sample with a non-finite gradient leaves no trace. `host`: the CPU's check, with the
+    compiled fold (non-finite rows left out row by row) or torch's (chunk by chunk);
+    `device`: the GPU's way (a device-side flag, zeros folded once it trips), on the CPU."""
     from fisher_pipeline import accumulate
     from test_engine import random_samples
 
@@ -221,7 +222,7 @@ def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir, monkeypatch
                model.model.layers[1].mlp.register_forward_hook(poison)]
     from fisher_pipeline.config import FisherConfig
 
-    result = compute_fisher(model, adapter, samples, FisherConfig(batch_size=4), pad_id=0)
+    result = compute_fisher(model, adapter, samples, FisherConfig(batch_size=4, fold_kernel=fold_kernel), pad_id=0)
     for handle in handles:
         handle.remove()
     reasons = dict(result.skipped)

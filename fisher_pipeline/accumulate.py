@@ -12,13 +12,17 @@ model's size: each chunk of per-sample rows `[b, r, ...]`, handed over while it 
 still in cache, is reduced over the samples and folded straight into the float64
 state (Chan's merge on those rows), so the state is read and written once per
 micro-batch and no staging copy of the model exists. Squares are taken per sample
-before any reduction over samples.
+before any reduction over samples. On the CPU, float32 chunks of parameters without an
+elementwise M2 go through one pass of a compiled kernel (`kernels/fold.c`: sums, squares,
+group sums and the per-sample copy together); elsewhere torch operations do the same.
 
 A sample whose gradient is not finite must leave no trace. Folding stops at the first
 chunk with a non-finite value (a device-side flag, so a GPU never waits on it); the
 chunks already folded are listed, and `begin(..., undo=folded)` lets the caller run the
 same micro-batch again to subtract exactly them (inverse Chan merge) before it redoes
-the batch without the bad sample. Non-finite gradients are rare, so this costs
+the batch without the bad sample. (The compiled kernel checks row by row: it folds the
+finite rows of the chunk where the flag trips, lists the chunk, and its undo pass
+leaves out the same rows.) Non-finite gradients are rare, so this costs
 nothing in the common case.
 """
 

@@ -105,6 +105,7 @@ def test_bad_values_are_named_with_what_is_allowed():
     cases = [
         ({"fisher": {"labels": "true"}}, r"fisher\.labels = 'true': choose one of empirical, sampled"),
         ({"fisher": {"batch_size": 0}}, r"fisher\.batch_size = 0: must be >= 1"),
+        ({"fisher": {"fold_kernel": "fast"}}, r"fisher\.fold_kernel = 'fast': choose one of auto, torch"),
         ({"fisher": {"batch_size": 2.5}}, r"fisher\.batch_size = 2\.5: must be an integer"),
         ({"fisher": {"per_sample_layers": [0, "last"]}},
          r"fisher\.per_sample_layers\[1\] = 'last': must be an integer"),

@@ -61,8 +61,13 @@ def test_fold_equals_float64_numpy(shape, group_kind, copy_dtype, sign, threads)
 
     sum_g, sum_c, squares = _reference(g, skip)
     assert skipped == skip.sum()
-    np.testing.assert_allclose(total_g.numpy(), start_g + sign * sum_g, rtol=1e-12, atol=1e-12 * np.abs(sum_g).max())
-    np.testing.assert_allclose(total_c.numpy(), start_c + sign * sum_c, rtol=1e-12)
+    # float32 sums over the chunk's samples (as torch's path): within b float32 ulps of the
+    # sum of |terms|, plus float64 rounding of the state
+    with np.errstate(invalid="ignore"):
+        scale_g = np.where(skip[:, None], 0, np.abs(g.astype(np.float64)).sum(0))
+    for state, start, exact, scale in ((total_g, start_g, sum_g, scale_g), (total_c, start_c, sum_c, sum_c)):
+        error = np.abs(state.numpy() - (start + sign * exact))
+        assert (error <= 1.2e-7 * b * scale + 1e-15 * np.abs(start)).all(), error.max()
     if copy is not None:
         expected = torch.from_numpy(g).to(copy_dtype)
         written = copy.contiguous()
@@ -72,10 +77,10 @@ def test_fold_equals_float64_numpy(shape, group_kind, copy_dtype, sign, threads)
         finite = ~expected.isnan()
         assert torch.equal(same_bits[finite], wanted_bits[finite]), "copy differs from torch's rounding"
         assert not buffer[:, :4].any() and not buffer[:, 4 + rows:].any(), "copy wrote outside its rows"
-    if group_kind == kernels.GROUP_PER_ROW:
-        np.testing.assert_allclose(group.numpy(), squares.sum(2), rtol=1e-12)
+    if group_kind == kernels.GROUP_PER_ROW:  # float32 within a row of a chunk, as torch's path
+        np.testing.assert_allclose(group.numpy(), squares.sum(2), rtol=1e-7 * columns)
     elif group_kind == kernels.GROUP_PER_COLUMN:
-        np.testing.assert_allclose(group.numpy(), squares.sum(1), rtol=1e-12)
+        np.testing.assert_allclose(group.numpy(), squares.sum(1), rtol=1e-7 * rows)
     else:
         assert group is None
 
@@ -86,7 +91,7 @@ def test_fold_without_state_only_copies_and_groups():
     skipped, group = kernels.load().fold(g, None, None, 1.0, copy, kernels.GROUP_PER_ROW)
     assert skipped == 0
     assert torch.equal(copy, g.half())
-    torch.testing.assert_close(group, g.double().square().sum(2))
+    torch.testing.assert_close(group, g.double().square().sum(2), rtol=1e-6, atol=0)
 
 
 def _feed(accumulator: FisherAccumulator, batches: list[dict[str, torch.Tensor]], chunk_rows: int) -> list[dict]:
@@ -125,13 +130,13 @@ def test_accumulator_with_kernel_equals_torch_path_and_numpy():
     everything = {name: torch.cat([b[name] for b in batches]).double() for name in shapes}
     for name, values in everything.items():
         squares = values.float().square().double()
-        rtol = 1e-6 if name == "with_m2" else 1e-12  # torch's path sums over samples in float32
+        rtol = 1e-6  # both paths sum over a chunk's samples in float32, then in float64
         torch.testing.assert_close(fast.fisher[name].mean, squares.mean(0), rtol=rtol, atol=0)
         torch.testing.assert_close(fast.grad[name].mean, values.mean(0), rtol=rtol, atol=rtol * values.abs().max())
         per_sample_groups = specs[name].reduce(squares)
         torch.testing.assert_close(fast.group[name].mean, per_sample_groups.mean(0), rtol=rtol, atol=0)
         torch.testing.assert_close(fast.group[name].m2, ((per_sample_groups - per_sample_groups.mean(0)) ** 2).sum(0),
-                                   rtol=rtol * 1e3, atol=0)
+                                   rtol=1e-4, atol=0)
         for state in ("fisher", "grad", "group"):  # the torch path: float32 sums, same numbers to ~1e-6
             torch.testing.assert_close(getattr(fast, state)[name].mean, getattr(slow, state)[name].mean,
                                        rtol=1e-6, atol=1e-6)

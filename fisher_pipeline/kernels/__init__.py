@@ -1,10 +1,11 @@
 """A compiled one-pass fold of per-sample gradient chunks on the CPU (`fold.c`), and its build.
 
-Phase 1 spends much of its overhead over a plain backward on memory traffic: eager
+Part of phase 1's overhead over a plain backward is memory traffic: eager
 torch reads each chunk of per-sample gradients `[b, r, c]` five times (sum over samples,
 square, sum of squares, per-sample group sums, the float16 copy) and each read comes
 from L3 or DRAM. `fold.c` does all of it in one read of each row, with the row's running
-sums in L1, and adds straight into the float64 state.
+sums in L1, and adds straight into the float64 state. Sums over a chunk's samples are
+float32, as in the torch path; across chunks and micro-batches, float64.
 
 The kernel is compiled on first use with the system C compiler (`$CC`, else `cc`) and
 OpenMP, for this CPU (`-march=native`), into a per-user cache (`$FISHER_PIPELINE_CACHE`,
@@ -151,7 +152,7 @@ class FoldKernel:
             group = self._group.view(b, rows, like=_FLOAT64)
         elif group_kind == GROUP_PER_COLUMN:
             group = self._group.view(b, columns, like=_FLOAT64)
-        scratch = self._scratch.view(threads * (2 * columns + b * columns), like=_FLOAT64)
+        scratch = self._scratch.view(threads * (2 * columns + b * columns))  # float32
         skipped = self._function(
             grads.data_ptr(), b, rows, columns,
             total_g.data_ptr() if total_g is not None else None,

@@ -2,81 +2,106 @@
  *
  * Called through ctypes by fisher_pipeline/kernels/__init__.py (which documents the
  * arguments and compiles this file). Eager torch needs five passes over a chunk (sum,
- * square, sum, group sum, per-sample copy), each reading it from L3/DRAM; here each row
- * of the chunk is read once per sample while its running sums sit in L1.
+ * square, sum, group sum, per-sample copy), each reading it from L3 or DRAM. Here each
+ * row of each sample is read once, contiguously, while the row's running sums over the
+ * samples stay in L1; the float64 state is read and written once per chunk. (Blocks of
+ * 16-64 columns summed over the samples in registers were 1.3-2x slower: b strided
+ * streams of 64 bytes defeat the prefetcher.)
  *
- * Compiled with -fassociative-math (reductions are vectorised; their rounding order
- * changes, which is fine for sums that are float64 anyway) but NOT -ffinite-math-only:
- * a non-finite row must be seen.
+ * Sums over the samples of one chunk and within one row or column are float32, as in
+ * the torch path (at most a few thousand terms); they are added into float64 state.
+ * Compiled with -fassociative-math (reductions are vectorised; only the rounding order
+ * changes) but NOT -ffinite-math-only: a non-finite row must be seen.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <float.h>
 #include <omp.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 /* Per-sample copy dtypes. */
 enum { COPY_NONE = 0, COPY_FLOAT32 = 1, COPY_FLOAT16 = 2 };
 /* Group sums of g^2 per sample: over the columns of each row, or over the rows of each column. */
 enum { GROUP_NONE = 0, GROUP_PER_ROW = 1, GROUP_PER_COLUMN = 2 };
 
+/* float -> IEEE half, round to nearest even (as torch's conversion), n elements. */
+static inline void to_half(_Float16 *restrict out, const float *restrict x, int64_t n)
+{
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(out + j), _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; j < n; j++) out[j] = (_Float16)x[j];
+}
+
+/* Row i of every sample folded into the row's sums over samples `sum_g`, `sum_c` [C]
+ * (float32, in L1), with the group and copy work of the row. */
+static inline void fold_row(const float *restrict g, int64_t b, int64_t R, int64_t C, int64_t i,
+                            float *restrict sum_g, float *restrict sum_c, double *restrict row_group,
+                            float *restrict column_part, void *restrict copy, int64_t copy_stride,
+                            int copy_kind, int group_kind)
+{
+    memset(sum_g, 0, (size_t)C * sizeof(float));
+    memset(sum_c, 0, (size_t)C * sizeof(float));
+    for (int64_t s = 0; s < b; s++) {
+        const float *restrict x = g + (s * R + i) * C;  /* contiguous: the prefetcher streams it */
+        float sample_total = 0.0f;
+        for (int64_t j = 0; j < C; j++) {
+            const float c = x[j] * x[j];  /* squared in float32, like the model's gradients */
+            sum_g[j] += x[j];
+            sum_c[j] += c;
+            sample_total += c;
+        }
+        if (group_kind == GROUP_PER_ROW) {
+            row_group[s * R] = sample_total;
+        } else if (group_kind == GROUP_PER_COLUMN) {
+            float *restrict part = column_part + s * C;
+            for (int64_t j = 0; j < C; j++) part[j] += x[j] * x[j];
+        }
+        if (copy_kind == COPY_FLOAT16)
+            to_half((_Float16 *)copy + s * copy_stride + i * C, x, C);
+        else if (copy_kind == COPY_FLOAT32)
+            memcpy((float *)copy + s * copy_stride + i * C, x, (size_t)C * sizeof(float));
+    }
+}
+
 /* g: [b, R, C] float32, contiguous.
  * total_g, total_c: [R, C] float64 state rows or NULL: += sign * (sum over samples of g,
- *   of g*g), for each row whose sum of g*g over samples and columns is finite (others are
+ *   of g*g), for each row whose g*g summed over samples and columns is finite (others are
  *   skipped and counted in the return value).
  * copy: NULL or the per-sample copy of row 0, sample stride `copy_stride` elements.
  * group: [b, R] (GROUP_PER_ROW) or [b, C] (GROUP_PER_COLUMN) float64, written (not added).
- * scratch: float64, at least threads * (2 * C + b * C) elements.
+ * scratch: float32, at least threads * (2 * C + b * C) elements.
  * Returns the number of rows skipped as non-finite. */
 int64_t fold_chunk(const float *restrict g, int64_t b, int64_t R, int64_t C,
                    double *restrict total_g, double *restrict total_c, double sign,
                    void *restrict copy, int64_t copy_stride, int copy_kind,
                    double *restrict group, int group_kind,
-                   double *restrict scratch, int threads)
+                   float *restrict scratch, int threads)
 {
     int64_t skipped = 0;
     if (threads < 1) threads = 1;
     if (R < threads) threads = (int)(R > 0 ? R : 1);
-    const int64_t per_thread = 2 * C + (group_kind == GROUP_PER_COLUMN ? b * C : 0);
+    const int64_t per_thread = 2 * C + b * C;
 
 #pragma omp parallel num_threads(threads) reduction(+ : skipped)
     {
         const int t = omp_get_thread_num();
-        double *restrict sum_g = scratch + t * per_thread;
-        double *restrict sum_c = sum_g + C;
-        double *restrict column_part = sum_c + C;  /* [b, C], GROUP_PER_COLUMN only */
+        float *restrict sum_g = scratch + t * per_thread;  /* [C] this row's sums over samples */
+        float *restrict sum_c = sum_g + C;
+        float *restrict column_part = sum_c + C;  /* [b, C] GROUP_PER_COLUMN partial sums */
         if (group_kind == GROUP_PER_COLUMN)
-            memset(column_part, 0, (size_t)(b * C) * sizeof(double));
+            memset(column_part, 0, (size_t)(b * C) * sizeof(float));
 
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < R; i++) {
-            memset(sum_g, 0, (size_t)C * sizeof(double));
-            memset(sum_c, 0, (size_t)C * sizeof(double));
-            double row_total = 0.0;
-            for (int64_t s = 0; s < b; s++) {
-                const float *restrict x = g + (s * R + i) * C;
-                double sample_total = 0.0;
-                for (int64_t j = 0; j < C; j++) {
-                    const float v = x[j];
-                    const float c = v * v;  /* squared in float32, like the model's gradients */
-                    sum_g[j] += v;
-                    sum_c[j] += c;
-                    sample_total += c;
-                }
-                if (copy_kind == COPY_FLOAT16) {
-                    _Float16 *restrict out = (_Float16 *)copy + s * copy_stride + i * C;
-                    for (int64_t j = 0; j < C; j++) out[j] = (_Float16)x[j];
-                } else if (copy_kind == COPY_FLOAT32) {
-                    memcpy((float *)copy + s * copy_stride + i * C, x, (size_t)C * sizeof(float));
-                }
-                if (group_kind == GROUP_PER_ROW) {
-                    group[s * R + i] = sample_total;
-                } else if (group_kind == GROUP_PER_COLUMN) {
-                    double *restrict part = column_part + s * C;
-                    for (int64_t j = 0; j < C; j++) part[j] += x[j] * x[j];
-                }
-                row_total += sample_total;
-            }
+            fold_row(g, b, R, C, i, sum_g, sum_c, group_kind == GROUP_PER_ROW ? group + i : NULL, column_part, copy, copy_stride, copy_kind, group_kind);
+            double row_total = 0.0;  /* of g^2: finite iff every g of the row is (and g^2 fits float32) */
+            for (int64_t j = 0; j < C; j++) row_total += sum_c[j];
             if (!(row_total <= DBL_MAX)) {  /* inf or NaN somewhere in this row */
                 skipped += 1;
                 continue;
@@ -85,8 +110,8 @@ int64_t fold_chunk(const float *restrict g, int64_t b, int64_t R, int64_t C,
                 double *restrict state_g = total_g + i * C;
                 double *restrict state_c = total_c + i * C;
                 for (int64_t j = 0; j < C; j++) {
-                    state_g[j] += sign * sum_g[j];
-                    state_c[j] += sign * sum_c[j];
+                    state_g[j] += sign * (double)sum_g[j];
+                    state_c[j] += sign * (double)sum_c[j];
                 }
             }
         }

@@ -234,11 +234,12 @@ def test_config_hash_ignores_the_split():
     base = phase1_config_hash(config(), TASK)
     assert phase1_config_hash(config(shards=3, param_shards=2), TASK) == base
     assert phase1_config_hash(config(state_device="cpu"), TASK) == base
+    assert phase1_config_hash(config(fold_kernel="torch"), TASK) == base  # the same sums by another route
     assert phase1_config_hash(config(batch_size=3), TASK) != base
     # the keys are left out, not set to 1: stores written before they existed keep their hash
     plain = config()
     fisher = {k: v for k, v in dataclasses.asdict(plain.fisher).items()
-              if k not in (*SHARDING_KEYS, "state_device")}
+              if k not in (*SHARDING_KEYS, "state_device", "fold_kernel")}
     assert base == config_hash(plain.tasks[TASK], fisher) and set(SHARDING_KEYS) <= set(vars(plain.fisher))
 
 

@@ -235,7 +235,7 @@ class _RssSampler:
 
 
 def _ours(model, samples, batch_size: int, out: Path, per_sample: str, trace_rss: bool = False,
-          fold_kernel: str = "auto", chunk_elements: int = 1 << 21) -> dict:
+          fold_kernel: str = "auto") -> dict:
     """Phase 1 into a store; returns the steady per-sample time and the fixed costs."""
     from fisher_pipeline.config import FisherConfig
     from fisher_pipeline.fisher import compute_fisher, stored_selections
@@ -245,7 +245,7 @@ def _ours(model, samples, batch_size: int, out: Path, per_sample: str, trace_rss
     start = time.perf_counter()
     # the shipped default (config/config.yaml): M2 of g^2 for the first and last layer's attention
     config = FisherConfig(batch_size=batch_size, per_sample_params=per_sample, fisher_m2_layers=(0, -1),
-                          fold_kernel=fold_kernel, chunk_elements=chunk_elements)
+                          fold_kernel=fold_kernel)
     adapter = adapter_for(model)
     geometry = adapter.geometry()
     writer = StoreWriter(out, {"task": "bench"}, geometry, stored_selections(geometry, config)[0], "float16",
@@ -295,12 +295,11 @@ def worker(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             _opacus(model, batches, {})
         else:  # ours: the compiled fold; ours-torch: the same with torch operations (fold_kernel: torch)
-            options = {"fold_kernel": "torch" if args.worker == "ours-torch" else "auto",
-                       "chunk_elements": args.chunk_elements}
-            _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", "attention", **options)
+            fold_kernel = "torch" if args.worker == "ours-torch" else "auto"
+            _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", "attention", fold_kernel=fold_kernel)
             start = time.perf_counter()
             extra = _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", "attention", args.trace_rss,
-                          **options)
+                          fold_kernel)
         elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": args.worker, "batch": args.batch, "n": args.n,
@@ -338,7 +337,7 @@ def _run(variant: str, batch: int, n: int, args: argparse.Namespace, trace_rss: 
     cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(batch), "--n", str(n),
            *(["--trace-rss"] if trace_rss else []),
            "--length", str(args.length), "--threads", str(args.threads), "--model", args.model,
-           "--dir", str(args.dir), "--chunk-elements", str(args.chunk_elements)]
+           "--dir", str(args.dir)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -352,7 +351,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="samples timed per run")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--chunk-elements", type=int, default=1 << 21, help="fisher.chunk_elements of ours")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["floor", "loop", "ours"])
     parser.add_argument("--rss-scaling", action="store_true", help="peak RSS of ours at N=32 vs N=256")

@@ -238,7 +238,7 @@ def phase1_config_hash(config: PipelineConfig, task: str) -> str:
     `fisher.shards` and `fisher.param_shards` are left out: they only say how the work is
     split into jobs, and a merged store equals the one-job store. So are `state_device`,
     where the float64 sums live while they are accumulated, and `fold_kernel`, which
-    computes the same sums (up to float64 rounding) by another route.
+    computes the same sums (up to rounding) by another route.
     """
     fisher = {key: value for key, value in dataclasses.asdict(config.fisher).items()
               if key not in (*SHARDING_KEYS, "state_device", "fold_kernel")}

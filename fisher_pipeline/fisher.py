@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .accumulate import FisherAccumulator
-from .config import FisherConfig, PipelineConfig, TaskConfig, config_hash
+from .config import HELDOUT_KEYS, FisherConfig, PipelineConfig, TaskConfig, config_hash
 from .data import TokenizedSample, load_task
 from .engine.hooks import PerSampleGradients
 from .engine.loss import Batch, collate, per_sample_loss, sample_labels
@@ -238,11 +238,13 @@ def phase1_config_hash(config: PipelineConfig, task: str) -> str:
     `fisher.shards` and `fisher.param_shards` are left out: they only say how the work is
     split into jobs, and a merged store equals the one-job store. So are `state_device`,
     where the float64 sums live while they are accumulated, and `fold_kernel`, which
-    computes the same sums (up to rounding) by another route.
+    computes the same sums (up to rounding) by another route, and the task's `n_heldout`,
+    which only mask_eval reads.
     """
     fisher = {key: value for key, value in dataclasses.asdict(config.fisher).items()
               if key not in (*SHARDING_KEYS, "state_device", "fold_kernel")}
-    return config_hash(config.tasks[task], fisher)
+    spec = {key: value for key, value in dataclasses.asdict(config.tasks[task]).items() if key not in HELDOUT_KEYS}
+    return config_hash(spec, fisher)
 
 
 @dataclass

@@ -42,6 +42,7 @@ ROLES = ("q", "k", "v", "o", "qkv", "mlp_in", "mlp_out", "embed", "lm_head", "no
 NAMED_SELECTIONS: dict[str, frozenset[str] | None] = {
     "attention": frozenset({"q", "k", "v", "o", "qkv"}),
     "mlp": frozenset({"mlp_in", "mlp_out"}),
+    "blocks": frozenset({"q", "k", "v", "o", "qkv", "mlp_in", "mlp_out"}),
     "all": None,
     "none": frozenset(),
 }

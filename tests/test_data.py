@@ -288,3 +288,35 @@ def test_duplicate_ids(tmp_path, tiny_tokenizer, monkeypatch):
     monkeypatch.setitem(BUILTIN_TASKS, "twins", lambda n, seed: [TextSample("same", text="Some text.")] * n)
     with pytest.raises(TaskError, match=r"duplicate sample id 'same'"):
         load_task(task("builtin:twins", n_samples=2), tiny_tokenizer)
+
+
+# ---------------------------------------------------------------- held-out samples
+
+
+@pytest.mark.parametrize("source", ["builtin:arithmetic", "builtin:prose", "file"])
+def test_heldout_follows_the_analysed_samples_disjoint_by_id(source, tmp_path, tiny_tokenizer):
+    """Held-out samples are the next usable ones of the same seeded order: analysed + held-out
+    equals a bigger analysed set, and `n_heldout` never changes the analysed set."""
+    from fisher_pipeline.data.tasks import load_heldout
+
+    if source == "file":
+        source = write_jsonl(tmp_path / "t.jsonl", [{"text": f"sample number {i} says {i * 7}"} for i in range(30)])
+    analysed = load_task(task(source, n_samples=6, seed=3), tiny_tokenizer)
+    heldout = load_heldout(task(source, n_samples=6, n_heldout=5, seed=3), tiny_tokenizer)
+    assert len(heldout) == 5
+    assert not {s.id for s in analysed} & {s.id for s in heldout}
+    together = load_task(task(source, n_samples=11, seed=3), tiny_tokenizer)
+    assert by_id(together) == by_id(analysed) | by_id(heldout)
+    assert [s.id for s in together] == [s.id for s in analysed + heldout]
+    assert by_id(load_task(task(source, n_samples=6, n_heldout=0, seed=3), tiny_tokenizer)) == by_id(analysed)
+    assert load_heldout(task(source, n_samples=6, n_heldout=0, seed=3), tiny_tokenizer) == []
+
+
+def test_heldout_short_source_warns_or_fails(tmp_path, tiny_tokenizer):
+    from fisher_pipeline.data.tasks import load_heldout
+
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"sample number {i}"} for i in range(8)])
+    with pytest.warns(UserWarning, match=r"asked for 5 held-out samples but only 3 are left after the 5 analysed"):
+        assert len(load_heldout(task(path, n_samples=5, n_heldout=5), tiny_tokenizer)) == 3
+    with pytest.raises(TaskError, match=r"no usable sample beyond the 8 analysed.*n_heldout = 2: lower n_samples"):
+        load_heldout(task(path, n_samples=8, n_heldout=2), tiny_tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +22,41 @@ _MIN_TOKENS = 2  # one context token and one target at least
 
 
 def load_task(task: TaskConfig, tokenizer: Any) -> list[TokenizedSample]:
-    """The tokenized samples of `task`, in their seeded selection order.
+    """The analysed samples of `task` (the first `n_samples` usable ones); see `_load_ordered`."""
+    return _load_ordered(task, tokenizer)
+
+
+def load_heldout(task: TaskConfig, tokenizer: Any) -> list[TokenizedSample]:
+    """The held-out samples of `task`: the `n_heldout` usable ones right after the analysed ones.
+
+    They come from the same seeded order, so they are disjoint by id from `load_task`'s
+    samples, and the analysed set is the same whatever `n_heldout` is. Fewer than
+    `n_heldout` (a `UserWarning`) when the source runs out; none when `n_heldout` is 0.
+
+    Raises:
+        TaskError: as `load_task`, or the source holds no sample beyond the analysed ones.
+    """
+    if task.n_heldout == 0:
+        return []
+    wanted = task.n_samples + task.n_heldout
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = _load_ordered(dataclasses.replace(task, n_samples=wanted), tokenizer)
+    heldout = samples[task.n_samples:]
+    if not heldout:
+        raise TaskError(
+            f"task '{task.name}': {task.source!r} has no usable sample beyond the {len(samples)} analysed ones, so "
+            f"none is left for tasks.{task.name}.n_heldout = {task.n_heldout}: lower n_samples or add samples"
+        )
+    if len(heldout) < task.n_heldout or caught:
+        warnings.warn(f"task '{task.name}': asked for {task.n_heldout} held-out samples but only {len(heldout)} "
+                      f"are left after the {task.n_samples} analysed ones; using {len(heldout)}",
+                      UserWarning, stacklevel=2)
+    return heldout
+
+
+def _load_ordered(task: TaskConfig, tokenizer: Any) -> list[TokenizedSample]:
+    """The first `task.n_samples` usable samples of `task`, in their seeded selection order.
 
     Candidates are taken in an order fixed by `task.seed` and the first
     `task.n_samples` usable ones are kept, so the chosen set depends only on

@@ -23,7 +23,7 @@ def add_phase_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add every registered phase subcommand to the `python -m fisher_pipeline` parser's `subparsers`."""
     for phase, command in phase_commands():
         parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        _add_section_args(parser, phase.section)
+        _add_section_args(parser, phase.section, command.context)
         out = f", e.g. {command.out_example}" if command.out_example else ""
         if command.per_task:
             parser.add_argument(command.input_flag, dest="input", required=True,
@@ -36,27 +36,32 @@ def add_phase_commands(subparsers: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=functools.partial(_run, phase, command))
 
 
-def _add_section_args(parser: argparse.ArgumentParser, section: str) -> None:
+def _add_section_args(parser: argparse.ArgumentParser, section: str, context: tuple[str, ...] = ()) -> None:
+    sections = " and ".join(f"'{s}'" for s in (section, *context))
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help=f"workflow config YAML; its '{section}' section is used")
+    source.add_argument("--config", help=f"workflow config YAML; its {sections} section(s) are used")
     source.add_argument("--config-json",
-                        help=f"JSON object holding the '{section}' section, e.g. '{{\"{section}\": {{}}}}'")
+                        help=f"JSON object holding the {sections} section(s), e.g. '{{\"{section}\": {{}}}}'")
 
 
-def section_options(args: argparse.Namespace, section: str, command: str) -> Any:
-    """The options of `section` from `--config` or `--config-json` (strictly parsed; defaults fill gaps)."""
+def _pipeline(args: argparse.Namespace, section: str, command: str, context: tuple[str, ...]) -> Any:
+    """`section` and the phase 1 sections in `context` from `--config` or `--config-json`, as a
+    `PipelineConfig` (strictly parsed; defaults fill gaps)."""
     from ..config import PipelineConfig, parse_config_json, read_config_file
 
+    allowed = {section, *context}
     if args.config_json is not None:
         raw = parse_config_json(args.config_json)
-        if set(raw) - {section}:
+        if set(raw) - allowed:
+            keys = " and ".join(f"'{k}'" for k in (section, *context))
             raise ConfigError(
-                f"--config-json of `{command}` must be a JSON object with only the key '{section}' (got keys "
-                f"{', '.join(sorted(raw))}): pass e.g. '{{\"{section}\": {{}}}}'"
+                f"--config-json of `{command}` must be a JSON object with only the key{'s' if context else ''} {keys} "
+                f"(got keys {', '.join(sorted(raw))}): pass e.g. '{{\"{section}\": {{}}}}'"
             )
     else:
-        raw = {section: read_config_file(args.config).get(section) or {}}
-    return getattr(PipelineConfig.from_dict(raw), section)
+        whole = read_config_file(args.config)
+        raw = {key: whole.get(key) or {} for key in allowed if key in whole or key == section}
+    return PipelineConfig.from_dict(raw)
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -74,10 +79,12 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def _run(phase: Phase, command: PhaseCommand, args: argparse.Namespace) -> None:
-    options = section_options(args, phase.section, command.name)
+    pipeline = _pipeline(args, phase.section, command.name, command.context)
+    options = getattr(pipeline, phase.section)
+    extra = {"pipeline": pipeline} if command.context else {}
     if command.per_task:
-        written = command.run(args.input, args.out, options, task=args.task)
+        written = command.run(args.input, args.out, options, task=args.task, **extra)
     else:
-        written = command.run(_pairs(args.inputs, command.input_flag), args.out, options)
+        written = command.run(_pairs(args.inputs, command.input_flag), args.out, options, **extra)
     for key, path in written.items():
         print(f"{key}\t{path}")

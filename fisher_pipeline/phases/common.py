@@ -97,11 +97,6 @@ def read_finite(store: FisherStore, kind: str, name: str, dtype: type = np.float
     return values
 
 
-def sparsity_key(sparsity: float) -> str:
-    """The name a sparsity gets in mask stores and tables (`0.5` -> `"0.5"`)."""
-    return f"{sparsity:g}"
-
-
 def write_table(table: pd.DataFrame, directory: Path, stem: str) -> dict[str, Path]:
     """Write `table` as `<stem>.parquet` and `<stem>.csv` into `directory`."""
     paths = {f"{stem}_parquet": directory / f"{stem}.parquet", f"{stem}_csv": directory / f"{stem}.csv"}

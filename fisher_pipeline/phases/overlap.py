@@ -18,6 +18,9 @@ Levels: `tensor` (one parameter), `layer` (counts summed over the layer's masked
 tensors; tensors outside layers form `outside_layers`) and `global` (all masked
 tensors). At the layer and global levels the null draws random masks over the level's
 elements, whatever scope the masks were made with.
+
+The masks compared are those of phase 3's default criterion (`masks.criterion`, recorded
+in each `masks.safetensors`); the baselines' masks are scored by `mask_eval` instead.
 """
 
 from __future__ import annotations
@@ -31,14 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import zarr
 from scipy import stats
 
 from .. import plots
 from ..config import METRICS, OverlapOptions
 from ..errors import PhaseInputError
+from ..pruning import MasksFile
 from .common import atomic_output_dir, relocate, write_table
-from .masks import MASKS_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ COUNT_COLUMNS = ["sparsity", "task_a", "task_b", "level", "name", "layer", "n_el
 COLUMNS = COUNT_COLUMNS + ["union", *METRICS, "expected_intersection", *(f"expected_{m}" for m in METRICS),
                            "p_value"]
 #: Settings that must agree between the masks of different tasks for overlaps to mean anything.
-_MATCHING_ATTRS = ("sparsities", "scope", "granularity", "include", "weights_hash")
+_MATCHING_ATTRS = ("criterion", "sparsities", "scope", "granularity", "include", "weights_hash")
 
 
 def overlap_metrics(n: int, k_a: int, k_b: int, intersection: int) -> dict[str, float]:
@@ -80,36 +82,33 @@ def expected_jaccard(n: int, k_a: int, k_b: int) -> float:
     return float(np.sum(pmf * (support / (k_a + k_b - support))) / np.sum(pmf))
 
 
-def open_masks(mask_paths: Mapping[str, str | os.PathLike]) -> dict[str, zarr.Group]:
-    """Open every task's `masks.zarr` and check they were made alike (same settings and model).
+def open_masks(mask_paths: Mapping[str, str | os.PathLike]) -> dict[str, MasksFile]:
+    """Open every task's `masks.safetensors` and check they were made alike (same settings and model).
 
     Raises:
-        PhaseInputError: no masks given, a path is not a masks store, or settings differ.
+        PhaseInputError: no masks given, a path is not a masks file, or settings differ.
     """
     if not mask_paths:
-        raise PhaseInputError("no masks given: pass at least one task -> masks.zarr path")
-    groups = {}
+        raise PhaseInputError("no masks given: pass at least one task -> masks.safetensors path")
+    files = {}
     for task, path in mask_paths.items():
         try:
-            group = zarr.open_consolidated(path, mode="r")
-        except Exception as err:
-            raise PhaseInputError(f"{path} (task {task!r}) is not a masks store from phase 3 ({err})") from None
-        if group.attrs.get("format") != MASKS_FORMAT:
-            raise PhaseInputError(f"{path} (task {task!r}) is not a {MASKS_FORMAT} store: rerun phase 3")
-        groups[task] = group
-    (first_task, first), *others = groups.items()
-    for task, group in others:
+            files[task] = MasksFile(path)
+        except PhaseInputError as err:
+            raise PhaseInputError(f"task {task!r}: {err}") from None
+    (first_task, first), *others = files.items()
+    for task, file in others:
         for key in _MATCHING_ATTRS:
-            if group.attrs.get(key) != first.attrs.get(key):
+            if file.metadata.get(key) != first.metadata.get(key):
                 raise PhaseInputError(
-                    f"masks of tasks {first_task!r} and {task!r} differ in {key} ({first.attrs.get(key)!r} vs "
-                    f"{group.attrs.get(key)!r}): rerun phase 3 for every task with the same settings."
+                    f"masks of tasks {first_task!r} and {task!r} differ in {key} ({first.metadata.get(key)!r} vs "
+                    f"{file.metadata.get(key)!r}): rerun phase 3 for every task with the same settings."
                 )
-    return groups
+    return files
 
 
-def overlap_counts(masks: Mapping[str, zarr.Group]) -> tuple[pd.DataFrame, dict[float, dict[str, int]]]:
-    """Per (sparsity, tensor, task pair): elements, kept counts and intersection.
+def overlap_counts(masks: Mapping[str, MasksFile]) -> tuple[pd.DataFrame, dict[float, dict[str, int]]]:
+    """Per (sparsity, tensor, task pair): elements, kept counts and intersection, for the default criterion.
 
     Each mask is read once, whatever the number of tasks.
 
@@ -118,19 +117,21 @@ def overlap_counts(masks: Mapping[str, zarr.Group]) -> tuple[pd.DataFrame, dict[
         tasks), and sparsity -> task -> elements kept in all masked tensors.
     """
     first = next(iter(masks.values()))
+    criterion = first.metadata["criterion"]
+    layers = first.metadata["layers"]
     rows = []
     kept_total: dict[float, dict[str, int]] = {}
-    for key in first.attrs["sparsities"]:
+    for key in first.sparsities:
         kept_total[float(key)] = dict.fromkeys(masks, 0)
-        for param in sorted(first[key].array_keys()):
-            arrays = {task: _read_mask(group, key, param, task) for task, group in masks.items()}
+        for param in sorted(first.params):
+            arrays = {task: _read_mask(file, criterion, key, param, task) for task, file in masks.items()}
             kept = {task: int(np.count_nonzero(a)) for task, a in arrays.items()}
             for task, count in kept.items():
                 kept_total[float(key)][task] += count
             for task_a, task_b in itertools.combinations(arrays, 2):
                 rows.append({
                     "sparsity": float(key), "task_a": task_a, "task_b": task_b, "level": "tensor", "name": param,
-                    "layer": first.attrs["layers"][param], "n_elements": arrays[task_a].size, "kept_a": kept[task_a],
+                    "layer": layers[param], "n_elements": arrays[task_a].size, "kept_a": kept[task_a],
                     "kept_b": kept[task_b],
                     "intersection": int(np.count_nonzero(arrays[task_a] & arrays[task_b])),
                 })
@@ -180,7 +181,7 @@ def run_overlap(mask_paths: Mapping[str, str | os.PathLike], out_dir: str | os.P
     (with its columns) and the heatmap shows the task against itself.
 
     Args:
-        mask_paths: task -> the `masks.zarr` phase 3 wrote for it.
+        mask_paths: task -> the `masks.safetensors` phase 3 wrote for it.
         out_dir: directory to (re)create, atomically.
         options: phase settings (defaults if None).
 
@@ -203,11 +204,10 @@ def run_overlap(mask_paths: Mapping[str, str | os.PathLike], out_dir: str | os.P
     return relocate(paths, staging, out_dir)
 
 
-def _read_mask(group: zarr.Group, key: str, param: str, task: str) -> np.ndarray:
-    path = f"{key}/{param}"
-    if path not in group:
-        raise PhaseInputError(f"masks of task {task!r} have no {path}: rerun phase 3 for every task with one config")
-    return np.asarray(group[path][...], dtype=bool)
+def _read_mask(file: MasksFile, criterion: str, key: str, param: str, task: str) -> np.ndarray:
+    if param not in file.params:
+        raise PhaseInputError(f"masks of task {task!r} have no {param}: rerun phase 3 for every task with one config")
+    return np.asarray(file.read(criterion, key, param), dtype=bool)
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -218,4 +218,5 @@ from .registry import PhaseCommand, register_phase  # noqa: E402
 
 register_phase(OverlapOptions, PhaseCommand(
     "overlap", run_overlap, "phase 4: overlap of the tasks' masks, with hypergeometric expectations and p-values",
-    per_task=False, input_flag="--masks", input_help="masks.zarr written by phase 3", out_example="results/overlap"))
+    per_task=False, input_flag="--masks", input_help="masks.safetensors written by phase 3",
+    out_example="results/overlap"))

@@ -46,12 +46,18 @@ class PhaseCommand:
     input_help: str = "phase 1 store, e.g. results/fisher/prose.zarr"  # what one input is
     out_example: str = ""  # e.g. "results/masks/{task}", for --help
     reserves: str | None = None  # output directory named like a task (e.g. "rank_agreement"): no task may take it
+    #: phase 1 sections (`model`, `tasks`) the command reads too; `run` then gets `pipeline=PipelineConfig`
+    context: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.input_flag:
             object.__setattr__(self, "input_flag", "--store" if self.per_task else "--stores")
         if not self.input_flag.startswith("--"):
             raise ValueError(f"PhaseCommand {self.name!r}: input_flag must be a long option such as '--store'")
+        unknown = set(self.context) - set(CORE_SECTIONS)
+        if unknown:
+            raise ValueError(f"PhaseCommand {self.name!r}: context names {sorted(unknown)}, not phase 1 sections "
+                             f"{CORE_SECTIONS}")
         if self.per_task and self.reserves:
             raise ValueError(f"PhaseCommand {self.name!r}: only a cross-task command reserves a task name")
 

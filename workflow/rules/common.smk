@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from fisher_pipeline.config import (
     BUNDLED_MODEL_PATH,
+    HELDOUT_KEYS,
     ConfigError,
     PipelineConfig,
     load_yaml_strict,
@@ -57,11 +58,12 @@ def model_input():
 
 def phase1_config(task):
     """What phase 1 of `task` depends on (other tasks' settings are left out, so editing
-    one task reruns only that task). `fisher.shards` and `fisher.param_shards` are left out
+    one task reruns only that task; so is its `n_heldout`, which phase 1 never reads). `fisher.shards` and `fisher.param_shards` are left out
     too: they never change a store; the shard file names carry them."""
     fisher = {key: value for key, value in config["fisher"].items() if key not in SHARDING_KEYS}
+    spec = {key: value for key, value in config["tasks"][task].items() if key not in HELDOUT_KEYS}
     return json.dumps(
-        {"model": config["model"], "tasks": {task: config["tasks"][task]}, "fisher": fisher},
+        {"model": config["model"], "tasks": {task: spec}, "fisher": fisher},
         sort_keys=True,
     )
 
@@ -77,10 +79,10 @@ def fisher_shard_paths(task):
     return [f"results/fisher/shards/{task}/{name}" for name in names]
 
 
-def phase_config(section):
-    """JSON of one analysis section: a rule's params hold only its own section, so editing
-    another section (or phase 1's) never reruns it."""
-    return json.dumps({section: config[section]}, sort_keys=True)
+def phase_config(section, *context):
+    """JSON of one analysis section (and the phase 1 sections in `context` it reads, e.g.
+    "model"): a rule's params hold only these, so editing another section never reruns it."""
+    return json.dumps({key: config[key] for key in (section, *context)}, sort_keys=True)
 
 
 def fisher_stores():

@@ -2,9 +2,10 @@ FINAL_OUTPUTS.extend(mask_dirs().values())
 
 
 rule masks:
-    """Phase 3: pruning masks keeping the highest-Fisher units of one task, per sparsity."""
+    """Phase 3: pruning masks of one task per criterion and sparsity (the model's weights score them)."""
     input:
         store="results/fisher/{task}.zarr",
+        model=model_input(),
     output:
         masks=report(
             directory("results/masks/{task}"),
@@ -15,14 +16,14 @@ rule masks:
             labels={"task": "{task}", "file": "{file}"},
         ),
     params:
-        config=phase_config("masks"),
+        config=phase_config("masks", "model"),
     log:
         "logs/masks/{task}.log",
     benchmark:
         "logs/benchmarks/masks/{task}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=6000,
         runtime=20,
     shell:
         "$FISHER_PYTHON -m fisher_pipeline masks --config-json {params.config:q} --store {input.store:q} "

@@ -98,8 +98,8 @@ def test_bad_config_values_and_inputs_are_named(tmp_path, caplog):
     assert run_main(["fisher", "--config-json", '{"fisher": {"batch_size": 0}}', *rest],
                     caplog) == "fisher.batch_size = 0: must be >= 1"
     assert "task 'prose' is not in the config" in run_main(["fisher", "--config-json", "{}", *rest], caplog)
-    assert "only the key 'masks'" in run_main(["masks", "--config-json", '{"scaled": {}}', *argv_of("masks", tmp_path)],
-                                              caplog)
+    assert "only the keys 'masks' and 'model'" in run_main(
+        ["masks", "--config-json", '{"scaled": {}}', *argv_of("masks", tmp_path)], caplog)
     assert "--masks takes TASK=PATH pairs, got" in run_main(
         ["overlap", "--config-json", "{}", "--masks", str(tmp_path), "--out", str(tmp_path / "o")], caplog)
 
@@ -108,8 +108,14 @@ def test_unusable_paths_and_arguments_are_named(tmp_path, caplog, capsys):
     store = make_store(tmp_path / "a.zarr", n_samples=3, task="a")
     (tmp_path / "a_file").write_text("not a folder")
     out = tmp_path / "a_file" / "masks"
-    message = run_main(["masks", "--config-json", "{}", "--store", str(store), "--out", str(out)], caplog)
+    no_weights = '{"masks": {"criterion": "fisher", "baselines": []}}'  # F alone: no model needed
+    message = run_main(["masks", "--config-json", no_weights, "--store", str(store), "--out", str(out)], caplog)
     assert message.startswith(f"cannot create or open {tmp_path / 'a_file'}")
+    # saliency reads the weights: the model must be the store's
+    message = run_main(["masks", "--config-json", "{}", "--store", str(store), "--out", str(tmp_path / "m")], caplog)
+    assert re.fullmatch(r"model resources/models/SmolLM2-135M-Instruct \(weights \w+\) is not the model store "
+                        r".*a\.zarr was made from \(weights tiny-weights\): point model\.path at that model, or "
+                        r"rerun phase 1 with this one", message), message
     assert "no Fisher store at" in run_main(["masks", "--config-json", "{}", "--store", str(tmp_path / "none.zarr"),
                                              "--out", str(tmp_path / "m")], caplog)
     with pytest.raises(SystemExit) as exit_status:  # argparse: usage and one error line, status 2
@@ -134,7 +140,8 @@ def test_schema_command_prints_the_assembled_schema(capsys):
     assert main(["schema"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == config_schema()
-    assert {"model", "tasks", "fisher", "importance", "masks", "overlap", "conflicts", "qkov", "scaled"} == set(
+    assert {"model", "tasks", "fisher", "importance", "masks", "mask_eval", "overlap", "conflicts", "qkov",
+            "scaled"} == set(
         printed["properties"])
 
 

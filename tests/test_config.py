@@ -83,7 +83,7 @@ def test_default_config_is_valid_and_parses():
 
 
 def test_no_model_specific_regex_in_defaults():
-    assert NAMED_SELECTIONS == ("attention", "mlp", "all", "none")
+    assert NAMED_SELECTIONS == ("attention", "mlp", "blocks", "all", "none")
     assert FisherConfig().per_sample_params == FisherConfig().fisher_m2_params == "attention"
     assert FisherConfig().per_sample_layers is None and FisherConfig().fisher_m2_layers is None
     assert "self_attn" not in SCHEMA_PATH.read_text()
@@ -190,7 +190,9 @@ def test_command_line_text_is_read_as_yaml_would():
     config = {**TASK, "masks": {"sparsities": ["0.3"], "include": "null", "scope": "per_layer"},
               "fisher": {"per_sample_layers": "~"}}
     checked = validate_config(config, command_line=given)
-    assert checked["masks"] == {"sparsities": [0.3], "include": None, "scope": "per_layer", "granularity": "element"}
+    assert checked["masks"] == {"sparsities": [0.3], "include": None, "scope": "per_layer", "granularity": "element",
+                                "criterion": "saliency", "baselines": ["fisher", "magnitude", "wanda", "random"],
+                                "wanda_compare": "row", "seed": 0}
     assert checked["fisher"]["per_sample_layers"] is None
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import zarr
 
-from fisher_pipeline.errors import ConfigError
+from fisher_pipeline.errors import ConfigError, PhaseInputError
 from fisher_pipeline.layout import GroupSpec
 from fisher_pipeline.phases import (
     ImportanceOptions,
@@ -39,6 +39,7 @@ from fisher_pipeline.phases import (
     run_scaled_cross,
     run_scaled_task,
 )
+from fisher_pipeline.pruning import MasksFile
 from fisher_pipeline.store import FisherStore, open_store
 from store_factory import HEAD_DIM, N_HEADS, N_KV_HEADS, WIDTH, llama_layout, make_store, random_gradients
 
@@ -235,103 +236,225 @@ def test_rank_agreement_single_task_is_empty(stores, tmp_path, caplog):
 
 
 # --- phase 3: masks --------------------------------------------------------------------
+BLOCK_PARAMS = [p for p in PARAMS if layer(p) is not None and "layernorm" not in p]  # what `blocks` selects
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, np.ndarray]:
+    """Model weights for the stores' layout: the criteria that read w take them from here."""
+    rng = np.random.default_rng(11)
+    return {p: rng.normal(size=SHAPES[p]).astype(np.float32) for p in PARAMS}
+
+
 def reference_keep(sparsity: float, n: int) -> int:
     """Round half up of (1 - s) * n, in exact decimal arithmetic."""
     return math.floor((1 - Fraction(str(sparsity))) * n + Fraction(1, 2))
 
 
-def reference_masks(path, scope: str, granularity: str, sparsity: float) -> dict[str, np.ndarray]:
-    """Masks by a Python sort of explicitly enumerated units, ties to the earlier unit."""
-    units = []  # (param, index, score) in unit order
-    for param in PARAMS:
-        if granularity == "element":
-            fisher = raw(path, "fisher", param)
-            units += [(param, np.unravel_index(i, fisher.shape), float(v)) for i, v in enumerate(fisher.ravel())]
-            continue
-        sums, spec = raw(path, "group", param), SPECS[param]  # the layout the store was written with
-        other = int(np.prod(SHAPES[param])) // SHAPES[param][spec.dim]
-        sizes = np.bincount(spec.label_array, minlength=len(spec.names)).astype(np.float64) * other
-        slices = unit_slices(param, granularity)
-        if slices[0][0] == "all":
-            units.append((param, (Ellipsis,), sums.sum() / sizes.sum()))
+def element_score(path, param: str, criterion: str, weights) -> np.ndarray:
+    """Longhand element scores (float32 arithmetic, as the masks compute them)."""
+    w = weights[param]
+    fisher = raw(path, "fisher", param).astype(np.float32)
+    if criterion == "fisher":
+        return fisher
+    if criterion == "saliency":
+        return np.float32(0.5) * fisher * w * w
+    if criterion == "magnitude":
+        return np.abs(w)
+    if criterion == "wanda":  # Linear [out, in]: column j scaled by ||X_j||
+        return np.abs(w) * np.sqrt(raw(path, "input_sq", param)).astype(np.float32)[None, :]
+    raise ValueError(criterion)
+
+
+def head_units(granularity: str) -> list[tuple[int, int, list[tuple[str, tuple]], tuple[str, int]]]:
+    """Longhand units of the tiny layout: (layer, index, [(param, slice)], (gate param, gate column))."""
+    units = []
+    for lay in (0, 1):
+        attn, mlp = f"model.layers.{lay}.self_attn", f"model.layers.{lay}.mlp"
+        if granularity == "head":
+            for h in range(N_HEADS):
+                rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+                units.append((lay, h, [(f"{attn}.q_proj.weight", (rows, slice(None))),
+                                       (f"{attn}.o_proj.weight", (slice(None), rows))], (f"{attn}.o_proj.weight", h)))
         else:
-            names = list(spec.names)
-            units += [(param, index, sums[names.index(name)] / sizes[names.index(name)]) for name, index in slices]
-    scope_of = {"global": lambda p: 0, "per_layer": layer, "per_tensor": lambda p: p}[scope]
-    masks = {p: np.zeros(SHAPES[p], dtype=bool) for p in PARAMS}
-    for key in dict.fromkeys(scope_of(u[0]) for u in units):
-        members = [u for u in units if scope_of(u[0]) == key]
-        ranked = sorted(range(len(members)), key=lambda i: (-members[i][2], i))
-        for i in ranked[: reference_keep(sparsity, len(members))]:
-            masks[members[i][0]][members[i][1]] = True
+            for n in range(WIDTH):
+                units.append((lay, n, [(f"{mlp}.gate_proj.weight", (slice(n, n + 1), slice(None))),
+                                       (f"{mlp}.up_proj.weight", (slice(n, n + 1), slice(None))),
+                                       (f"{mlp}.down_proj.weight", (slice(None), slice(n, n + 1)))],
+                              (f"{mlp}.down_proj.weight", n)))
+    return units
+
+
+def unit_score(path, members, gate, criterion: str, weights) -> float:
+    if criterion == "saliency":
+        g = raw(path, "gate", gate[0])[:, gate[1]]
+        return 0.5 * float(np.mean(g * g))
+    values = [element_score(path, p, criterion, weights)[index].astype(np.float64) for p, index in members]
+    return sum(v.sum() for v in values) / sum(v.size for v in values)
+
+
+def reference_masks(path, scope: str, granularity: str, sparsity: float, criterion: str,
+                    weights) -> dict[str, np.ndarray]:
+    """Masks by a Python sort of explicitly enumerated units, ties to the earlier unit."""
+    if granularity == "element":
+        units = []  # (param, index, score) in unit order
+        for param in BLOCK_PARAMS:
+            score = element_score(path, param, criterion, weights)
+            units += [(param, np.unravel_index(i, score.shape), float(v)) for i, v in enumerate(score.ravel())]
+        scope_of = {"global": lambda u: 0, "per_layer": lambda u: layer(u[0]), "per_tensor": lambda u: u[0]}[scope]
+        masks = {p: np.zeros(SHAPES[p], dtype=bool) for p in BLOCK_PARAMS}
+        for key in dict.fromkeys(scope_of(u) for u in units):
+            members = [u for u in units if scope_of(u) == key]
+            ranked = sorted(range(len(members)), key=lambda i: (-members[i][2], i))
+            for i in ranked[: reference_keep(sparsity, len(members))]:
+                masks[members[i][0]][members[i][1]] = True
+        return masks
+    units = [(lay, index, members, unit_score(path, members, gate, criterion, weights))
+             for lay, index, members, gate in head_units(granularity)]
+    removed = set()
+    for key in dict.fromkeys(u[0] if scope == "per_layer" else 0 for u in units):
+        members = [u for u in units if (u[0] if scope == "per_layer" else 0) == key]
+        ranked = sorted(range(len(members)), key=lambda i: (-members[i][3], i))
+        removed |= {members[i][:2] for i in ranked[reference_keep(sparsity, len(members)):]}
+    touched = [p for p in BLOCK_PARAMS if (granularity == "head") == (".self_attn." in p)]
+    masks = {p: np.ones(SHAPES[p], dtype=bool) for p in touched}
+    for lay, index, members, _ in units:
+        if (lay, index) in removed:
+            for p, idx in members:
+                masks[p][idx] = False
+    if granularity == "head":  # KV head j goes when query heads 2j and 2j + 1 both went
+        for lay in (0, 1):
+            for j in range(N_KV_HEADS):
+                if {(lay, 2 * j), (lay, 2 * j + 1)} <= removed:
+                    for block in ("k", "v"):
+                        kv_rows = slice(j * HEAD_DIM, (j + 1) * HEAD_DIM)
+                        masks[f"model.layers.{lay}.self_attn.{block}_proj.weight"][kv_rows] = False
     return masks
 
 
+@pytest.mark.parametrize("criterion", ["saliency", "fisher", "magnitude"])
 @pytest.mark.parametrize("scope", ["global", "per_layer", "per_tensor"])
 @pytest.mark.parametrize("granularity", ["element", "head", "neuron"])
-def test_masks_match_reference_with_ties(tied_store, stores, scope, granularity):
+def test_masks_match_reference_with_ties(tied_store, stores, weights, scope, granularity, criterion):
+    if granularity != "element" and scope == "per_tensor":
+        pytest.skip("heads and neurons span tensors (refused, see test_mask_options_are_validated)")
     for path in (tied_store, stores["a"]):
-        result = compute_masks(open_store(path), MaskOptions(SPARSITIES, scope, granularity))
+        options = MaskOptions(SPARSITIES, criterion, (), scope, granularity)
+        result = compute_masks(open_store(path), options, weights).masks[criterion]
         for s in SPARSITIES:
-            expected = reference_masks(path, scope, granularity, s)
-            for param in PARAMS:
-                np.testing.assert_array_equal(result.masks[s][param], expected[param], err_msg=f"{param} at {s}")
+            expected = reference_masks(path, scope, granularity, s, criterion, weights)
+            assert sorted(result[s]) == sorted(expected)
+            for param in expected:
+                np.testing.assert_array_equal(result[s][param], expected[param], err_msg=f"{param} at {s}")
 
 
-def test_masks_keep_exact_counts_with_ties(tied_store):
-    fisher = np.concatenate([raw(tied_store, "fisher", p).ravel() for p in PARAMS])
-    assert len(np.unique(fisher)) <= 3  # the store really is full of ties
-    result = compute_masks(open_store(tied_store), MaskOptions(SPARSITIES, "global", "element"))
+@pytest.mark.parametrize("compare", ["row", "scope"])
+def test_wanda_masks_match_reference(stores, weights, compare):
+    path = stores["b"]
+    result = compute_masks(open_store(path), MaskOptions(SPARSITIES, "wanda", (), wanda_compare=compare),
+                           weights).masks["wanda"]
     for s in SPARSITIES:
-        kept = sum(int(m.sum()) for m in result.masks[s].values())
+        if compare == "scope":
+            expected = reference_masks(path, "global", "element", s, "wanda", weights)
+        else:  # within each output row of each weight
+            expected = {}
+            for p in BLOCK_PARAMS:
+                score = element_score(path, p, "wanda", weights)
+                keep = np.zeros(score.shape, dtype=bool)
+                for row in range(score.shape[0]):
+                    ranked = sorted(range(score.shape[1]), key=lambda j: (-score[row, j], j))
+                    keep[row, ranked[: reference_keep(s, score.shape[1])]] = True
+                expected[p] = keep
+        for p in BLOCK_PARAMS:
+            np.testing.assert_array_equal(result[s][p], expected[p], err_msg=f"{p} at {s}, {compare}")
+
+
+def test_random_masks_are_seeded_and_share_nothing_with_the_scores(stores, weights):
+    options = MaskOptions((0.5,), "random", ())
+    first = compute_masks(open_store(stores["a"]), options, weights).masks["random"][0.5]
+    again = compute_masks(open_store(stores["b"]), options, weights).masks["random"][0.5]
+    other = compute_masks(open_store(stores["a"]), MaskOptions((0.5,), "random", (), seed=1), weights)
+    for p in BLOCK_PARAMS:
+        np.testing.assert_array_equal(first[p], again[p])  # the same seed: the same mask in every task
+    assert any((first[p] != other.masks["random"][0.5][p]).any() for p in BLOCK_PARAMS)
+    assert sum(int(m.sum()) for m in first.values()) == reference_keep(0.5, sum(first[p].size for p in BLOCK_PARAMS))
+
+
+def test_masks_keep_exact_counts_with_ties(tied_store, weights):
+    fisher = np.concatenate([raw(tied_store, "fisher", p).ravel() for p in BLOCK_PARAMS])
+    assert len(np.unique(fisher)) <= 3  # the store really is full of ties
+    result = compute_masks(open_store(tied_store), MaskOptions(SPARSITIES, "fisher", ()), weights).masks["fisher"]
+    for s in SPARSITIES:
+        kept = sum(int(m.sum()) for m in result[s].values())
         assert kept == reference_keep(s, fisher.size)
-    assert all(m.all() for m in result.masks[0.0].values())
-    assert not any(m.any() for m in result.masks[1.0].values())
+    assert all(m.all() for m in result[0.0].values())
+    assert not any(m.any() for m in result[1.0].values())
 
 
-def test_run_masks_writes_zarr_and_summary(stores, tmp_path):
-    options = MaskOptions((0.5, 0.9), "per_tensor", "element", include=r"\.layers\.")
-    paths = run_masks(stores["a"], tmp_path / "masks" / "a", options)
-    group = zarr.open_group(paths["masks"], mode="r")
-    assert sorted(group.group_keys()) == ["0.5", "0.9"]
+def test_run_masks_writes_safetensors_and_summary(stores, weights, tmp_path):
+    options = MaskOptions((0.5, 0.9), "saliency", ("magnitude",), "per_tensor", "element", include=r"\.layers\.")
+    paths = run_masks(stores["a"], tmp_path / "masks" / "a", options, weights=weights)
+    file = MasksFile(paths["masks"])
+    assert file.criteria == ["saliency", "magnitude"] and file.sparsities == ["0.5", "0.9"]
+    assert file.metadata["criterion"] == "saliency" and file.metadata["task"] == "a"
     masked = [p for p in PARAMS if layer(p) is not None]
-    assert sorted(group["0.5"].array_keys()) == masked
-    expected = compute_masks(open_store(stores["a"]), options)
-    for p in masked:
-        assert group[f"0.9/{p}"].dtype == bool
-        np.testing.assert_array_equal(group[f"0.9/{p}"][...], expected.masks[0.9][p])
+    assert file.params == masked
+    expected = compute_masks(open_store(stores["a"]), options, weights)
+    for criterion, p in itertools.product(("saliency", "magnitude"), masked):
+        stored = file.read(criterion, "0.9", p)
+        assert stored.dtype == bool
+        np.testing.assert_array_equal(stored, expected.masks[criterion][0.9][p])
     summary = pd.read_parquet(paths["mask_summary_parquet"])
-    tensor_rows = summary[(summary["level"] == "tensor") & (summary["sparsity"] == 0.5)].set_index("name")
+    tensor_rows = summary[(summary["level"] == "tensor") & (summary["sparsity"] == 0.5)
+                          & (summary["criterion"] == "magnitude")].set_index("name")
     for p in masked:
         size = int(np.prod(SHAPES[p]))
         assert tensor_rows.loc[p, "kept_elements"] == reference_keep(0.5, size)
         assert tensor_rows.loc[p, "kept_fraction"] == pytest.approx(reference_keep(0.5, size) / size)
     model = summary[(summary["level"] == "global") & (summary["sparsity"] == 0.9)]
-    assert model["n_elements"].item() == sum(int(np.prod(SHAPES[p])) for p in masked)
+    assert set(model["criterion"]) == {"saliency", "magnitude"}
+    assert (model["n_elements"] == sum(int(np.prod(SHAPES[p])) for p in masked)).all()
 
 
-def test_mask_options_are_validated():
+def test_mask_options_are_validated(stores):
     with pytest.raises(ConfigError, match="sparsities"):
         MaskOptions(sparsities=(0.5, 1.5))
     with pytest.raises(ConfigError, match="scope"):
         MaskOptions(scope="per_head")
     with pytest.raises(ConfigError, match="granularity"):
         MaskOptions(granularity="row")
+    with pytest.raises(ConfigError, match=r"masks\.criterion = 'obd': choose one of saliency, fisher, magnitude"):
+        MaskOptions(criterion="obd")
+    with pytest.raises(ConfigError, match=r"scope = 'per_tensor' with granularity 'head': a head spans several "
+                                          r"tensors .*use scope global or per_layer"):
+        MaskOptions(scope="per_tensor", granularity="head")
+    store = open_store(stores["a"])
+    with pytest.raises(ConfigError, match=r"wanda scores the weights of Linear / Conv1D layers.*model\.embed_tokens"
+                                          r"\.weight is neither.*restrict masks\.include"):
+        compute_masks(store, MaskOptions((0.5,), "wanda", (), include=None), {p: np.ones(SHAPES[p]) for p in PARAMS})
+    with pytest.raises(PhaseInputError, match=r"criterion 'magnitude' needs the model's weights"):
+        compute_masks(store, MaskOptions((0.5,), "magnitude", ()))
+    with pytest.raises(ConfigError, match=r"granularity = 'head', but no parameter masks\.include selects holds head"):
+        compute_masks(store, MaskOptions((0.5,), "fisher", (), granularity="head", include="mlp"))
 
 
 def test_split_groups_mask_every_block(tmp_path):
     """A neuron made of two row blocks (Phi-3's fused gate/up) is kept or dropped as one unit."""
-    name = "model.layers.0.mlp.gate_up_proj.weight"
-    path = make_store(tmp_path / "phi.zarr", shapes={name: (8, 3)},
-                      specs={name: GroupSpec.heads(0, ("neuron", 4, 1), ("neuron", 4, 1))})
+    gate_up, down = "model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight"
+    path = make_store(tmp_path / "phi.zarr", shapes={gate_up: (8, 3), down: (3, 4)},
+                      specs={gate_up: GroupSpec.heads(0, ("neuron", 4, 1), ("neuron", 4, 1)),
+                             down: GroupSpec.heads(1, ("neuron", 4, 1))})
     store = open_store(path)
-    fisher = store.fisher(name).astype(np.float64)
-    score = (fisher[:4] + fisher[4:]).sum(1)  # both blocks of each neuron
-    mask = compute_masks(store, MaskOptions(sparsities=(0.5,), granularity="neuron")).masks[0.5][name]
+    fisher_up, fisher_down = store.fisher(gate_up).astype(np.float64), store.fisher(down).astype(np.float64)
+    score = ((fisher_up[:4] + fisher_up[4:]).sum(1) + fisher_down.sum(0)) / 9  # both row blocks and the column
+    result = compute_masks(store, MaskOptions((0.5,), "fisher", (), granularity="neuron", include="mlp"))
     kept = np.argsort(-score, kind="stable")[:2]
     expected = np.zeros((8, 3), dtype=bool)
     expected[kept] = expected[kept + 4] = True
-    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(result.masks["fisher"][0.5][gate_up], expected)
+    expected_down = np.zeros((3, 4), dtype=bool)
+    expected_down[:, kept] = True  # neuron n is column n of the down projection
+    np.testing.assert_array_equal(result.masks["fisher"][0.5][down], expected_down)
 
 
 # --- phase 4: overlap ------------------------------------------------------------------
@@ -370,19 +493,21 @@ def test_overlap_expected_jaccard_large_n():
 @pytest.fixture(scope="module")
 def mask_paths(stores, tmp_path_factory):
     root = tmp_path_factory.mktemp("masks")
-    options = MaskOptions((0.0, 0.5, 0.8, 1.0), "global", "element")
+    options = MaskOptions((0.0, 0.5, 0.8, 1.0), "fisher", ("random",), "global", "element")
     return {t: run_masks(stores[t], root / t, options)["masks"] for t in "abc"}
 
 
 def test_overlap_table_matches_sets(mask_paths, tmp_path):
     paths = run_overlap(mask_paths, tmp_path / "overlap")
     table = pd.read_parquet(paths["overlap_parquet"])
-    masks = {t: zarr.open_group(p, mode="r") for t, p in mask_paths.items()}
+    masks = {t: MasksFile(p) for t, p in mask_paths.items()}
     assert set(zip(table["task_a"], table["task_b"], strict=True)) == {("a", "b"), ("a", "c"), ("b", "c")}
     for s, (ta, tb) in itertools.product(("0.5", "0.8"), [("a", "b"), ("b", "c")]):
-        sets = {t: {(p, i) for p in PARAMS for i in np.flatnonzero(masks[t][f"{s}/{p}"][...])} for t in (ta, tb)}
+        # the default criterion's masks (fisher), not the baseline's
+        sets = {t: {(p, i) for p in BLOCK_PARAMS for i in np.flatnonzero(masks[t].read("fisher", s, p))}
+                for t in (ta, tb)}
         rows = table[(table["sparsity"] == float(s)) & (table["task_a"] == ta) & (table["task_b"] == tb)]
-        for level, members in [("global", PARAMS), ("layer", [p for p in PARAMS if layer(p) == 1]),
+        for level, members in [("global", BLOCK_PARAMS), ("layer", [p for p in BLOCK_PARAMS if layer(p) == 1]),
                                ("tensor", ["model.layers.0.mlp.up_proj.weight"])]:
             a = {x for x in sets[ta] if x[0] in members}
             b = {x for x in sets[tb] if x[0] in members}
@@ -413,7 +538,8 @@ def test_overlap_single_task_is_empty_not_a_crash(mask_paths, tmp_path, caplog):
 
 
 def test_overlap_refuses_masks_made_differently(stores, mask_paths, tmp_path):
-    other = run_masks(stores["b"], tmp_path / "b", MaskOptions((0.0, 0.5, 0.8, 1.0), "per_layer", "element"))
+    other = run_masks(stores["b"], tmp_path / "b", MaskOptions((0.0, 0.5, 0.8, 1.0), "fisher", ("random",),
+                                                               "per_layer", "element"))
     with pytest.raises(ValueError, match="scope"):
         run_overlap({"a": mask_paths["a"], "b": other["masks"]}, tmp_path / "overlap")
     with pytest.raises(ValueError, match="heatmap_metric"):
@@ -498,8 +624,9 @@ def nan_store(tmp_path):
 def test_nan_in_a_store_is_refused_naming_the_tensor(nan_store, stores, tmp_path):
     calls = [
         lambda: run_importance(nan_store, tmp_path / "importance"),
-        lambda: run_masks(nan_store, tmp_path / "masks"),
-        lambda: run_masks(nan_store, tmp_path / "masks", MaskOptions(granularity="head")),
+        lambda: run_masks(nan_store, tmp_path / "masks", MaskOptions(criterion="fisher", baselines=())),
+        lambda: run_masks(nan_store, tmp_path / "masks", MaskOptions(criterion="fisher", baselines=(),
+                                                                     granularity="neuron")),
         lambda: run_scaled_task(nan_store, tmp_path / "scaled"),
         lambda: run_scaled_cross({"a": stores["a"], "nan": nan_store}, tmp_path / "cross"),
     ]
@@ -533,7 +660,8 @@ def test_phases_never_read_per_sample_arrays(stores, tmp_path, monkeypatch):
     two = {t: stores[t] for t in "ab"}
     run_importance(stores["a"], tmp_path / "i")
     run_rank_agreement(two, tmp_path / "r")
-    masks = {t: run_masks(stores[t], tmp_path / f"m{t}", MaskOptions(granularity="head"))["masks"] for t in "ab"}
+    options = MaskOptions(criterion="saliency", baselines=("fisher", "random"), granularity="head")
+    masks = {t: run_masks(stores[t], tmp_path / f"m{t}", options)["masks"] for t in "ab"}
     run_overlap(masks, tmp_path / "o")
     run_scaled_task(stores["a"], tmp_path / "s")
     run_scaled_cross(two, tmp_path / "x")

@@ -185,7 +185,11 @@ def _zarr_contents(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 def test_outputs_equal_those_of_a_local_run(slurm_run, local_run):
     slurm_results, local_results = slurm_run["workdir"] / "results", local_run / "results"
     stores = sorted(p.relative_to(local_results) for p in local_results.rglob("*.zarr") if p.is_dir())
-    assert {"fisher/code.zarr", "fisher/prose.zarr", "masks/code/masks.zarr"} <= {s.as_posix() for s in stores}
+    assert {"fisher/code.zarr", "fisher/prose.zarr"} <= {s.as_posix() for s in stores}
+    masks = sorted(p.relative_to(local_results) for p in local_results.rglob("masks.safetensors"))
+    assert "masks/code/masks.safetensors" in {m.as_posix() for m in masks}
+    for path in masks:  # the same masks and metadata, byte for byte
+        assert (slurm_results / path).read_bytes() == (local_results / path).read_bytes(), path
     for store in stores:
         local_attrs, local_arrays = _zarr_contents(local_results / store)
         slurm_attrs, slurm_arrays = _zarr_contents(slurm_results / store)

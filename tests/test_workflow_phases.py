@@ -24,17 +24,25 @@ import yaml
 
 from fisher_pipeline.__main__ import main
 from fisher_pipeline.config import validate_config
-from fisher_pipeline.phases import ConflictsOptions, ImportanceOptions, MaskOptions, OverlapOptions, ScaledOptions
+from fisher_pipeline.phases import (
+    ConflictsOptions,
+    ImportanceOptions,
+    MaskEvalOptions,
+    MaskOptions,
+    OverlapOptions,
+    ScaledOptions,
+)
 from fisher_pipeline.phases.qkov import QkovOptions
 from store_factory import make_store
 from test_cli import documented_blocks, documented_phase_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("code", "prose")
-SECTIONS = {"importance": ImportanceOptions, "masks": MaskOptions, "overlap": OverlapOptions,
+SECTIONS = {"importance": ImportanceOptions, "masks": MaskOptions, "mask_eval": MaskEvalOptions,
+            "overlap": OverlapOptions,
             "conflicts": ConflictsOptions, "qkov": QkovOptions, "scaled": ScaledOptions}
 TINY_CONFIG = {
-    "tasks": {task: {"source": f"builtin:{task}", "n_samples": 3, "max_length": 16} for task in TASKS},
+    "tasks": {task: {"source": f"builtin:{task}", "n_samples": 3, "n_heldout": 2, "max_length": 16} for task in TASKS},
     "fisher": {"batch_size": 2, "per_sample_params": "attention", "fisher_m2_params": ""},
     "masks": {"sparsities": [0.5, 0.9]},
 }
@@ -43,7 +51,9 @@ EXPECTED = {
     **{f"results/importance/{t}": [f"{name}.{ext}" for name in ("tensors", "groups", "heads", "neurons", "layers")
                                    for ext in ("parquet", "csv")] + ["heads_heatmap.png"] for t in TASKS},
     "results/importance/rank_agreement": ["rank_agreement.parquet", "rank_agreement.csv", "rank_agreement.png"],
-    **{f"results/masks/{t}": ["mask_summary.parquet", "mask_summary.csv", "masks.zarr"] for t in TASKS},
+    **{f"results/masks/{t}": ["mask_summary.parquet", "mask_summary.csv", "masks.safetensors"] for t in TASKS},
+    "results/mask_eval": ["mask_eval.parquet", "mask_eval.csv", "heldout_samples.csv", "mask_eval_curves.png",
+                          "mask_eval_cross.png", "caption.md"],
     "results/overlap": ["overlap.parquet", "overlap.csv", "overlap_heatmaps.png"],
     **{f"results/scaled/{t}": ["natgrad_norms.parquet", "natgrad_norms.csv"] for t in TASKS},
     "results/conflicts/code__prose": ["conflicts.parquet", "conflicts.csv", "heatmap_code__prose.png"],
@@ -141,8 +151,11 @@ def test_completed_run_has_nothing_left_to_do(tiny_run):
 
 @pytest.mark.workflow
 @pytest.mark.parametrize(("section", "change", "expected"), [
-    ("masks", {"sparsities": [0.3]}, {"masks": 2, "overlap": 1}),
-    ("masks", {"granularity": "head"}, {"masks": 2, "overlap": 1}),
+    ("masks", {"sparsities": [0.3]}, {"masks": 2, "overlap": 1, "mask_eval": 1}),
+    ("masks", {"granularity": "head"}, {"masks": 2, "overlap": 1, "mask_eval": 1}),
+    ("mask_eval", {"batch_size": 4}, {"mask_eval": 1}),
+    ("tasks", {"code": {"source": "builtin:code", "n_samples": 3, "n_heldout": 3, "max_length": 16}},
+     {"mask_eval": 1}),  # held-out samples: phase 1 and the phases after it are left alone
     ("importance", {"rank_by": "sum"}, {"importance": 2, "rank_agreement": 1}),
     ("overlap", {"heatmap_metric": "dice"}, {"overlap": 1}),
     ("conflicts", {"similarity": "fisher"}, {"conflicts": 1}),
@@ -158,8 +171,8 @@ def test_editing_a_phase_section_reruns_only_that_phase_and_its_dependants(tiny_
 
 @pytest.mark.workflow
 @pytest.mark.parametrize(("given", "expected"), [
-    (["masks={sparsities: [0.3]}"], {"masks": 2, "overlap": 1}),  # the README's partial rerun
-    (["masks={sparsities: [0.5, 0.9], include: null}"], {}),  # the same values as the config file: nothing to do
+    (["masks={sparsities: [0.3]}"], {"masks": 2, "overlap": 1, "mask_eval": 1}),  # the README's partial rerun
+    (["masks={sparsities: [0.5, 0.9], include: blocks}"], {}),  # the same values as the config file: nothing to do
     (["scaled={damping: 1e-3}", "importance={log_color: false}"],
      {"scaled": 2, "scaled_cross": 1, "importance": 2, "rank_agreement": 1}),
 ])
@@ -243,7 +256,7 @@ def test_default_config_analysis_sections_parse():
     parsed = PipelineConfig.from_dict(raw)
     for section, cls in SECTIONS.items():
         assert isinstance(getattr(parsed, section), cls)
-    assert parsed.masks.sparsities == (0.5, 0.9)
+    assert parsed.masks.sparsities == (0.25, 0.5) and parsed.masks.criterion == "saliency"
 
 
 @pytest.mark.workflow
@@ -286,10 +299,12 @@ def test_cli_runs_phases_from_config_json(tmp_path, capsys):
         ["scaled", "--config-json", '{"scaled": {"damping": 0.001}}', "--store", str(stores["code"]),
          "--out", str(tmp_path / "scaled")],
         ["scaled-cross", "--config-json", "{}", "--stores", *pairs, "--out", str(tmp_path / "cross")],
-        *(["masks", "--config-json", '{"masks": {"sparsities": [0.25]}}', "--store", str(path), "--task", task,
-           "--out", str(tmp_path / "masks" / task)] for task, path in stores.items()),
+        *(["masks", "--config-json", '{"masks": {"sparsities": [0.25], "criterion": "fisher", "baselines": []}}',
+           "--store", str(path), "--task", task, "--out", str(tmp_path / "masks" / task)]
+          for task, path in stores.items()),
         ["overlap", "--config-json", '{"overlap": {"heatmap_metric": "dice"}}', "--masks",
-         *(f"{task}={tmp_path / 'masks' / task / 'masks.zarr'}" for task in TASKS), "--out", str(tmp_path / "overlap")],
+         *(f"{task}={tmp_path / 'masks' / task / 'masks.safetensors'}" for task in TASKS),
+         "--out", str(tmp_path / "overlap")],
     ]
     for argv in runs:
         assert main(argv) == 0, argv
@@ -304,7 +319,8 @@ def test_cli_refuses_bad_config_and_inputs(tmp_path, caplog):
     store = make_store(tmp_path / "a.zarr", n_samples=3, task="a")
     out = str(tmp_path / "out")
     bad = [
-        (["masks", "--config-json", '{"scaled": {}}', "--store", str(store), "--out", out], "only the key 'masks'"),
+        (["masks", "--config-json", '{"scaled": {}}', "--store", str(store), "--out", out],
+         "only the keys 'masks' and 'model'"),
         (["masks", "--config-json", '{"masks": {"sparsity": [0.5]}}', "--store", str(store), "--out", out],
          r"masks\.sparsity"),
         (["scaled", "--config-json", '{"scaled": {"damping": "tiny"}}', "--store", str(store), "--out", out],
@@ -322,7 +338,7 @@ def test_cli_reads_a_section_from_a_yaml_config(tmp_path):
     store = make_store(tmp_path / "a.zarr", n_samples=3, task="a")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"tasks": {"a": {"source": "builtin:prose"}},
-                                      "masks": {"sparsities": [0.75], "granularity": "head"}}))
+                                      "masks": {"sparsities": [0.75], "granularity": "head", "baselines": ["fisher"]}}))
     assert main(["masks", "--config", str(config), "--store", str(store), "--out", str(tmp_path / "m")]) == 0
     summary = pd.read_parquet(tmp_path / "m" / "mask_summary.parquet")
     assert set(summary["sparsity"]) == {0.75}

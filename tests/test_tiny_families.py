@@ -8,19 +8,21 @@ under GQA, the query heads of each KV head, the positions of every head and neur
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import zarr
 from transformers import AutoModelForCausalLM
 
+from fisher_pipeline import apply_masks
 from fisher_pipeline.config import MaskOptions, PipelineConfig
 from fisher_pipeline.fisher import run_fisher
 from fisher_pipeline.models.adapters import ArchitectureAdapter, adapter_for
 from fisher_pipeline.phases import run_importance, run_masks
+from fisher_pipeline.pruning import MasksFile
 from fisher_pipeline.store import open_store
 from tiny_models import FAMILIES
 
@@ -44,16 +46,15 @@ def run(request, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     store_path = run_fisher(config, "prose", out / "prose.zarr", progress=False)
     tables = run_importance(store_path, out / "importance")
     masks = {}
-    # Heads compete with heads (attention tensors only), neurons with neurons (MLP only).
-    for granularity, include in (("head", r"\.(self_attn|attn|attention)\."), ("neuron", r"\.mlp\.")):
-        options = MaskOptions(sparsities=tuple(map(float, SPARSITIES)), scope="per_layer", granularity=granularity,
-                              include=include)
+    # Heads compete with heads of their layer (attention tensors), neurons with neurons (MLP tensors).
+    for granularity, include in (("head", "attention"), ("neuron", "mlp")):
+        options = MaskOptions(sparsities=tuple(map(float, SPARSITIES)), criterion="saliency", baselines=("fisher",),
+                              scope="per_layer", granularity=granularity, include=include)
         paths = run_masks(store_path, out / f"masks-{granularity}", options)
-        root = zarr.open_group(paths["masks"], mode="r")
-        masks[granularity] = {s: root[s] for s in SPARSITIES}
+        masks[granularity] = MasksFile(paths["masks"])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return SimpleNamespace(
-        family=family, adapter=adapter_for(model), store=open_store(store_path),
+        family=family, adapter=adapter_for(model), store=open_store(store_path), model=model,
         heads=pd.read_parquet(tables["heads_parquet"]), neurons=pd.read_parquet(tables["neurons_parquet"]),
         masks=masks,
     )
@@ -133,45 +134,98 @@ def test_head_and_neuron_fisher_sums_equal_the_stored_fisher_over_their_position
                                    err_msg=f"{run.family} layer {layer} neurons")
 
 
-def test_head_masks_keep_or_drop_whole_heads(run):
-    """Every position of a head's slice in a parameter has one mask value, at every sparsity;
-    some sparsity keeps some heads of a parameter and drops others (so a mask that crossed
-    head boundaries would show)."""
-    adapter = run.adapter
-    split_somewhere = False
-    for sparsity, masks in run.masks["head"].items():
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def _zeroed(model, pieces) -> dict[str, torch.Tensor]:
+    """Parameter name -> copy of the parameter with the given slices set to 0."""
+    params = dict(model.named_parameters())
+    out = {}
+    for piece in pieces:
+        value = out.setdefault(piece.param, params[piece.param].detach().clone())
+        value.index_fill_(piece.dim, piece.index, 0.0)
+    return out
+
+
+def _logits_with(model, replaced: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in replaced}
+    with torch.no_grad():
+        for name, value in replaced.items():
+            params[name].copy_(value)
+        logits = _logits(model, input_ids)
+        for name, value in saved.items():
+            params[name].copy_(value)
+    return logits
+
+
+@pytest.mark.parametrize("criterion", ["saliency", "fisher"])
+def test_head_masks_remove_query_heads_and_kv_heads_only_with_all_their_readers(run, criterion):
+    """A head unit is a query head: its q and o slices share one mask value; a KV head's k and v
+    slices are removed exactly when every query head reading it is (GQA). Applied to the model,
+    the mask gives the logits of removing only the dropped heads' o columns: removing a head
+    means what a user means by it."""
+    adapter, file = run.adapter, run.masks["head"]
+    input_ids = torch.randint(3, run.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    dropped_any = kept_any = False
+    for sparsity in file.sparsities:
+        masks = file.masks(criterion, sparsity)
+        removed_o = []
         for layer in range(adapter.n_layers):
-            kept: dict[str, set[bool]] = {}  # parameter -> mask values of its heads
-            for block in ("q", "k", "v", "o"):
-                for head in range(adapter.n_heads):
-                    for piece in adapter.head_slices(layer, block, head):
-                        values = np.unique(_values_at(masks[piece.param][...], piece.dim, piece.index))
-                        where = f"{run.family} sparsity {sparsity} layer {layer} {block} head {head}"
-                        assert len(values) == 1, f"{where}: {piece.param} split"
-                        kept.setdefault(piece.param, set()).add(bool(values[0]))
-            split_somewhere |= any(len(v) == 2 for v in kept.values())
-    assert split_somewhere, f"{run.family}: no sparsity kept some heads of a parameter and dropped others"
+            kept = {}
+            for head in range(adapter.n_heads):
+                pieces = adapter.head_slices(layer, "q", head) + adapter.head_slices(layer, "o", head)
+                values = {bool(v) for piece in pieces
+                          for v in np.unique(_values_at(masks[piece.param], piece.dim, piece.index))}
+                where = f"{run.family} {criterion} {sparsity} layer {layer} head {head}"
+                assert len(values) == 1, f"{where}: q / o slices disagree"
+                kept[head] = values.pop()
+                if not kept[head]:
+                    removed_o += adapter.head_slices(layer, "o", head)
+            dropped_any |= not all(kept.values())
+            kept_any |= any(kept.values())
+            for kv in range(adapter.n_kv_heads):
+                readers = [h for h in range(adapter.n_heads) if adapter.kv_head(h) == kv]
+                reader = readers[0]
+                for block in ("k", "v"):
+                    for piece in adapter.head_slices(layer, block, reader):
+                        values = set(np.unique(_values_at(masks[piece.param], piece.dim, piece.index)).tolist())
+                        assert values == {any(kept[h] for h in readers)}, (run.family, layer, block, kv, kept)
+        with apply_masks(run.model, masks):
+            pruned = _logits(run.model, input_ids)
+        expected = _logits_with(run.model, _zeroed(run.model, removed_o), input_ids)
+        torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert dropped_any and kept_any, f"{run.family}: the sparsities should drop some heads and keep others"
 
 
-def test_neuron_masks_keep_or_drop_whole_neurons(run):
-    """All positions of a neuron in a parameter share one mask value (Phi-3: its gate and
-    up rows n and I + n), at every sparsity; some sparsity splits each layer's neurons."""
-    adapter = run.adapter
+@pytest.mark.parametrize("criterion", ["saliency", "fisher"])
+def test_neuron_masks_remove_whole_neurons(run, criterion):
+    """All positions of a neuron share one mask value (Phi-3: its gate and up rows n and I + n,
+    and its down column); applied to the model, the mask gives the logits of removing only the
+    dropped neurons' output (down) columns."""
+    adapter, file = run.adapter, run.masks["neuron"]
     width = _intermediate_size(adapter)
-    for layer in range(adapter.n_layers):
-        positions = _neuron_positions(adapter, layer)
-        assert positions, f"{run.family} layer {layer}: no neuron groups"
-        split_somewhere = False
-        for sparsity, masks in run.masks["neuron"].items():
+    input_ids = torch.randint(3, run.model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    for sparsity in file.sparsities:
+        masks = file.masks(criterion, sparsity)
+        removed_out = []
+        for layer in range(adapter.n_layers):
+            positions = _neuron_positions(adapter, layer)
+            assert positions, f"{run.family} layer {layer}: no neuron groups"
+            kept = []
+            for neuron in range(width):
+                values = {bool(v) for name, (dim, per_neuron) in positions.items()
+                          for v in np.unique(_values_at(masks[name], dim, per_neuron[neuron]))}
+                assert len(values) == 1, f"{run.family} {sparsity} layer {layer}: neuron {neuron} split"
+                kept.append(values.pop())
+            assert sum(kept) == math.floor((1 - float(sparsity)) * width + 0.5)
             for name, (dim, per_neuron) in positions.items():
-                mask = masks[name][...]
-                kept = set()
-                for neuron, index in enumerate(per_neuron):
-                    values = np.unique(_values_at(mask, dim, index))
-                    assert len(values) == 1, f"{run.family} sparsity {sparsity} {name}: neuron {neuron} split"
-                    kept.add(bool(values[0]))
-                split_somewhere |= len(kept) == 2
-                if name.endswith("gate_up_proj.weight"):  # Phi-3: gate row n and up row I + n are one neuron
-                    assert mask.shape[0] == 2 * width
-                    np.testing.assert_array_equal(mask[:width], mask[width:], err_msg=f"{sparsity} {name}")
-        assert split_somewhere, f"{run.family} layer {layer}: no sparsity kept some neurons and dropped others"
+                if run.store.geometry[name].role == "mlp_out" and name.endswith("weight"):
+                    removed_out += [SimpleNamespace(param=name, dim=dim, index=per_neuron[n])
+                                    for n in range(width) if not kept[n]]
+        with apply_masks(run.model, masks):
+            pruned = _logits(run.model, input_ids)
+        expected = _logits_with(run.model, _zeroed(run.model, removed_out), input_ids)
+        torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)

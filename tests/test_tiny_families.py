@@ -229,3 +229,34 @@ def test_neuron_masks_remove_whole_neurons(run, criterion):
             pruned = _logits(run.model, input_ids)
         expected = _logits_with(run.model, _zeroed(run.model, removed_out), input_ids)
         torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_wanda_masks_compete_within_output_rows_with_the_bias(run, tmp_path):
+    """Wanda per output row on every family's layout (Linear [out, in]; GPT-2's Conv1D [in, out]):
+    a row's weights scored |w| * ||X_j|| and its bias |b| (input 1) keep their top share together."""
+    store, params = run.store, dict(run.model.named_parameters())
+    sparsity = 0.5
+    paths = run_masks(store.path, tmp_path / "wanda", MaskOptions((sparsity,), "wanda", (), include="blocks"),
+                      weights={n: p.detach().numpy() for n, p in params.items()})
+    file = MasksFile(paths["masks"])
+    checked = 0
+    for name in store.input_sq_names:
+        if name not in file.params:
+            continue
+        w = params[name].detach().numpy()
+        is_conv1d = store.input_dim(name) == 0
+        rows = np.abs(w.T if is_conv1d else w) * np.sqrt(store.input_sq(name))[None, :]  # [out, in]
+        bias = name[: -len("weight")] + "bias"
+        if bias in params and bias in file.params:
+            rows = np.concatenate([rows, np.abs(params[bias].detach().numpy())[:, None]], axis=1)
+        keep = np.zeros(rows.shape, dtype=bool)
+        for r, row in enumerate(rows):
+            order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+            keep[r, order[: math.floor((1 - sparsity) * len(row) + 0.5)]] = True
+        n_in = w.shape[0] if is_conv1d else w.shape[1]
+        expected = keep[:, :n_in].T if is_conv1d else keep[:, :n_in]
+        np.testing.assert_array_equal(file.read("wanda", sparsity, name), expected, err_msg=f"{run.family} {name}")
+        if bias in params and bias in file.params:
+            np.testing.assert_array_equal(file.read("wanda", sparsity, bias), keep[:, n_in], err_msg=bias)
+        checked += 1
+    assert checked >= 4 * run.adapter.n_layers - 2 * run.adapter.n_layers, run.family  # every projection weight

@@ -48,6 +48,9 @@ def write_masks_file(masks: Mapping[str, np.ndarray], path: str | os.PathLike, m
     path = Path(path)
     text = {k: json.dumps(v) for k, v in metadata.items()}
     save_file({k: np.ascontiguousarray(v, dtype=bool) for k, v in masks.items()}, str(path), metadata=text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates the file readable by its owner only
     return path
 
 

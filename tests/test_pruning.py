@@ -102,3 +102,12 @@ def test_apply_masks_from_file_and_its_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PhaseInputError, match=r"is not a masks file from phase 3"):
         MasksFile(tmp_path / "bad.safetensors")
+
+
+def test_masks_file_is_readable_like_any_output(tmp_path):
+    import os
+
+    path = write_masks_file({"c/0.5/w": np.ones(3, bool)}, tmp_path / "m.safetensors", {"format": MASKS_FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -4,6 +4,7 @@ Each task's held-out samples are the `tasks.<name>.n_heldout` usable samples rig
 its analysed ones in the same seeded order (disjoint by id; phase 1 never sees them). For
 every criterion x sparsity x mask task, the mask is applied to the model in place, every
 task's held-out samples are scored, and the dense weights are put back bit for bit.
+Masks equal across tasks (magnitude and random do not depend on the task) are scored once.
 
 Per (criterion, sparsity, mask task, eval task):
 
@@ -21,6 +22,7 @@ sparsity) and `caption.md` (which criterion keeps each task best).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -133,11 +135,15 @@ def run_mask_eval(mask_paths: dict[str, str | os.PathLike], out_dir: str | os.Pa
     rows = []
     combos = [(c, s, t) for c in first.criteria for s in first.sparsities for t in files]
     bar = tqdm(combos, unit="mask", file=sys.stderr, mininterval=2.0, ascii=True, dynamic_ncols=False)
+    scored: dict[bytes, np.ndarray] = {}  # masks digest -> pruned losses
     for criterion, sparsity, mask_task in bar:
         masks = files[mask_task].masks(criterion, sparsity)
         kept = sum(int(np.count_nonzero(m)) for m in masks.values()) / sum(m.size for m in masks.values())
-        with torch.no_grad(), apply_masks(model, masks):
-            pruned = heldout_losses(model, samples, pad, options.batch_size)[0].numpy()
+        digest = _digest(masks)
+        if digest not in scored:  # masks that do not depend on the task (magnitude, random) are scored once
+            with torch.no_grad(), apply_masks(model, masks):
+                scored[digest] = heldout_losses(model, samples, pad, options.batch_size)[0].numpy()
+        pruned = scored[digest]
         for eval_task in files:
             rows_of = owner == eval_task
             stats = loss_change(dense[rows_of], pruned[rows_of], n_tokens[rows_of])
@@ -220,6 +226,15 @@ def cross_figure(table: pd.DataFrame, path: Path) -> Path:
     return plots.task_heatmaps(panels, f"Held-out loss increase, task A's mask on task B's samples (sparsity {top:g})",
                                "Δ loss, nats / labelled token", path, cmap="magma_r",
                                row_label="mask of task", column_label="held-out samples of task")
+
+
+def _digest(masks: dict[str, np.ndarray]) -> bytes:
+    """Identity of a set of masks: equal digests, equal masks (and equal held-out losses)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(masks):
+        digest.update(name.encode() + b"\0" + str(masks[name].shape).encode())
+        digest.update(np.ascontiguousarray(masks[name]).view(np.uint8).data)
+    return digest.digest()
 
 
 def _open_all(mask_paths: dict[str, str | os.PathLike]) -> dict[str, MasksFile]:

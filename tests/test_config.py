@@ -78,7 +78,8 @@ def test_default_config_is_valid_and_parses():
     assert parsed.fisher.per_sample_layers is None  # every layer, for phase 5
     assert parsed.fisher.fisher_m2_layers == (0, -1)
     assert parsed.conflicts.similarity == "cosine" and parsed.conflicts.pairs is None
-    assert parsed.masks.sparsities == (0.5, 0.9)
+    assert parsed.masks.sparsities == (0.25, 0.5) and parsed.masks.criterion == "saliency"
+    assert {t.n_heldout for t in parsed.tasks.values()} == {4}
     assert isinstance(parsed.scaled, ScaledOptions) and parsed.scaled.damping == 1e-5
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fisher_pipeline import apply_masks
 from fisher_pipeline.config import MaskOptions, PipelineConfig
@@ -40,7 +40,7 @@ def run(request, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp(f"phases-{family}")
     config = PipelineConfig.from_dict({
         "model": {"path": str(model_dir)},
-        "tasks": {"prose": {"source": "builtin:prose", "n_samples": 6, "max_length": 24}},
+        "tasks": {"prose": {"source": "builtin:prose", "n_samples": 6, "n_heldout": 3, "max_length": 24}},
         "fisher": {"batch_size": 3},
     })
     store_path = run_fisher(config, "prose", out / "prose.zarr", progress=False)
@@ -54,7 +54,7 @@ def run(request, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
         masks[granularity] = MasksFile(paths["masks"])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return SimpleNamespace(
-        family=family, adapter=adapter_for(model), store=open_store(store_path), model=model,
+        family=family, adapter=adapter_for(model), store=open_store(store_path), model=model, config=config,
         heads=pd.read_parquet(tables["heads_parquet"]), neurons=pd.read_parquet(tables["neurons_parquet"]),
         masks=masks,
     )
@@ -260,3 +260,24 @@ def test_wanda_masks_compete_within_output_rows_with_the_bias(run, tmp_path):
             np.testing.assert_array_equal(file.read("wanda", sparsity, bias), keep[:, n_in], err_msg=bias)
         checked += 1
     assert checked >= 4 * run.adapter.n_layers, run.family  # at least Q/K/V (fused or not), O, MLP in and out
+
+
+def test_mask_eval_scores_head_masks_on_every_family(run, tmp_path):
+    """mask_eval on each family's head masks: the dense held-out loss is the model's, and the
+    pruned losses are those of the model with the masks applied."""
+    from fisher_pipeline.data.tasks import load_heldout
+    from fisher_pipeline.evaluation import heldout_losses
+    from fisher_pipeline.phases import MaskEvalOptions, run_mask_eval
+
+    paths = run_mask_eval({"prose": run.masks["head"].path}, tmp_path / "eval", MaskEvalOptions(batch_size=2),
+                          pipeline=run.config)
+    table = pd.read_parquet(paths["mask_eval_parquet"])
+    assert len(table) == 2 * len(SPARSITIES) and table["own"].all()
+    tokenizer = AutoTokenizer.from_pretrained(run.config.model.path)
+    samples = load_heldout(run.config.tasks["prose"], tokenizer)
+    dense, tokens = heldout_losses(run.model, samples, tokenizer.pad_token_id)
+    for row in table.itertuples():
+        assert row.dense_loss == pytest.approx(float(dense.sum() / tokens.sum()), rel=1e-5), run.family
+        with apply_masks(run.model, run.masks["head"].path, row.criterion, row.sparsity):
+            pruned, _ = heldout_losses(run.model, samples, tokenizer.pad_token_id)
+        assert row.pruned_loss == pytest.approx(float(pruned.sum() / tokens.sum()), rel=1e-5), (run.family, row)

@@ -253,8 +253,8 @@ def _ours(model, samples, batch_size: int, out: Path, per_sample: str, trace_rss
     commits: list[float] = []
     sampler = _RssSampler() if trace_rss else None
 
-    def on_commit(batch, losses, grads):
-        writer.append(batch.ids, batch.n_tokens, losses, grads, lent=True)  # as run_fisher does
+    def on_commit(batch, losses, grads, gates):
+        writer.append(batch.ids, batch.n_tokens, losses, grads, gates, lent=True)  # as run_fisher does
         commits.append(time.perf_counter())
         if sampler is not None:
             sampler.mark()
@@ -312,20 +312,24 @@ def fixed_cost(model_kind: str, out: Path) -> dict:
     rename) for a store with one sample's worth of state (values do not matter)."""
     from fisher_pipeline.accumulate import FisherAccumulator
     from fisher_pipeline.config import FisherConfig
+    from fisher_pipeline.engine.inputs import input_features
     from fisher_pipeline.fisher import stored_selections
     from fisher_pipeline.models.adapters import adapter_for
     from fisher_pipeline.store import StoreWriter
 
-    geometry = adapter_for(_model(model_kind)).geometry()
+    model = _model(model_kind)
+    geometry = adapter_for(model).geometry()
     per_sample, m2 = stored_selections(geometry, FisherConfig(fisher_m2_layers=(0, -1)))
     start = time.perf_counter()
     accumulator = FisherAccumulator({n: g.shape for n, g in geometry.params.items()},
-                                    {n: g.groups for n, g in geometry.params.items()}, m2, per_sample)
+                                    {n: g.groups for n, g in geometry.params.items()}, m2, per_sample,
+                                    weights=dict(model.named_parameters()), input_dims=input_features(model))
     state = time.perf_counter()
     # planned N = N written (0): the usual case, where `close` resizes no per-sample array
     writer = StoreWriter(out, {"task": "bench"}, geometry, per_sample, "float16", 0, 16)
     opened = time.perf_counter()
-    for states in (accumulator.fisher, accumulator.grad, accumulator.group):
+    for states in (accumulator.fisher, accumulator.grad, accumulator.group, accumulator.saliency,
+                   accumulator.input_sq):
         for welford in states.values():
             welford.count = 1
     writer.close(accumulator)

@@ -5,7 +5,17 @@ Per parameter the accumulator keeps, in float64 (see `welford.py`):
     elementwise only for the parameters selected for it),
   * `grad`: running mean of `g_i`,
   * `group`: Welford state of each sample's group-reduced contribution
-    (`sum of C_i over a head / neuron`), always with M2.
+    (`sum of C_i over a head / neuron`), always with M2,
+  * `saliency`: Welford state (with M2) of each sample's group saliency
+    `s_i,G = 0.5 * sum_{k in G} g_i,k^2 w_k^2`, whose mean is the Optimal Brain Damage
+    cost `0.5 * sum_{k in G} F_k w_k^2` of removing the group,
+  * `input_sq` (the weights of Linear / Conv1D layers that `begin`'s caller hands input
+    sums for, `add_inputs`): the mean over scored token positions of each input
+    feature's square (Wanda's `||X_j||^2 / T`); its `count` is the number of positions.
+
+Per micro-batch it also hands back, on commit, each sample's gate gradients
+`gate_i,G = sum_{k in G} g_i,k w_k` (the gradient of sample i's loss with respect to a
+multiplicative gate on group G), `[b, G]` per parameter: `sample_gates`.
 
 That is 16 bytes per parameter (8 more where M2 is kept) and nothing else of the
 model's size: each chunk of per-sample rows `[b, r, ...]`, handed over while it is
@@ -14,7 +24,8 @@ state (Chan's merge on those rows), so the state is read and written once per
 micro-batch and no staging copy of the model exists. Squares are taken per sample
 before any reduction over samples. On the CPU, float32 chunks of parameters without an
 elementwise M2 go through one pass of a compiled kernel (`kernels/fold.c`: sums, squares,
-group sums and the per-sample copy together); elsewhere torch operations do the same.
+group sums of `g^2`, `g * w`, `(g * w)^2` and the per-sample copy together); elsewhere
+torch operations do the same.
 
 A sample whose gradient is not finite must leave no trace. Folding stops at the first
 chunk with a non-finite value (a device-side flag, so a GPU never waits on it); the
@@ -23,10 +34,13 @@ same micro-batch again to subtract exactly them (inverse Chan merge) before it r
 the batch without the bad sample. (The compiled kernel checks row by row: it folds the
 finite rows of the chunk where the flag trips, lists the chunk, and its undo pass
 leaves out the same rows.) Non-finite gradients are rare, so this costs
-nothing in the common case.
+nothing in the common case. Gates, group saliencies and input sums are staged per
+micro-batch and folded only on commit, so a discarded pass leaves nothing of them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -60,6 +74,11 @@ class FisherAccumulator:
             keeps a large model's state off the GPU at the price of a transfer per chunk.
         fold_kernel: "auto" folds float32 CPU chunks with the compiled one-pass kernel
             (`kernels/fold.c`) where it builds, "torch" always with torch operations.
+        weights: parameter name -> its values (the model's parameters, on `device`), for
+            the gates `sum g * w` and the group saliencies; every name of `shapes`.
+        input_dims: weights whose layer's input second moments are kept (`add_inputs`)
+            -> the weight dimension that indexes input features (1 for Linear `[out, in]`,
+            0 for Conv1D `[in, out]`).
     """
 
     def __init__(
@@ -73,7 +92,14 @@ class FisherAccumulator:
         per_sample_dtype: torch.dtype | None = None,
         state_device: torch.device | str | None = None,
         fold_kernel: str = "auto",
+        *,
+        weights: Mapping[str, torch.Tensor],
+        input_dims: Mapping[str, int] | None = None,
     ):
+        missing = sorted(set(shapes) - set(weights))
+        if missing:
+            raise ValueError(f"no weights given for {len(missing)} parameter(s), e.g. {missing[0]}: the gates "
+                             "sum g * w need every accumulated parameter's values")
         self.shapes = shapes
         self.specs = specs
         self.device = torch.device(device)
@@ -85,11 +111,25 @@ class FisherAccumulator:
         self.fisher = {n: Welford.zeros(s, n in self.m2_names, self.state_device) for n, s in shapes.items()}
         self.grad = {n: Welford.zeros(s, False, self.state_device) for n, s in shapes.items()}
         self.group = {n: Welford.zeros((len(self.specs[n].keys),), True, self.state_device) for n in shapes}
+        self.saliency = {n: Welford.zeros((len(self.specs[n].keys),), True, self.state_device) for n in shapes}
+        # contiguous (a no-op for a model's parameters): the kernel reads rows of them
+        self.weights = {n: weights[n].detach().to(self.device).contiguous() for n in shapes}
+        for name, weight in self.weights.items():
+            if tuple(weight.shape) != tuple(shapes[name]):
+                raise ValueError(f"weights of {name} have shape {tuple(weight.shape)}, not {tuple(shapes[name])}")
+        self.input_dims = dict(input_dims or {})
+        self.input_sq = {n: Welford.zeros((shapes[n][d],), False, self.state_device)
+                         for n, d in self.input_dims.items()}
+        #: per-sample gates of the last committed micro-batch: name -> `[b, G]` float64
+        self.sample_gates: dict[str, torch.Tensor] = {}
         # Two sets of per-sample buffers, used alternately: what one commit hands back stays
         # valid while the next micro-batch is computed (a background writer can read it).
         self._per_sample_sets: list[dict[str, torch.Tensor]] = [{}, {}]
         self._per_sample: dict[str, torch.Tensor] = {}
         self._group_c: dict[str, torch.Tensor] = {}
+        self._gate_c: dict[str, torch.Tensor] = {}
+        self._saliency_c: dict[str, torch.Tensor] = {}
+        self._input_c: dict[str, tuple[torch.Tensor, int]] = {}
         self._touched: set[str] = set()
         self._batch_size = 0
         self._commits = 0
@@ -100,6 +140,7 @@ class FisherAccumulator:
         self._sums = Scratch()
         self._squares = Scratch()
         self._deviations = Scratch()
+        self._products = Scratch()
         if fold_kernel not in ("auto", "torch"):
             raise ValueError(f"fold_kernel must be 'auto' or 'torch', not {fold_kernel!r}")
         compiled = (fold_kernel == "auto" and self.device.type == "cpu" and self.state_device.type == "cpu"
@@ -118,10 +159,15 @@ class FisherAccumulator:
         self._chunks.clear()
         self._ok = torch.ones((), dtype=torch.bool, device=self.device)
         self._undo = set(undo) if undo is not None else None
-        self._group_c = {
-            n: torch.zeros(batch_size, len(s.keys), dtype=torch.float64, device=self.device)
-            for n, s in self.specs.items()
-        }
+        self._input_c = {}
+
+        def staging() -> dict[str, torch.Tensor]:
+            return {n: torch.zeros(batch_size, len(s.keys), dtype=torch.float64, device=self.device)
+                    for n, s in self.specs.items()}
+
+        self._group_c = staging()
+        if undo is None:  # an undo pass stages no group sums: only `_group_c`'s finiteness is read
+            self._gate_c, self._saliency_c = staging(), staging()
         if undo is not None:
             return
         buffers = self._per_sample_sets[self._commits % 2]
@@ -152,9 +198,25 @@ class FisherAccumulator:
         self._fold(name, rows, grads, sign=1)
         self._touched.add(name)
 
+    def add_inputs(self, name: str, sums: torch.Tensor, positions: int) -> None:
+        """Stage this micro-batch's input sums of weight `name`'s layer: `sums` `[in]` of
+        `x_t,j^2` over `positions` scored token positions (folded on commit; ignored in an undo pass)."""
+        if self._undo is not None:
+            return
+        if name not in self.input_dims:
+            raise KeyError(f"{name} was not declared in input_dims: no input second moments are kept for it")
+        staged, count = self._input_c.get(name, (None, 0))
+        sums = sums.to(self.state_device, torch.float64)
+        self._input_c[name] = (sums if staged is None else staged + sums, count + int(positions))
+
     def _fold(self, name: str, rows: slice, grads: torch.Tensor, sign: int) -> None:
         n_batch = grads.shape[0]
         sum_g = torch.sum(grads, 0, out=self._sums.view(*grads.shape[1:], like=grads))
+        if sign > 0:  # before squaring in place: the gates need g
+            products = torch.mul(grads, self.weights[name][rows],
+                                 out=self._products.view(*grads.shape, like=grads))
+            self._stage(self._gate_c, name, rows, products)
+            self._stage(self._saliency_c, name, rows, products.square_(), alpha=0.5)
         contributions = grads.square_()
         sum_c = torch.sum(contributions, 0, out=self._squares.view(*grads.shape[1:], like=grads))
         m2_c = None
@@ -164,7 +226,7 @@ class FisherAccumulator:
             m2_c = deviations.square_().sum(0)
         batch: int | torch.Tensor = n_batch
         if sign > 0:
-            self._stage_groups(name, rows, contributions)
+            self._stage(self._group_c, name, rows, contributions)
             # sum_c sums squares: it is finite iff every g in the chunk is (and then so is sum_g).
             finite = torch.isfinite(sum_c.amax())
             if not device_side_flags(self.device):  # checking costs no wait on a CPU
@@ -202,20 +264,23 @@ class FisherAccumulator:
         fold_state = sign < 0 or bool(self._ok)  # after a non-finite chunk: copies and group sums only
         total_c = self.fisher[name].total[rows] if fold_state else None
         total_g = self.grad[name].total[rows] if fold_state else None
-        copy, group_kind = None, kernels.GROUP_NONE
+        copy, group_kind, weights = None, kernels.GROUP_NONE, None
         if sign > 0:
             if name in self.per_sample_names:
                 copy = self._per_sample[name][:, rows].view(flat.shape)  # rows of a sample are contiguous
             per_row = grads.dim() == 3 and spec.dim == 0
             group_kind = kernels.GROUP_PER_ROW if per_row else kernels.GROUP_PER_COLUMN
-        skipped, group = self._kernel.fold(flat, total_g, total_c, float(sign), copy, group_kind)
+            weights = self.weights[name][rows]
+        folded = self._kernel.fold(flat, total_g, total_c, float(sign), copy, group_kind, weights)
         if sign < 0:
             return
         labels = self._labels[name][rows] if spec.dim == 0 else self._labels[name]
-        self._group_c[name].index_add_(1, labels, group)
+        self._group_c[name].index_add_(1, labels, folded.group)
+        self._gate_c[name].index_add_(1, labels, folded.gate)
+        self._saliency_c[name].index_add_(1, labels, folded.saliency, alpha=0.5)
         if fold_state:
             self._chunks.append(((name, rows.start, rows.stop), None))
-            if skipped:
+            if folded.skipped:
                 self._ok = torch.zeros((), dtype=torch.bool)
 
     def _to_state(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -223,14 +288,16 @@ class FisherAccumulator:
             return tensor
         return tensor.to(self.state_device, non_blocking=False)
 
-    def _stage_groups(self, name: str, rows: slice, contributions: torch.Tensor) -> None:
+    def _stage(self, staging: dict[str, torch.Tensor], name: str, rows: slice, values: torch.Tensor,
+               alpha: float = 1.0) -> None:
+        """Add `alpha *` the per-sample group sums of chunk `values` `[b, r, ...]` into `staging[name]`."""
         spec = self.specs[name]
         group_dim = spec.dim + 1
-        other = [d for d in range(1, contributions.dim()) if d != group_dim]
+        other = [d for d in range(1, values.dim()) if d != group_dim]
         # float32 within a chunk row (at most a few thousand terms), float64 across samples
-        per_position = (contributions.sum(other) if other else contributions).double()
+        per_position = (values.sum(other) if other else values).double()
         labels = self._labels[name][rows] if spec.dim == 0 else self._labels[name]
-        self._group_c[name].index_add_(1, labels, per_position)
+        staging[name].index_add_(1, labels, per_position, alpha=alpha)
 
     def non_finite_samples(self) -> dict[int, str]:
         """Samples of this micro-batch with a non-finite gradient: sample row -> first parameter hit."""
@@ -253,7 +320,8 @@ class FisherAccumulator:
 
         Returns:
             parameter name -> per-sample gradients `[b, *shape]` (in `per_sample_dtype`),
-            valid until the second `begin` after this commit.
+            valid until the second `begin` after this commit. The micro-batch's per-sample
+            gates are in `sample_gates` until the next commit.
         """
         if self._undo is not None:
             raise RuntimeError("commit() after an undo pass: begin() the corrected micro-batch first")
@@ -269,6 +337,11 @@ class FisherAccumulator:
             self.fisher[name].count += n
             self.grad[name].count += n
             self.group[name].merge_moments(*batch_moments(self._group_c[name].to(self.state_device)))
+            self.saliency[name].merge_moments(*batch_moments(self._saliency_c[name].to(self.state_device)))
+        for name, (sums, positions) in self._input_c.items():
+            self.input_sq[name].merge_moments(positions, sums)
+        self.sample_gates = self._gate_c
+        self._input_c = {}
         self._touched.clear()
         self._chunks.clear()
         self._commits += 1

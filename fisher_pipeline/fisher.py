@@ -25,7 +25,8 @@ from .accumulate import FisherAccumulator
 from .config import HELDOUT_KEYS, FisherConfig, PipelineConfig, TaskConfig, config_hash
 from .data import TokenizedSample, load_task
 from .engine.hooks import PerSampleGradients
-from .engine.loss import Batch, collate, per_sample_loss, sample_labels
+from .engine.inputs import InputMoments, input_features
+from .engine.loss import Batch, collate, per_sample_loss, sample_labels, scored_positions
 from .errors import ConfigError
 from .layout import ModelGeometry
 from .models.adapters import ArchitectureAdapter, adapter_for
@@ -43,8 +44,8 @@ from .store import StoreWriter
 
 log = logging.getLogger(__name__)
 
-#: on_commit(batch, losses `[b]`, per-sample gradients {name: `[b, *shape]`}).
-CommitCallback = Callable[[Batch, torch.Tensor, dict[str, torch.Tensor]], None]
+#: on_commit(batch, losses `[b]`, per-sample gradients {name: `[b, *shape]`}, per-sample gates {name: `[b, G]`}).
+CommitCallback = Callable[[Batch, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
 
 
 def stored_selections(geometry: ModelGeometry, config: FisherConfig) -> tuple[set[str], set[str]]:
@@ -93,12 +94,21 @@ class Phase1Result:
 
 
 class _Engine:
-    """Stages one micro-batch into the accumulator; reports samples that must be dropped."""
+    """Stages one micro-batch into the accumulator; reports samples that must be dropped.
+
+    Both engines run the forward pass under `InputMoments.recording` (the input second
+    moments of the accumulator's `input_dims` layers) and hand the sums over once the
+    micro-batch has begun.
+    """
 
     def __init__(self, model: nn.Module, accumulator: FisherAccumulator, config: FisherConfig):
         self.model = model
         self.accumulator = accumulator
         self.config = config
+        self.inputs = InputMoments(model, only=set(accumulator.input_dims))
+        if self.inputs.dims != accumulator.input_dims:
+            raise ValueError("the accumulator's input_dims are not the model's Linear / Conv1D weights "
+                             "(engine.inputs.input_features)")
 
     def _targets(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.config.labels == "sampled":
@@ -106,8 +116,16 @@ class _Engine:
         return batch.input_ids
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        with self.inputs.recording(scored_positions(batch.label_mask)):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                use_cache=False).logits
         return per_sample_loss(logits, self._targets(logits, batch), batch.label_mask)
+
+    def _begin(self, batch_size: int, undo: list | None) -> None:
+        """Begin the micro-batch in the accumulator and stage the forward's input sums."""
+        self.accumulator.begin(batch_size, undo=undo)
+        for name, (sums, positions) in self.inputs.sums.items():
+            self.accumulator.add_inputs(name, sums, positions)
 
     def stage(self, batch: Batch) -> tuple[torch.Tensor, dict[int, str]]:
         """Forward/backward `batch` into the statistics; returns losses `[b]` and {row: reason}
@@ -136,7 +154,7 @@ class HookEngine(_Engine):
             if bad:
                 self.hooks.finish()
                 return losses.detach(), bad
-            self.accumulator.begin(len(batch.ids), undo=undo)
+            self._begin(len(batch.ids), undo)
             losses.sum().backward()
             self.hooks.finish()
         return losses.detach(), _gradient_failures(self.accumulator)
@@ -154,7 +172,7 @@ class LoopEngine(_Engine):
         loss = self._forward_loss(batch)
         if not torch.isfinite(loss).all():
             return loss.detach(), {0: "non-finite loss"}
-        self.accumulator.begin(1, undo=undo)
+        self._begin(1, undo)
         loss.sum().backward()
         for name, p in params.items():
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -185,7 +203,8 @@ def compute_fisher(
         samples: tokenized samples, processed in order.
         config: phase 1 options (engine, labels, batch size, selections).
         pad_id: token id used for right padding (masked out).
-        on_commit: called after each committed micro-batch (e.g. to write per-sample data).
+        on_commit: called after each committed micro-batch (e.g. to write per-sample data
+            and gates).
         progress: show a progress bar (samples/s, ETA) on stderr.
         param_names: accumulate (and hand to `on_commit`) only these parameters
             (default all); the forward/backward still runs through the whole model.
@@ -196,6 +215,7 @@ def compute_fisher(
     geometry = adapter.geometry()
     per_sample, m2 = stored_selections(geometry, config)
     params = {n: g for n, g in geometry.params.items() if param_names is None or n in param_names}
+    values = {n: p for n, p in model.named_parameters() if n in params}
     accumulator = FisherAccumulator(
         {n: g.shape for n, g in params.items()},
         {n: g.groups for n, g in params.items()},
@@ -206,6 +226,8 @@ def compute_fisher(
         per_sample_dtype=getattr(torch, config.per_sample_dtype),
         state_device=config.state_device,
         fold_kernel=config.fold_kernel,
+        weights=values,
+        input_dims=input_features(model, only=set(params)),
     )
     engine_type = HookEngine if config.engine == "hooks" else LoopEngine
     engine = engine_type(model, accumulator, config)
@@ -221,7 +243,7 @@ def compute_fisher(
             if not bad:
                 per_sample = accumulator.commit()
                 if on_commit is not None:
-                    on_commit(batch, losses, per_sample)
+                    on_commit(batch, losses, per_sample, accumulator.sample_gates)
                 break
             for row, reason in sorted(bad.items()):
                 log.warning("sample %s skipped: %s", pending[row].id, reason)
@@ -306,7 +328,8 @@ def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: boo
     try:
         result = compute_fisher(
             loaded.model, inputs.adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,
-            on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads, lent=True),
+            on_commit=lambda batch, losses, grads, gates: writer.append(batch.ids, batch.n_tokens, losses, grads,
+                                                                        gates, lent=True),
             progress=progress,
         )
         if result.accumulator.count == 0:
@@ -356,7 +379,8 @@ def run_fisher_shard(config: PipelineConfig, task: str, out: str | Path, sample_
     try:
         result = compute_fisher(
             loaded.model, inputs.adapter, samples[start:stop], config.fisher, loaded.tokenizer.pad_token_id,
-            on_commit=lambda batch, losses, grads: writer.append(batch.ids, batch.n_tokens, losses, grads),
+            on_commit=lambda batch, losses, grads, gates: writer.append(batch.ids, batch.n_tokens, losses, grads,
+                                                                        gates),
             progress=progress, param_names=set(share),
         )
         return writer.close(result.accumulator, _in_task_order(result.skipped, samples))

@@ -7,13 +7,13 @@ forward/backward on its samples, folds only its share's per-sample gradients int
 statistics, and writes a *partial store* (`ShardWriter`). `merge_shards` combines them into
 the store one job would have written, through the same writer (`store.StoreWriter`: same
 layout, attrs and config hash; values equal to float rounding): Chan's merge of the sample
-shards in shard index order, the union of the parameter shares, per-sample arrays
-concatenated in sample order.
+shards in shard index order, the union of the parameter shares, per-sample arrays and
+gates concatenated in sample order, input second moments weighted by their token counts.
 
 Partial store layout (zarr v3, written under `<path>.partial` and renamed into place when
 complete; `results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr` in the workflow):
 
-    attrs: shard_format_version (1),
+    attrs: shard_format_version (2),
            shard: {sample_shard k, sample_shards K, param_shard p, param_shards P,
                    sample_start, sample_stop (its range of the task's N samples),
                    task_samples N, params (its share, sorted)},
@@ -21,14 +21,19 @@ complete; `results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr` in the workflo
                         model_type, weights_hash, task, config_hash, package_version, ...),
            geometry (the whole model's), per_sample_params (its share of the selection),
            per_sample_dtype, shard_samples (per-sample shard size of the merged store),
-           count (samples folded in), skipped ([{id, reason}], in task order)
+           count (samples folded in), skipped ([{id, reason}], in task order),
+           input_sq ({param: {input_dim, tokens}} of its share's Linear / Conv1D weights)
       samples/id, samples/n_tokens, samples/loss   [count]  the shard's samples, in task order
       fisher_total/<param>   float64 sum of g^2 over its samples, full shape
       fisher_m2/<param>      float64 elementwise Welford M2 of g^2 (selected parameters)
       grad_total/<param>     float64 sum of g
       group_total/<param>    float64 [G] sum of the per-sample group contributions
       group_m2/<param>       float64 [G] their Welford M2
+      saliency_total/<param> float64 [G] sum of the per-sample group saliencies
+      saliency_m2/<param>    float64 [G] their Welford M2
+      input_sq_total/<param> float64 [in] sum of x_j^2 over its scored token positions
       per_sample/<param>     [count, *shape] g_i in the stored dtype, chunk (1, *shape)
+      gate/<param>           [count, G] per-sample gates (store.GATE_DTYPE), chunk (1, G)
 
 All parameter shares of one sample shard hold the same samples (ids, token counts, losses,
 skipped samples); `<param>` arrays only for the share's parameters.
@@ -53,15 +58,18 @@ import zarr
 from .atomic import clean_stale, publish, remove_path
 from .errors import ConfigError, StoreFormatError, StoreMismatchError, TaskError
 from .layout import ModelGeometry
-from .store import SampleArrays, SampleRows, StoreWriter, partial_path
+from .store import GATE_DTYPE, SampleArrays, SampleRows, StoreWriter, partial_path
 from .welford import Welford
 
-SHARD_FORMAT_VERSION = 1
+#: 2: gates, group saliencies and input second moments.
+SHARD_FORMAT_VERSION = 2
 #: FisherConfig keys that say how phase 1 is split into jobs; they never change a store.
 SHARDING_KEYS = ("shards", "param_shards")
 #: Welford states of a partial store: kind -> (total array group, M2 array group or None).
 STATE_ARRAYS = {"fisher": ("fisher_total", "fisher_m2"), "grad": ("grad_total", None),
-                "group": ("group_total", "group_m2")}
+                "group": ("group_total", "group_m2"), "saliency": ("saliency_total", "saliency_m2")}
+#: The input second moments' sums (their count is the token positions, in the attrs).
+INPUT_SQ_ARRAY = "input_sq_total"
 
 
 # --- how a task is split -------------------------------------------------------------------------
@@ -204,12 +212,15 @@ class ShardWriter:
         rows = shard.sample_stop - shard.sample_start
         shapes = {name: (rows, *geometry.params[name].shape) for name in sorted(per_sample_names)}
         self.per_sample = SampleArrays(self.root, self.partial, shapes, shard_samples, self.dtype)
-        self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial)
+        self.gates = SampleArrays(self.root, self.partial,
+                                  {name: (rows, geometry.params[name].n_groups) for name in shard.params},
+                                  shard_samples, GATE_DTYPE, group="gate")
+        self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial, gates=self.gates)
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
-               per_sample: Mapping[str, torch.Tensor]) -> None:
+               per_sample: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor]) -> None:
         """Record a committed micro-batch (the caller's tensors are copied at once)."""
-        self.samples.append(ids, n_tokens, losses, dict(per_sample))
+        self.samples.append(ids, n_tokens, losses, dict(per_sample), gates)
 
     def abort(self) -> None:
         """Give up: stop the background writer and remove the partial store."""
@@ -220,7 +231,8 @@ class ShardWriter:
         """Write the float64 Welford states of the share, the samples and the attrs; publish.
 
         Args:
-            accumulator: exposes `.fisher`, `.grad`, `.group` (name -> `Welford`) and `.count`.
+            accumulator: exposes `.fisher`, `.grad`, `.group`, `.saliency`, `.input_sq`
+                (name -> `Welford`), `.input_dims` and `.count`.
             skipped: (sample id, reason) of the samples left out, in task order.
         """
         n = self.samples.finish(self.root)
@@ -235,6 +247,11 @@ class ShardWriter:
                 arrays.append((f"{total_key}/{name}", _float64(state.total)))
                 if m2_key is not None and state.m2 is not None:
                     arrays.append((f"{m2_key}/{name}", _float64(state.m2)))
+        input_sq = {}
+        for name, dim in sorted(accumulator.input_dims.items()):
+            state = accumulator.input_sq[name]
+            arrays.append((f"{INPUT_SQ_ARRAY}/{name}", _float64(state.total)))
+            input_sq[name] = {"input_dim": int(dim), "tokens": int(state.count)}
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda item: self.root.create_array(
                 item[0], data=item[1], compressors=None, chunks=item[1].shape or (1,)), arrays))
@@ -248,6 +265,7 @@ class ShardWriter:
             "shard_samples": self.shard_samples,
             "count": n,
             "skipped": [{"id": sample_id, "reason": reason} for sample_id, reason in skipped],
+            "input_sq": input_sq,
         })
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -301,6 +319,7 @@ class Shard:
         self.store_attrs: dict[str, Any] = dict(self.attrs["store_attrs"])
         self.count = int(self.attrs["count"])
         self.skipped: list[dict[str, str]] = list(self.attrs["skipped"])
+        self.input_sq: dict[str, dict[str, int]] = dict(self.attrs["input_sq"])
 
     @property
     def key(self) -> tuple[int, int]:
@@ -319,7 +338,11 @@ class Shard:
         return self.root["samples/loss"][:]
 
     def welford(self, kind: str, name: str) -> Welford:
-        """The shard's float64 Welford state `kind` (fisher, grad, group) of parameter `name`."""
+        """The shard's float64 Welford state `kind` (fisher, grad, group, saliency, input_sq) of
+        parameter `name` (for input_sq its count is the scored token positions)."""
+        if kind == "input_sq":
+            total = torch.from_numpy(self.root[f"{INPUT_SQ_ARRAY}/{name}"][...])
+            return Welford(int(self.input_sq[name]["tokens"]), total, None)
         total_key, m2_key = STATE_ARRAYS[kind]
         total = torch.from_numpy(self.root[f"{total_key}/{name}"][...])
         m2 = None
@@ -330,6 +353,10 @@ class Shard:
     def per_sample(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows `start:stop` of the shard's per-sample gradients of `name`."""
         return self.root[f"per_sample/{name}"][start:stop]
+
+    def gate(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop` of the shard's per-sample gates of `name`."""
+        return self.root[f"gate/{name}"][start:stop]
 
 
 # --- merging -------------------------------------------------------------------------------------
@@ -372,6 +399,11 @@ class MergedStatistics:
         self.fisher = _MergedStates("fisher", sources)
         self.grad = _MergedStates("grad", sources)
         self.group = _MergedStates("group", sources)
+        self.saliency = _MergedStates("saliency", sources)
+        self.input_dims = {name: int(shards[0].input_sq[name]["input_dim"]) for name, shards in sorted(sources.items())
+                           if name in shards[0].input_sq}
+        # sums and token counts add up: the merged mean is the token-weighted mean of the shards'
+        self.input_sq = _MergedStates("input_sq", {name: sources[name] for name in self.input_dims})
         self.count = count
         self.shapes = {name: geometry.params[name].shape for name in sources}
 
@@ -558,6 +590,7 @@ def merge_shards(paths: Iterable[str | os.PathLike], out: str | os.PathLike, *, 
         raise all_skipped_error(str(store_attrs.get("task")), first.info.task_samples, skipped)
     geometry = ModelGeometry.from_attrs(first.attrs["geometry"])
     per_sample_owner = {name: p for p in range(n_p) for name in grid[(0, p)].attrs["per_sample_params"]}
+    owner = {name: p for p in range(n_p) for name in grid[(0, p)].info.params}
     block = max(int(first.attrs["shard_samples"]), 1)
     writer = StoreWriter(out, store_attrs, geometry, sorted(per_sample_owner), first.attrs["per_sample_dtype"],
                          total, shard_samples=block)
@@ -577,7 +610,11 @@ def merge_shards(paths: Iterable[str | os.PathLike], out: str | os.PathLike, *, 
                 name: torch.from_numpy(np.concatenate([grid[(k, p)].per_sample(name, lo, hi) for k, lo, hi in pieces]))
                 for name, p in per_sample_owner.items()
             }
-            writer.append(ids, torch.from_numpy(n_tokens), torch.from_numpy(losses), per_sample)
+            gates = {
+                name: torch.from_numpy(np.concatenate([grid[(k, p)].gate(name, lo, hi) for k, lo, hi in pieces]))
+                for name, p in owner.items()
+            }
+            writer.append(ids, torch.from_numpy(n_tokens), torch.from_numpy(losses), per_sample, gates)
         for sample_id, reason in skipped:
             writer.skip(sample_id, reason)
         return writer.close(merged_statistics(grid))

@@ -15,6 +15,13 @@ Layout (a contract; README "Store layout" documents it for users):
       group_m2/<param>     Welford M2 of each sample's group-reduced contribution, [G]
       fisher_m2/<param>    elementwise Welford M2 of g^2 (selected parameters), float32
       per_sample/<param>   g_i, [N, *shape], chunk (1, *shape), sharded by samples
+      gate/<param>         gate_i,G = sum_{k in G} g_i,k w_k per sample and group, [N, G]
+                           float32, rows in samples/id order, chunked like per_sample
+      group_saliency/<param>     mean over samples of s_i,G = 0.5 sum_{k in G} g_i,k^2 w_k^2, [G]
+      group_saliency_m2/<param>  its Welford M2, [G]
+      input_sq/<param>     mean over scored token positions of x_j^2 at the layer's input,
+                           [in_features] float64 (Linear / Conv1D weights used by one module;
+                           attrs `input_sq`: {param: {input_dim, tokens}})
 
 The store is written under `<path>.partial` and renamed to `<path>` only once every
 array and attribute is in place: an interrupted run never leaves a finished-looking
@@ -43,7 +50,14 @@ from .errors import StoreFormatError, StoreMismatchError
 from .layout import GroupSpec, ModelGeometry, TensorSlice
 
 #: 2: head geometry in the attrs (`geometry`), `group_labels/` and group attrs gone.
-FORMAT_VERSION = 2
+#: 3: per-sample gates (`gate/`), group saliencies and input second moments (`input_sq/`).
+FORMAT_VERSION = 3
+#: Versions the reader opens: a version 2 store lacks only the arrays version 3 added,
+#: and their readers say so.
+READABLE_VERSIONS = (2, 3)
+#: dtype of the stored per-sample gates: sums of float32 products, float32 keeps all of
+#: their precision at half float64's disk and bandwidth.
+GATE_DTYPE = np.dtype("float32")
 LOSS_CONVENTION = "token_sum"
 
 
@@ -97,7 +111,8 @@ def _write_shard(folder: Path, index: int, rows: np.ndarray, shard_rows: int) ->
 
 
 class SampleArrays(Mapping[str, zarr.Array]):
-    """The `per_sample/` arrays of a store being written, each opened by zarr only when used.
+    """The per-sample arrays (`per_sample/` or `gate/`) of a store being written, each opened
+    by zarr only when used.
 
     Their `zarr.json` files are written from one template per shape, made by zarr in
     memory: created through zarr's API each array costs ~3 ms of event-loop round trips
@@ -110,12 +125,13 @@ class SampleArrays(Mapping[str, zarr.Array]):
         shapes: parameter name -> `[rows, *param_shape]`.
         shard_samples: rows per shard file; each row is one inner chunk.
         dtype: the arrays' dtype.
+        group: the arrays' group in the store.
     """
 
     def __init__(self, root: zarr.Group, folder: Path, shapes: dict[str, tuple[int, ...]], shard_samples: int,
-                 dtype: np.dtype):
+                 dtype: np.dtype, group: str = "per_sample"):
         self.root = root
-        self.group = "per_sample"
+        self.group = group
         if shapes:  # no empty group in a store without per-sample arrays
             root.require_group(self.group)
         self.layouts: dict[str, zarr.Array] = {}  # in-memory arrays with each shape's metadata
@@ -146,7 +162,7 @@ class SampleArrays(Mapping[str, zarr.Array]):
 
 
 class SampleRows:
-    """The samples of a store being written: ids, token counts, losses and per-sample rows.
+    """The samples of a store being written: ids, token counts, losses, per-sample rows and gates.
 
     Rows are written by a background thread, at most one micro-batch in flight, so that
     zarr's encoding and the disk overlap the next micro-batch's compute.
@@ -163,16 +179,25 @@ class SampleRows:
         arrays: parameter name -> its `per_sample/` array, rows = samples in order.
         dtype: "float16" or "float32", the arrays' dtype.
         folder: the store's folder (None: every write goes through zarr).
+        gates: parameter name -> its `gate/` array (`GATE_DTYPE`), rows = samples in order;
+            every `append` must then give each its gates.
     """
 
-    def __init__(self, arrays: Mapping[str, zarr.Array], dtype: str, folder: Path | None = None):
+    def __init__(self, arrays: Mapping[str, zarr.Array], dtype: str, folder: Path | None = None,
+                 gates: Mapping[str, zarr.Array] | None = None):
         self.arrays = arrays
+        self.gates = gates if gates is not None else {}
+        #: "group/name" of every array -> its array mapping and name there
+        self._members = {f"{group}/{name}": (mapping, name)
+                         for group, mapping in (("per_sample", arrays), ("gate", self.gates)) for name in mapping}
         #: where each array's files are, and its rows per shard when its shards can be written
         #: as plain files (0: only through zarr)
-        self.folders = {name: folder / "per_sample" / name for name in arrays} if folder is not None else {}
-        layouts = arrays.layouts if isinstance(arrays, SampleArrays) else arrays  # without opening any
-        self.shard_rows = {name: _direct_shard_rows(layouts[name]) if folder is not None else 0 for name in arrays}
-        self._rows = {name: layouts[name].shape[0] for name in arrays}
+        self.folders = {key: folder / key for key in self._members} if folder is not None else {}
+        self.shard_rows, self._rows = {}, {}
+        for key, (mapping, name) in self._members.items():
+            layout = (mapping.layouts if isinstance(mapping, SampleArrays) else mapping)[name]  # without opening it
+            self.shard_rows[key] = _direct_shard_rows(layout) if folder is not None else 0
+            self._rows[key] = layout.shape[0]
         self.torch_dtype = getattr(torch, dtype)
         self.ids: list[str] = []
         self.n_tokens: list[int] = []
@@ -181,22 +206,28 @@ class SampleRows:
         self._pending: Future | None = None
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
-               per_sample: dict[str, torch.Tensor], lent: bool = False) -> None:
-        """Record a micro-batch: sample ids `[b]`, token counts, losses, g_i `[b, *shape]`.
+               per_sample: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor] | None = None,
+               lent: bool = False) -> None:
+        """Record a micro-batch: sample ids `[b]`, token counts, losses, g_i `[b, *shape]`,
+        gates `[b, G]` (any float dtype, any device).
 
         By default the rows are copied in the stored dtype at once (the caller may reuse
-        its buffers). With `lent=True` the caller promises CPU tensors in the stored
-        dtype, unchanged until the *next* `append` returns (phase 1's accumulator
-        alternates two buffer sets), and no copy is made.
+        its buffers). With `lent=True` the caller promises per-sample CPU tensors in the
+        stored dtype, unchanged until the *next* `append` returns (phase 1's accumulator
+        alternates two buffer sets), and no copy is made of them (gates are always copied).
         """
+        if self.gates and gates is None:
+            raise ValueError("this store keeps per-sample gates: append needs each micro-batch's gates")
         start = len(self.ids)
         rows = {}
         for name in self.arrays:
             tensor = per_sample[name].detach()
             if lent and tensor.device.type == "cpu" and tensor.dtype == self.torch_dtype:
-                rows[name] = tensor.numpy()
+                rows[f"per_sample/{name}"] = tensor.numpy()
             else:  # torch converts to float16 several times faster than numpy
-                rows[name] = tensor.to("cpu", self.torch_dtype, copy=True).numpy()
+                rows[f"per_sample/{name}"] = tensor.to("cpu", self.torch_dtype, copy=True).numpy()
+        for name in self.gates:
+            rows[f"gate/{name}"] = gates[name].detach().to("cpu", torch.float32, copy=True).numpy()
         self._wait()
         self._pending = self._writer.submit(self._write_rows, start, rows)
         self.ids.extend(ids)
@@ -204,12 +235,13 @@ class SampleRows:
         self.losses.extend(float(x) for x in losses.tolist())
 
     def _write_rows(self, start: int, rows: dict[str, np.ndarray]) -> None:
-        for name, data in rows.items():
-            shard = self.shard_rows[name]
+        for key, data in rows.items():
+            shard = self.shard_rows[key]
             if shard and start % shard == 0 and len(data) <= shard:
-                _write_shard(self.folders[name], start // shard, data, shard)
+                _write_shard(self.folders[key], start // shard, data, shard)
             else:  # a micro-batch that straddles shards (after a skipped sample): zarr merges
-                self.arrays[name][start:start + len(data)] = data
+                mapping, name = self._members[key]
+                mapping[name][start:start + len(data)] = data
 
     def _wait(self) -> None:
         """Block until the write in flight (if any) is done; re-raise its error."""
@@ -230,9 +262,10 @@ class SampleRows:
         self._wait()
         self._writer.shutdown()
         n = len(self.ids)
-        for name, rows in self._rows.items():
+        for key, rows in self._rows.items():
             if rows != n:  # fewer samples than planned (skipped, or a short task)
-                array = self.arrays[name]
+                mapping, name = self._members[key]
+                array = mapping[name]
                 array.resize((n, *array.shape[1:]))
         ids = root.create_array("samples/id", shape=(n,), dtype=str)  # variable-length UTF-8
         ids[:] = np.array(self.ids, dtype=object)
@@ -279,14 +312,18 @@ class StoreWriter:
         self.per_sample = SampleArrays(self.root, self.partial,
                                        {name: (max_samples, *shapes[name]) for name in sorted(per_sample_names)},
                                        shard_samples, self.dtype)
-        self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial)
+        self.gates = SampleArrays(self.root, self.partial,
+                                  {name: (max_samples, geo.n_groups) for name, geo in sorted(geometry.params.items())},
+                                  shard_samples, GATE_DTYPE, group="gate")
+        self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial, gates=self.gates)
         self.skipped: list[dict[str, str]] = []
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
-               per_sample: dict[str, torch.Tensor], lent: bool = False) -> None:
-        """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i
-        (see `SampleRows.append`)."""
-        self.samples.append(ids, n_tokens, losses, per_sample, lent)
+               per_sample: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor],
+               lent: bool = False) -> None:
+        """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i, and
+        the gates `[b, G]` of every parameter (see `SampleRows.append`)."""
+        self.samples.append(ids, n_tokens, losses, per_sample, gates, lent)
 
     def abort(self) -> None:
         """Give up: stop the background writer and remove the partial store."""
@@ -298,7 +335,8 @@ class StoreWriter:
         self.skipped.append({"id": sample_id, "reason": reason})
 
     def _write_statistics(self, accumulator) -> None:
-        """Every full-shape and group statistic as float32, one array (one file) each.
+        """Every full-shape and group statistic as float32 (input second moments as float64),
+        one array (one file) each.
 
         About 4 arrays per parameter (1,100 for SmolLM2). Created through zarr's API, each
         costs ~3 ms of its event-loop round trips, seconds per store; so zarr writes the
@@ -311,23 +349,26 @@ class StoreWriter:
         and no copy of the model's size is ever made. Uncompressed: zstd saved only 5-7%
         of these bytes for seconds of CPU per store.
         """
-        for kind in ("fisher", "grad_mean", "group", "group_m2"):
+        for kind in ("fisher", "grad_mean", "group", "group_m2", "group_saliency", "group_saliency_m2"):
             self.root.create_group(kind)
+        if accumulator.input_dims:
+            self.root.create_group("input_sq")
         templates = _MetadataTemplates()
         m2_group = threading.Lock()  # fisher_m2/ exists only where some parameter has M2
         local = threading.local()
 
-        def write_array(key: str, source: torch.Tensor, divisor: int = 1) -> None:
-            if not hasattr(local, "buffer"):
-                local.buffer = torch.empty(_STATISTICS_SLICE, dtype=torch.float32)
+        def write_array(key: str, source: torch.Tensor, divisor: int = 1, dtype: torch.dtype = torch.float32) -> None:
+            buffers = local.__dict__.setdefault("buffers", {})
+            if dtype not in buffers:
+                buffers[dtype] = torch.empty(_STATISTICS_SLICE, dtype=dtype)
             folder = self.partial / key
             folder.mkdir()
-            (folder / "zarr.json").write_bytes(templates.get(tuple(source.shape)))
+            (folder / "zarr.json").write_bytes(templates.get(tuple(source.shape), str(dtype).split(".")[-1]))
             chunk = folder / "c"
             for _ in range(source.dim()):  # one mkdir each: file-system calls cost ~0.1-0.7 ms
                 chunk.mkdir()
                 chunk = chunk / "0"
-            _write_float32(chunk, source, divisor, local.buffer)
+            _write_converted(chunk, source, divisor, buffers[dtype])
 
         def write(name: str) -> None:
             # Looked up here, one parameter at a time: a merge of shards computes each on demand.
@@ -342,6 +383,12 @@ class StoreWriter:
                 write_array(f"fisher_m2/{name}", fisher.m2)
             write_array(f"group/{name}", group.total, max(group.count, 1))
             write_array(f"group_m2/{name}", group.m2)
+            saliency = accumulator.saliency[name]
+            write_array(f"group_saliency/{name}", saliency.total, max(saliency.count, 1))
+            write_array(f"group_saliency_m2/{name}", saliency.m2)
+            if name in accumulator.input_dims:  # float64: a second moment that users renormalise
+                inputs = accumulator.input_sq[name]
+                write_array(f"input_sq/{name}", inputs.total, max(inputs.count, 1), torch.float64)
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(write, self.shapes))
@@ -350,6 +397,8 @@ class StoreWriter:
         """Write the statistics and metadata, then rename the store into place."""
         n = self.samples.finish(self.root)
         self._write_statistics(accumulator)
+        input_sq = {name: {"input_dim": int(dim), "tokens": int(accumulator.input_sq[name].count)}
+                    for name, dim in sorted(accumulator.input_dims.items())}
         self.root.attrs.update({
             **self.attrs,
             "format_version": FORMAT_VERSION,
@@ -359,6 +408,7 @@ class StoreWriter:
             "per_sample_dtype": str(self.dtype),
             "skipped": self.skipped,
             "geometry": self.geometry.to_attrs(),
+            "input_sq": input_sq,
         })
         consolidate(self.partial)
         publish(self.partial, self.path)  # the path holds the old or the new store, never neither
@@ -396,20 +446,20 @@ def _consolidated_group(group: dict, metadata: dict) -> dict:
 
 
 class _MetadataTemplates:
-    """`zarr.json` bytes of an uncompressed single-chunk float32 array, per shape, made by zarr."""
+    """`zarr.json` bytes of an uncompressed single-chunk array, per shape and dtype, made by zarr."""
 
     def __init__(self) -> None:
-        self._made: dict[tuple[int, ...], bytes] = {}
+        self._made: dict[tuple[tuple[int, ...], str], bytes] = {}
         self._lock = threading.Lock()
 
-    def get(self, shape: tuple[int, ...]) -> bytes:
+    def get(self, shape: tuple[int, ...], dtype: str = "float32") -> bytes:
         with self._lock:
-            if shape not in self._made:
+            if (shape, dtype) not in self._made:
                 if not shape:
                     raise ValueError("statistics are at least 1-d")
-                self._made[shape] = _metadata_bytes(_in_memory_array(
-                    shape=shape, dtype="float32", chunks=shape, compressors=None, fill_value=0))
-            return self._made[shape]
+                self._made[shape, dtype] = _metadata_bytes(_in_memory_array(
+                    shape=shape, dtype=dtype, chunks=shape, compressors=None, fill_value=0))
+            return self._made[shape, dtype]
 
 
 def _in_memory_array(**settings: Any) -> zarr.Array:
@@ -443,7 +493,7 @@ class FisherStore:
             raise StoreFormatError(f"{self.path} is not a Fisher store ({err})") from None
         self.attrs = dict(self.root.attrs)
         version = self.attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreFormatError(
                 f"{self.path} has store format version {version!r}; this fisher_pipeline reads "
                 f"version {FORMAT_VERSION}. Rerun phase 1 to rewrite it."
@@ -535,6 +585,80 @@ class FisherStore:
         """Standard error of each group's Fisher (from the spread of per-sample group sums)."""
         return _standard_error(self.group_m2(name), self.n_samples)
 
+    # --- gates, saliencies and input second moments ------------------------------
+    def _added_in_v3(self, kind: str, name: str) -> zarr.Array:
+        """Array `kind/name` of the arrays format version 3 added (an older store lacks them)."""
+        key = f"{kind}/{name}"
+        if key in self.root:
+            return self.root[key]
+        if f"fisher/{name}" in self.root and self.attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreFormatError(
+                f"{self.path} has no {key}: it was written by an older phase 1 (store format version "
+                f"{self.attrs.get('format_version')!r}) that did not store it; rerun phase 1 for this task.")
+        raise KeyError(f"{key} is not in store {self.path}")
+
+    def gate(self, name: str, ids: Iterable[str] | None = None) -> np.ndarray:
+        """Per-sample gate gradients `gate_i,G = sum_{k in G} g_i,k w_k` of `name`, `[N, G]`
+        float64 (rows: sample `ids`, default all in store order; groups as `group_names`)."""
+        array = self._added_in_v3("gate", name)
+        if ids is None:
+            return array[...].astype(np.float64)
+        return array.get_orthogonal_selection((self.sample_index(ids),)).astype(np.float64)
+
+    def gate_fisher(self, name: str) -> np.ndarray:
+        """Fisher of a multiplicative gate on each group, `mean_i gate_i,G^2`, `[G]`."""
+        return np.square(self.gate(name)).mean(0)
+
+    def gate_fisher_se(self, name: str) -> np.ndarray:
+        """Standard error of `gate_fisher`: `sd_i(gate_i,G^2) / sqrt(N)` (NaN for N < 2), `[G]`."""
+        squares = np.square(self.gate(name))
+        if len(squares) < 2:
+            return np.full(squares.shape[1], np.nan)
+        return squares.std(0, ddof=1) / np.sqrt(len(squares))
+
+    def group_saliency(self, name: str) -> np.ndarray:
+        """Mean over samples of `s_i,G = 0.5 * sum_{k in G} g_i,k^2 w_k^2` = `0.5 * sum_{k in G} F_k w_k^2`,
+        the Optimal Brain Damage cost of removing each group, `[G]`."""
+        return self._added_in_v3("group_saliency", name)[...].astype(np.float64)
+
+    def group_saliency_se(self, name: str) -> np.ndarray:
+        """Standard error of `group_saliency`: `sqrt(M2 / (N-1) / N)`, `[G]`."""
+        return _standard_error(self._added_in_v3("group_saliency_m2", name)[...].astype(np.float64), self.n_samples)
+
+    @property
+    def _input_sq_attrs(self) -> dict[str, dict[str, int]]:
+        if "input_sq" not in self.attrs:
+            raise StoreFormatError(
+                f"{self.path} has no input_sq (input second moments of the Linear / Conv1D layers): it was written "
+                f"by an older phase 1 (store format version {self.attrs.get('format_version')!r}); rerun phase 1 "
+                "for this task.")
+        return self.attrs["input_sq"]
+
+    @property
+    def input_sq_names(self) -> list[str]:
+        """Weights with input second moments: those of Linear / Conv1D layers no other module uses."""
+        return sorted(self._input_sq_attrs)
+
+    def _input_sq_entry(self, name: str) -> dict[str, int]:
+        entries = self._input_sq_attrs
+        if name not in entries:
+            raise KeyError(f"{name} has no input_sq in store {self.path}: only the weights of Linear / Conv1D "
+                           f"layers used by no other module have one ({len(entries)} here)")
+        return entries[name]
+
+    def input_sq(self, name: str) -> np.ndarray:
+        """Mean over scored token positions of each input feature's square at `name`'s layer, `[in_features]`."""
+        self._input_sq_entry(name)
+        return self._added_in_v3("input_sq", name)[...].astype(np.float64)
+
+    def input_dim(self, name: str) -> int:
+        """The dimension of weight `name` that indexes input features (1: Linear `[out, in]`, 0: Conv1D `[in, out]`)."""
+        return int(self._input_sq_entry(name)["input_dim"])
+
+    def input_sq_tokens(self, name: str) -> int:
+        """Token positions `input_sq(name)` averages over (the scored positions of every sample)."""
+        return int(self._input_sq_entry(name)["tokens"])
+
     # --- geometry ----------------------------------------------------------------
     @cached_property
     def geometry(self) -> ModelGeometry:
@@ -605,11 +729,11 @@ class FisherStore:
 _STATISTICS_SLICE = 1 << 20
 
 
-def _write_float32(path: Path, source: torch.Tensor, divisor: int, buffer: torch.Tensor) -> None:
-    """Write `source / divisor` as raw little-endian float32 to `path`, a slice at a time.
+def _write_converted(path: Path, source: torch.Tensor, divisor: int, buffer: torch.Tensor) -> None:
+    """Write `source / divisor` as raw little-endian values of `buffer`'s dtype to `path`, a slice at a time.
 
-    `source` is a float64 tensor on any device; `buffer` a reused float32 CPU tensor. The
-    quotient is computed in float64 and rounded once to float32, as `(source / divisor).float()`.
+    `source` is a float64 tensor on any device; `buffer` a reused float32 (or float64) CPU
+    tensor. The quotient is computed in float64 and rounded once, as `(source / divisor).float()`.
     """
     flat = source.detach().reshape(-1)
     with open(path, "wb") as file:
@@ -619,7 +743,7 @@ def _write_float32(path: Path, source: torch.Tensor, divisor: int, buffer: torch
             if part.device == out.device:
                 torch.div(part, divisor, out=out)
             else:  # on the device in float64, then one transfer of the float32 result
-                out.copy_(torch.div(part, divisor).to(torch.float32))
+                out.copy_(torch.div(part, divisor).to(buffer.dtype))
             file.write(out.numpy().data)
 
 

@@ -1,7 +1,9 @@
 """Real phase 1 stores of a tiny Llama-like layout, built from random per-sample gradients.
 
 Stores go through the production `FisherAccumulator` and `StoreWriter`, so the analysis
-phases are tested on exactly what phase 1 writes, without running a model.
+phases are tested on exactly what phase 1 writes, without running a model: the gates and
+group saliencies from the gradients and seeded random weights (`random_weights`), the
+input second moments of the projection weights from seeded random input sums.
 
 Tiny layout (`llama_layout`): 2 layers, d_model 6, 4 query heads and 2 KV heads of
 dim 2 (GQA: 2 query heads per KV head), MLP width 10, vocab 12.
@@ -50,6 +52,11 @@ def llama_layout(n_layers: int = 2) -> tuple[dict[str, tuple[int, ...]], dict[st
     return shapes, specs
 
 
+#: Roles of the weights that the factory gives input second moments (Linear layers' weights).
+LINEAR_ROLES = frozenset({"q", "k", "v", "o", "qkv", "mlp_in", "mlp_out"})
+#: Scored token positions per sample in factory stores (their `samples/n_tokens`).
+TOKENS_PER_SAMPLE = 5
+
 #: Roles of the tiny layout's modules (this test layout's own naming, Llama style).
 _ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "mlp_in", "up_proj": "mlp_in",
           "gate_up_proj": "mlp_in", "down_proj": "mlp_out", "embed_tokens": "embed"}
@@ -80,11 +87,24 @@ def random_gradients(shapes: dict[str, tuple[int, ...]], n_samples: int, seed: i
     return grads
 
 
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Parameter values (float32) for the gates `sum g * w`: standard normal, seeded."""
+    rng = np.random.default_rng([seed, 1])
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in sorted(shapes.items())}
+
+
+def linear_input_dims(geometry: ModelGeometry) -> dict[str, int]:
+    """The factory's Linear weights: 2-D `.weight`s of projection roles, input features along dim 1."""
+    return {name: 1 for name, geo in geometry.params.items()
+            if geo.role in LINEAR_ROLES and name.endswith(".weight") and len(geo.shape) == 2}
+
+
 def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = "task",
                shapes: dict[str, tuple[int, ...]] | None = None, specs: dict[str, GroupSpec] | None = None,
                grads: dict[str, np.ndarray] | None = None, per_sample: tuple[str, ...] = (),
                batch_size: int = 3, weights_hash: str = "tiny-weights", attrs: dict | None = None,
-               per_sample_dtype: str = "float32", geometry: ModelGeometry | None = None) -> Path:
+               per_sample_dtype: str = "float32", geometry: ModelGeometry | None = None,
+               weights: dict[str, np.ndarray] | None = None, input_dims: dict[str, int] | None = None) -> Path:
     """Write a complete phase 1 store at `path` and return it.
 
     Args:
@@ -102,6 +122,10 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
         per_sample_dtype: storage dtype of the per-sample arrays (`float32` or `float16`).
         geometry: the stored geometry (e.g. an adapter's `geometry()` of a tiny model), used
             instead of `tiny_geometry`; shapes and specs are then taken from it.
+        weights: parameter values for the gates (default `random_weights(shapes, seed)`).
+        input_dims: weights given input second moments -> their input dim (default
+            `linear_input_dims`); each sample adds `TOKENS_PER_SAMPLE` positions of random
+            squares.
     """
     if geometry is not None:
         shapes = {name: geo.shape for name, geo in geometry.params.items()}
@@ -112,17 +136,28 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
     specs = {name: (specs or {}).get(name) or GroupSpec.whole(shape) for name, shape in shapes.items()}
     overrides = {name: np.asarray(values, np.float32) for name, values in (grads or {}).items()}
     all_grads = random_gradients(shapes, n_samples, seed) | overrides
-    accumulator = FisherAccumulator(shapes, specs, m2_names=set(), per_sample_names=set(per_sample))
+    geometry = geometry or tiny_geometry(shapes, specs)
+    values = {name: torch.from_numpy(np.asarray(w, np.float32))
+              for name, w in (weights or random_weights(shapes, seed)).items()}
+    input_dims = linear_input_dims(geometry) if input_dims is None else input_dims
+    accumulator = FisherAccumulator(shapes, specs, m2_names=set(), per_sample_names=set(per_sample), weights=values,
+                                    input_dims=input_dims)
     store_attrs = {"model_id": "tiny-llama", "weights_hash": weights_hash, "task": task, "config_hash": "test",
              "fisher_kind": "empirical", "package_version": "test"} | (attrs or {})
-    writer = StoreWriter(path, store_attrs, geometry or tiny_geometry(shapes, specs), per_sample, per_sample_dtype,
-                         max_samples=n_samples)
+    writer = StoreWriter(path, store_attrs, geometry, per_sample, per_sample_dtype, max_samples=n_samples)
+    inputs = np.random.default_rng([seed, 2])
     for start in range(0, n_samples, batch_size):
         stop = min(start + batch_size, n_samples)
         accumulator.begin(stop - start)
         for name, shape in shapes.items():
             accumulator.add(name, 0, shape[0], torch.tensor(all_grads[name][start:stop]))
+        positions = (stop - start) * TOKENS_PER_SAMPLE
+        for name, dim in sorted(input_dims.items()):
+            features = shapes[name][dim]
+            sums = np.square(inputs.standard_normal((positions, features)) * inputs.lognormal(0, 1, features)).sum(0)
+            accumulator.add_inputs(name, torch.from_numpy(sums), positions)
         committed = accumulator.commit()
         ids = [f"{task}-{i}" for i in range(start, stop)]
-        writer.append(ids, torch.full((stop - start,), 5), torch.ones(stop - start), committed)
+        writer.append(ids, torch.full((stop - start,), TOKENS_PER_SAMPLE), torch.ones(stop - start), committed,
+                      accumulator.sample_gates)
     return writer.close(accumulator)

@@ -160,7 +160,7 @@ def _phase1_with_per_sample(model, samples, config):
     """compute_fisher on `model`'s device; returns the accumulator and per-sample g_i on the CPU."""
     collected: dict[str, list[torch.Tensor]] = {}
 
-    def keep(batch, losses, grads):
+    def keep(batch, losses, grads, gates):
         for name, g in grads.items():
             collected.setdefault(name, []).append(g.float().cpu().clone())
 

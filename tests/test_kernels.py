@@ -55,7 +55,7 @@ def test_fold_equals_float64_numpy(shape, group_kind, copy_dtype, sign, threads)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        skipped, group = kernel.fold(torch.from_numpy(g), total_g, total_c, sign, copy, group_kind)
+        skipped, group, gate, saliency = kernel.fold(torch.from_numpy(g), total_g, total_c, sign, copy, group_kind)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -83,19 +83,64 @@ def test_fold_equals_float64_numpy(shape, group_kind, copy_dtype, sign, threads)
         np.testing.assert_allclose(group.numpy(), squares.sum(1), rtol=1e-7 * rows)
     else:
         assert group is None
+    assert gate is None and saliency is None  # no weights given
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape, group_kind", [
+    ((6, 37, 96), kernels.GROUP_PER_ROW),
+    ((5, 13, 200), kernels.GROUP_PER_COLUMN),
+    ((3, 1, 77), kernels.GROUP_PER_COLUMN),  # a 1-D parameter's chunk
+])
+def test_fold_gates_and_saliencies_equal_float64_numpy(shape, group_kind, threads):
+    """With the parameter's rows, per-sample sums of g*w and (g*w)^2 per row / column; the
+    state, group sums of g^2 and copy are those of the same call without weights."""
+    b, rows, columns = shape
+    rng = np.random.default_rng(hash((shape, group_kind, threads, "gates")) % 2**32)
+    g = (rng.standard_normal(shape) * rng.lognormal(0, 2, size=shape)).astype(np.float32)
+    w = (rng.standard_normal((rows, columns)) * rng.lognormal(0, 1, size=(rows, columns))).astype(np.float32)
+    kernel = kernels.load()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outputs = []
+        for weights in (torch.from_numpy(w), None):
+            total_g = torch.zeros(rows, columns, dtype=torch.float64)
+            total_c = torch.zeros(rows, columns, dtype=torch.float64)
+            copy = torch.empty(shape, dtype=torch.float16)
+            folded = kernel.fold(torch.from_numpy(g), total_g, total_c, 1.0, copy, group_kind, weights)
+            outputs.append((folded, total_g, total_c, copy, folded.group.clone()))
+    finally:
+        torch.set_num_threads(old_threads)
+    (folded, *with_weights), (_, *without) = outputs
+    for mine, theirs in zip(with_weights, without, strict=True):
+        assert torch.equal(mine, theirs)
+    products = g.astype(np.float64) * w.astype(np.float64)
+    axis = 2 if group_kind == kernels.GROUP_PER_ROW else 1
+    terms = columns if axis == 2 else rows
+    # float32 products and sums within a row (column) of a chunk: an ulp of the sum of |terms|
+    # per term, and three for the rounding of g * w and of its square
+    scale = np.abs(products).sum(axis)
+    bound = 1.2e-7 * (terms + 3)
+    np.testing.assert_array_less(np.abs(folded.gate.numpy() - products.sum(axis)), bound * scale + 1e-30)
+    np.testing.assert_allclose(folded.saliency.numpy(), np.square(products).sum(axis), rtol=bound)
+    wrong = np.square(g.astype(np.float64) * np.square(w.astype(np.float64))).sum(axis)  # w^2 for w
+    assert not np.allclose(folded.saliency.numpy(), wrong, rtol=1e-3)
 
 
 def test_fold_without_state_only_copies_and_groups():
     g = torch.randn(4, 6, 10)
     copy = torch.empty(4, 6, 10, dtype=torch.float16)
-    skipped, group = kernels.load().fold(g, None, None, 1.0, copy, kernels.GROUP_PER_ROW)
+    skipped, group, _, _ = kernels.load().fold(g, None, None, 1.0, copy, kernels.GROUP_PER_ROW)
     assert skipped == 0
     assert torch.equal(copy, g.half())
     torch.testing.assert_close(group, g.double().square().sum(2), rtol=1e-6, atol=0)
 
 
-def _feed(accumulator: FisherAccumulator, batches: list[dict[str, torch.Tensor]], chunk_rows: int) -> list[dict]:
-    copies = []
+def _feed(accumulator: FisherAccumulator, batches: list[dict[str, torch.Tensor]],
+          chunk_rows: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Micro-batches through `accumulator`; the per-sample copies of each, and all gates `[N, G]`."""
+    copies, gates = [], []
     for batch in batches:
         n = next(iter(batch.values())).shape[0]
         accumulator.begin(n)
@@ -104,7 +149,8 @@ def _feed(accumulator: FisherAccumulator, batches: list[dict[str, torch.Tensor]]
                 stop = min(start + chunk_rows, grads.shape[1])
                 accumulator.add(name, start, stop, grads[:, start:stop].clone())
         copies.append({k: v.clone() for k, v in accumulator.commit().items()})
-    return copies
+        gates.append(accumulator.sample_gates)
+    return copies, {name: torch.cat([g[name] for g in gates]) for name in gates[0]}
 
 
 def test_accumulator_with_kernel_equals_torch_path_and_numpy():
@@ -122,10 +168,12 @@ def test_accumulator_with_kernel_equals_torch_path_and_numpy():
     batches = [{name: torch.randn(n, *shape, generator=gen) * 3 for name, shape in shapes.items()} for n in (4, 4, 3)]
     common = dict(shapes=shapes, specs=specs, m2_names={"with_m2"}, per_sample_names={"rows", "vector"},
                   per_sample_dtype=torch.float16)
+    weights = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    common["weights"] = weights
     fast = FisherAccumulator(**common, fold_kernel="auto")
     slow = FisherAccumulator(**common, fold_kernel="torch")
     assert fast._kernel is not None and slow._kernel is None
-    fast_copies, slow_copies = _feed(fast, batches, 5), _feed(slow, batches, 5)
+    (fast_copies, fast_gates), (slow_copies, slow_gates) = _feed(fast, batches, 5), _feed(slow, batches, 5)
 
     everything = {name: torch.cat([b[name] for b in batches]).double() for name in shapes}
     for name, values in everything.items():
@@ -137,9 +185,20 @@ def test_accumulator_with_kernel_equals_torch_path_and_numpy():
         torch.testing.assert_close(fast.group[name].mean, per_sample_groups.mean(0), rtol=rtol, atol=0)
         torch.testing.assert_close(fast.group[name].m2, ((per_sample_groups - per_sample_groups.mean(0)) ** 2).sum(0),
                                    rtol=1e-4, atol=0)
-        for state in ("fisher", "grad", "group"):  # the torch path: float32 sums, same numbers to ~1e-6
+        products = values.float().mul(weights[name]).double()  # g * w in float32, as both paths
+        gates = specs[name].reduce(products)
+        saliencies = 0.5 * specs[name].reduce(products.square())
+        # gates are signed sums: float32 rounding relative to the sum of |g * w| of each group
+        gate_scale = specs[name].reduce(products.abs())
+        for got in (fast_gates[name], slow_gates[name]):
+            assert ((got - gates).abs() <= 1e-6 * gate_scale + 1e-30).all(), name
+        torch.testing.assert_close(fast.saliency[name].mean, saliencies.mean(0), rtol=rtol, atol=0)
+        torch.testing.assert_close(fast.saliency[name].m2, ((saliencies - saliencies.mean(0)) ** 2).sum(0),
+                                   rtol=1e-4, atol=0)
+        for state in ("fisher", "grad", "group", "saliency"):  # the torch path: float32 sums, same to ~1e-6
             torch.testing.assert_close(getattr(fast, state)[name].mean, getattr(slow, state)[name].mean,
                                        rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fast.saliency[name].m2, slow.saliency[name].m2, rtol=1e-5, atol=0)
     torch.testing.assert_close(fast.fisher["with_m2"].m2, slow.fisher["with_m2"].m2, rtol=0, atol=0)
     for mine, theirs in zip(fast_copies, slow_copies, strict=True):
         assert mine.keys() == theirs.keys() == {"rows", "vector"}
@@ -151,7 +210,7 @@ def test_accumulator_kernel_undo_takes_out_exactly_what_was_folded():
     """A micro-batch with a NaN in one row of one chunk: the finite rows are folded, then
     an undo pass removes them, and the statistics return to the state before the batch."""
     shapes, specs = {"w": (8, 5)}, {"w": GroupSpec.heads(0, ("a", 2, 4))}
-    acc = FisherAccumulator(shapes, specs, set(), set(), fold_kernel="auto")
+    acc = FisherAccumulator(shapes, specs, set(), set(), fold_kernel="auto", weights={"w": torch.randn(8, 5)})
     gen = torch.Generator().manual_seed(1)
     good = torch.randn(3, 8, 5, generator=gen)
     acc.begin(3)
@@ -195,7 +254,7 @@ def test_fold_rejects_what_it_cannot_read():
 def test_bad_fold_kernel_value_is_named():
     with pytest.raises(ValueError, match="fold_kernel must be 'auto' or 'torch', not 'fast'"):
         FisherAccumulator({"w": (2,)}, {"w": GroupSpec.whole((2,))}, set(), set(),
-                          fold_kernel="fast")
+                          fold_kernel="fast", weights={"w": torch.ones(2)})
 
 
 @pytest.fixture
@@ -218,7 +277,8 @@ def test_build_is_cached_by_source_compiler_and_cpu(fresh_build):
 def test_missing_compiler_falls_back_to_torch_with_the_reason(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CC", "no-such-cc")
     with caplog.at_level(logging.WARNING, logger="fisher_pipeline.kernels"):
-        acc = FisherAccumulator({"w": (2, 3)}, {"w": GroupSpec.whole((2, 3))}, set(), set())
+        acc = FisherAccumulator({"w": (2, 3)}, {"w": GroupSpec.whole((2, 3))}, set(), set(),
+                                weights={"w": torch.ones(2, 3)})
     assert acc._kernel is None
     assert "no C compiler 'no-such-cc' on PATH (set CC, or install gcc)" in caplog.text
     assert "using torch operations" in caplog.text

@@ -26,7 +26,7 @@ from fisher_pipeline.errors import FisherPipelineError, PhaseInputError
 from fisher_pipeline.layout import GroupSpec
 from fisher_pipeline.phases.qkov import QkovOptions, pair_qkov, run_qkov
 from fisher_pipeline.store import FisherStore, StoreWriter
-from store_factory import make_store, tiny_geometry
+from store_factory import make_store, random_weights, tiny_geometry
 
 D_MODEL, HEAD_DIM, N_HEADS, N_KV_HEADS, WIDTH = 32, 16, 8, 4, 8
 QP = "model.layers.0.self_attn.q_proj.weight"
@@ -127,7 +127,8 @@ def write_store_with_ids(path, task: str, grads: dict[str, np.ndarray], ids: lis
     n = len(ids)
     data = {name: np.asarray(grads[name], np.float32) for name in ATTENTION}
     specs = {name: SPECS[name] for name in ATTENTION}
-    accumulator = FisherAccumulator(ATTENTION, specs, m2_names=set(), per_sample_names=set(PER_SAMPLE))
+    accumulator = FisherAccumulator(ATTENTION, specs, m2_names=set(), per_sample_names=set(PER_SAMPLE),
+                                    weights={n: torch.from_numpy(w) for n, w in random_weights(ATTENTION, 0).items()})
     attrs = {"model_id": "tiny-llama", "weights_hash": "tiny-weights", "task": task, "config_hash": "test",
              "fisher_kind": "empirical", "package_version": "test"}
     writer = StoreWriter(path, attrs, tiny_geometry(ATTENTION, specs), PER_SAMPLE, "float32", max_samples=n)
@@ -136,7 +137,9 @@ def write_store_with_ids(path, task: str, grads: dict[str, np.ndarray], ids: lis
         accumulator.begin(stop - start)
         for name, shape in ATTENTION.items():
             accumulator.add(name, 0, shape[0], torch.tensor(data[name][start:stop]))
-        writer.append(ids[start:stop], torch.full((stop - start,), 5), torch.ones(stop - start), accumulator.commit())
+        per_sample = accumulator.commit()
+        writer.append(ids[start:stop], torch.full((stop - start,), 5), torch.ones(stop - start), per_sample,
+                      accumulator.sample_gates)
     return FisherStore(writer.close(accumulator))
 
 

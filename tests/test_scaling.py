@@ -103,7 +103,8 @@ def test_state_bytes_are_the_accumulators(scale, tiny):
     geometry = adapter_for(scale.meta_model(TINY)).geometry()
     m2 = set(geometry.select("attention", [0, -1]))
     accumulator = FisherAccumulator({n: g.shape for n, g in geometry.params.items()},
-                                    {n: g.groups for n, g in geometry.params.items()}, m2, set())
+                                    {n: g.groups for n, g in geometry.params.items()}, m2, set(),
+                                    weights={n: torch.zeros(g.shape) for n, g in geometry.params.items()})
 
     def nbytes(t):
         return 0 if t is None else t.numel() * t.element_size()

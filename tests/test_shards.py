@@ -28,7 +28,7 @@ import zarr
 
 import fisher_pipeline.fisher as fisher_module
 from fisher_pipeline.__main__ import main
-from fisher_pipeline.config import PipelineConfig, config_hash
+from fisher_pipeline.config import HELDOUT_KEYS, PipelineConfig, config_hash
 from fisher_pipeline.data import TokenizedSample
 from fisher_pipeline.errors import ConfigError, StoreFormatError, StoreMismatchError
 from fisher_pipeline.fisher import phase1_config_hash, run_fisher, run_fisher_shard
@@ -240,7 +240,8 @@ def test_config_hash_ignores_the_split():
     plain = config()
     fisher = {k: v for k, v in dataclasses.asdict(plain.fisher).items()
               if k not in (*SHARDING_KEYS, "state_device", "fold_kernel")}
-    assert base == config_hash(plain.tasks[TASK], fisher) and set(SHARDING_KEYS) <= set(vars(plain.fisher))
+    spec = {k: v for k, v in dataclasses.asdict(plain.tasks[TASK]).items() if k not in HELDOUT_KEYS}
+    assert base == config_hash(spec, fisher) and set(SHARDING_KEYS) <= set(vars(plain.fisher))
 
 
 # --- the merge equals one job ---------------------------------------------------------------------
@@ -257,10 +258,12 @@ def test_merged_store_equals_the_single_job_store(phase1, tmp_path, n_k, n_p):
     want_arrays, got_arrays = store_arrays(reference), store_arrays(merged)
     assert sorted(got_arrays) == sorted(want_arrays)
     kinds = {key.split("/")[0] for key in want_arrays}
-    assert kinds == {"samples", "fisher", "grad_mean", "fisher_m2", "group", "group_m2", "per_sample"}
+    assert kinds == {"samples", "fisher", "grad_mean", "fisher_m2", "group", "group_m2", "per_sample", "gate",
+                     "group_saliency", "group_saliency_m2", "input_sq"}
+    assert len(want.input_sq_names) >= 7 * 2 and want.input_sq_tokens(want.input_sq_names[0]) > 0
     for key, values in want_arrays.items():
         assert_same_within_rounding(key, got_arrays[key], values)
-    for kind in ("fisher", "per_sample"):  # the per-sample layout too: chunk one sample, shard a micro-batch
+    for kind in ("fisher", "per_sample", "gate"):  # the per-sample layout too: chunk one sample, shard a micro-batch
         key = f"{kind}/model.layers.0.self_attn.q_proj.weight"
         for attribute in ("chunks", "shards", "compressors", "fill_value"):
             assert getattr(got.root[key], attribute) == getattr(want.root[key], attribute), (key, attribute)
@@ -329,12 +332,13 @@ def test_float64_states_are_merged_in_shard_index_order(phase1):
     assert reference.count == N_SAMPLES - 2
     for order in ([2, 1, 0], [1, 2, 0], [2, 0, 1]):
         merged = merged_statistics(open_shards([paths[i] for i in order]))
-        for kind in ("fisher", "grad", "group"):
+        for kind in ("fisher", "grad", "group", "saliency", "input_sq"):
             states, expected = getattr(merged, kind), getattr(reference, kind)
             assert sorted(states) == sorted(expected) and len(states) > 10
             for name in states:
                 got, want = states[name], expected[name]
-                assert got.count == want.count == N_SAMPLES - 2
+                assert got.count == want.count
+                assert got.count == N_SAMPLES - 2 or kind == "input_sq"  # input_sq counts token positions
                 assert torch.equal(got.total, want.total), (order, kind, name)
                 assert (got.m2 is None) == (want.m2 is None) and (got.m2 is None or torch.equal(got.m2, want.m2))
 

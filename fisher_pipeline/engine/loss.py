@@ -74,6 +74,17 @@ def sample_labels(logits: torch.Tensor, batch: Batch, seed: int) -> torch.Tensor
     return targets
 
 
+def scored_positions(label_mask: torch.Tensor) -> torch.Tensor:
+    """bool `[b, t]`: positions whose prediction enters the loss (`per_sample_loss`).
+
+    Position t's logits predict token t + 1, so t is scored iff `label_mask[:, t + 1]`;
+    the last position predicts nothing.
+    """
+    scored = torch.zeros_like(label_mask)
+    scored[:, :-1] = label_mask[:, 1:]
+    return scored
+
+
 def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
     """Token-sum negative log-likelihood per sample.
 

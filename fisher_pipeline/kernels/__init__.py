@@ -2,7 +2,8 @@
 
 Part of phase 1's overhead over a plain backward is memory traffic: eager
 torch reads each chunk of per-sample gradients `[b, r, c]` five times (sum over samples,
-square, sum of squares, per-sample group sums, the float16 copy) and each read comes
+square, sum of squares, per-sample group sums, the float16 copy; with the parameter's
+values, the per-sample group sums of `g * w` and `(g * w)^2` too) and each read comes
 from L3 or DRAM. `fold.c` does all of it in one read of each row, with the row's running
 sums in L1, and adds straight into the float64 state. Sums over a chunk's samples are
 float32, as in the torch path; across chunks and micro-batches, float64.
@@ -29,6 +30,7 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -102,6 +104,22 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
+class Folded(NamedTuple):
+    """What one `FoldKernel.fold` call gives back besides the state it added to.
+
+    Attributes:
+        skipped: rows left out of the state as non-finite.
+        group: per-sample sums of `g^2` per row `[b, R]` or per column `[b, C]` (float64),
+            or None without a group kind.
+        gate, saliency: the same sums of `g * w` and `(g * w)^2`, or None without weights.
+    """
+
+    skipped: int
+    group: torch.Tensor | None
+    gate: torch.Tensor | None
+    saliency: torch.Tensor | None
+
+
 class FoldKernel:
     """The loaded `fold_chunk` of `fold.c` with reused scratch memory (not thread-safe)."""
 
@@ -109,18 +127,20 @@ class FoldKernel:
         self._function = ctypes.CDLL(str(library)).fold_chunk  # ctypes releases the GIL during the call
         self._function.restype = ctypes.c_int64
         self._function.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # g, b, R, C
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # g, w, b, R, C
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double,  # total_g, total_c, sign
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,  # copy, copy_stride, copy_kind
-            ctypes.c_void_p, ctypes.c_int,  # group, group_kind
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # group, gate, saliency, group_kind
             ctypes.c_void_p, ctypes.c_int,  # scratch, threads
         ]
         self._scratch = Scratch()
         self._group = Scratch()
+        self._gate = Scratch()
+        self._saliency = Scratch()
 
     def fold(self, grads: torch.Tensor, total_g: torch.Tensor | None, total_c: torch.Tensor | None,
-             sign: float = 1.0, copy: torch.Tensor | None = None,
-             group_kind: int = GROUP_NONE) -> tuple[int, torch.Tensor | None]:
+             sign: float = 1.0, copy: torch.Tensor | None = None, group_kind: int = GROUP_NONE,
+             weights: torch.Tensor | None = None) -> Folded:
         """One pass over `grads` `[b, R, C]` (float32, contiguous, CPU).
 
         Args:
@@ -130,9 +150,12 @@ class FoldKernel:
             copy: `[b, R, C]` float32/float16 view (rows contiguous) given a copy of `grads`.
             group_kind: GROUP_PER_ROW gives `[b, R]` sums of `g^2` over columns,
                 GROUP_PER_COLUMN `[b, C]` sums over rows (float64; valid until the next call).
+            weights: the parameter's values at these rows, `R * C` contiguous float32
+                elements (needs a group kind): the same per-sample sums of `g * w` and
+                `(g * w)^2` are given too.
 
         Returns:
-            (rows skipped as non-finite, group sums or None).
+            `Folded`: rows skipped as non-finite, and the per-sample group sums.
         """
         b, rows, columns = grads.shape
         if grads.dtype != torch.float32 or not grads.is_contiguous() or grads.device.type != "cpu":
@@ -146,23 +169,32 @@ class FoldKernel:
         if copy is not None and (copy.shape != grads.shape or copy.stride(2) != 1 or copy.dtype not in COPY_KINDS
                                  or (rows > 1 and copy.stride(1) != columns)):
             raise ValueError("the copy must be a float32/float16 [b, R, C] view with contiguous rows")
+        if weights is not None:
+            if group_kind == GROUP_NONE:
+                raise ValueError("weights give per-sample group sums: they need a group kind")
+            if (weights.dtype != torch.float32 or not weights.is_contiguous() or weights.device.type != "cpu"
+                    or weights.numel() != rows * columns):
+                raise ValueError(f"the weights must be {rows * columns} contiguous float32 CPU elements")
         threads = torch.get_num_threads()
-        group = None
-        if group_kind == GROUP_PER_ROW:
-            group = self._group.view(b, rows, like=_FLOAT64)
-        elif group_kind == GROUP_PER_COLUMN:
-            group = self._group.view(b, columns, like=_FLOAT64)
-        scratch = self._scratch.view(threads * (2 * columns + b * columns))  # float32
+        outputs: list[torch.Tensor | None] = [None, None, None]
+        if group_kind != GROUP_NONE:
+            width = rows if group_kind == GROUP_PER_ROW else columns
+            wanted = (self._group, self._gate, self._saliency) if weights is not None else (self._group,)
+            for k, scratch in enumerate(wanted):
+                outputs[k] = scratch.view(b, width, like=_FLOAT64)
+        parts = 3 if weights is not None else 1
+        scratch = self._scratch.view(threads * (2 * columns + parts * b * columns))  # float32
+        group, gate, saliency = outputs
         skipped = self._function(
-            grads.data_ptr(), b, rows, columns,
+            grads.data_ptr(), weights.data_ptr() if weights is not None else None, b, rows, columns,
             total_g.data_ptr() if total_g is not None else None,
             total_c.data_ptr() if total_c is not None else None, float(sign),
             copy.data_ptr() if copy is not None else None, copy.stride(0) if copy is not None else 0,
             COPY_KINDS[copy.dtype if copy is not None else None],
-            group.data_ptr() if group is not None else None, group_kind,
+            *(t.data_ptr() if t is not None else None for t in outputs), group_kind,
             scratch.data_ptr(), threads,
         )
-        return int(skipped), group
+        return Folded(int(skipped), group, gate, saliency)
 
 
 _FLOAT64 = torch.empty(0, dtype=torch.float64)

@@ -8,6 +8,9 @@
  * 16-64 columns summed over the samples in registers were 1.3-2x slower: b strided
  * streams of 64 bytes defeat the prefetcher.)
  *
+ * With the parameter's values it also gives, per sample and group, the sums of g*w (the
+ * gradient of a multiplicative gate on the group) and of (g*w)^2, in the same pass.
+ *
  * Sums over the samples of one chunk and within one row or column are float32, as in
  * the torch path (at most a few thousand terms); they are added into float64 state.
  * Compiled with -fassociative-math (reductions are vectorised; only the rounding order
@@ -39,28 +42,56 @@ static inline void to_half(_Float16 *restrict out, const float *restrict x, int6
 }
 
 /* Row i of every sample folded into the row's sums over samples `sum_g`, `sum_c` [C]
- * (float32, in L1), with the group and copy work of the row. */
-static inline void fold_row(const float *restrict g, int64_t b, int64_t R, int64_t C, int64_t i,
-                            float *restrict sum_g, float *restrict sum_c, double *restrict row_group,
-                            float *restrict column_part, void *restrict copy, int64_t copy_stride,
-                            int copy_kind, int group_kind)
+ * (float32, in L1), with the group and copy work of the row. With the parameter's row
+ * `w_row` [C] (else NULL), also each sample's sums of g*w and (g*w)^2 (the gradient of a
+ * multiplicative gate on the group, and its saliency) beside those of g^2. */
+static inline void fold_row(const float *restrict g, const float *restrict w_row, int64_t b, int64_t R, int64_t C,
+                            int64_t i, float *restrict sum_g, float *restrict sum_c, double *restrict row_group,
+                            double *restrict row_gate, double *restrict row_saliency, float *restrict column_part,
+                            float *restrict column_gate, float *restrict column_saliency, void *restrict copy,
+                            int64_t copy_stride, int copy_kind, int group_kind)
 {
     memset(sum_g, 0, (size_t)C * sizeof(float));
     memset(sum_c, 0, (size_t)C * sizeof(float));
     for (int64_t s = 0; s < b; s++) {
         const float *restrict x = g + (s * R + i) * C;  /* contiguous: the prefetcher streams it */
-        float sample_total = 0.0f;
-        for (int64_t j = 0; j < C; j++) {
-            const float c = x[j] * x[j];  /* squared in float32, like the model's gradients */
-            sum_g[j] += x[j];
-            sum_c[j] += c;
-            sample_total += c;
+        float sample_total = 0.0f, gate_total = 0.0f, saliency_total = 0.0f;
+        if (w_row != NULL) {
+            for (int64_t j = 0; j < C; j++) {
+                const float c = x[j] * x[j];  /* squared in float32, like the model's gradients */
+                const float p = x[j] * w_row[j];
+                sum_g[j] += x[j];
+                sum_c[j] += c;
+                sample_total += c;
+                gate_total += p;
+                saliency_total += p * p;
+            }
+        } else {
+            for (int64_t j = 0; j < C; j++) {
+                const float c = x[j] * x[j];
+                sum_g[j] += x[j];
+                sum_c[j] += c;
+                sample_total += c;
+            }
         }
         if (group_kind == GROUP_PER_ROW) {
             row_group[s * R] = sample_total;
+            if (w_row != NULL) {
+                row_gate[s * R] = gate_total;
+                row_saliency[s * R] = saliency_total;
+            }
         } else if (group_kind == GROUP_PER_COLUMN) {
             float *restrict part = column_part + s * C;
             for (int64_t j = 0; j < C; j++) part[j] += x[j] * x[j];
+            if (w_row != NULL) {
+                float *restrict gate_part = column_gate + s * C;
+                float *restrict saliency_part = column_saliency + s * C;
+                for (int64_t j = 0; j < C; j++) {
+                    const float p = x[j] * w_row[j];
+                    gate_part[j] += p;
+                    saliency_part[j] += p * p;
+                }
+            }
         }
         if (copy_kind == COPY_FLOAT16)
             to_half((_Float16 *)copy + s * copy_stride + i * C, x, C);
@@ -70,36 +101,45 @@ static inline void fold_row(const float *restrict g, int64_t b, int64_t R, int64
 }
 
 /* g: [b, R, C] float32, contiguous.
+ * w: NULL or the parameter's rows [R, C] float32, contiguous (only with a group kind).
  * total_g, total_c: [R, C] float64 state rows or NULL: += sign * (sum over samples of g,
  *   of g*g), for each row whose g*g summed over samples and columns is finite (others are
  *   skipped and counted in the return value).
  * copy: NULL or the per-sample copy of row 0, sample stride `copy_stride` elements.
- * group: [b, R] (GROUP_PER_ROW) or [b, C] (GROUP_PER_COLUMN) float64, written (not added).
- * scratch: float32, at least threads * (2 * C + b * C) elements.
+ * group: [b, R] (GROUP_PER_ROW) or [b, C] (GROUP_PER_COLUMN) float64, written (not added):
+ *   per-sample sums of g^2; with w, gate and saliency (same layout) get those of g*w and
+ *   (g*w)^2.
+ * scratch: float32, at least threads * (2 * C + parts * b * C) elements, parts = 3 with w, else 1.
  * Returns the number of rows skipped as non-finite. */
-int64_t fold_chunk(const float *restrict g, int64_t b, int64_t R, int64_t C,
+int64_t fold_chunk(const float *restrict g, const float *restrict w, int64_t b, int64_t R, int64_t C,
                    double *restrict total_g, double *restrict total_c, double sign,
                    void *restrict copy, int64_t copy_stride, int copy_kind,
-                   double *restrict group, int group_kind,
+                   double *restrict group, double *restrict gate, double *restrict saliency, int group_kind,
                    float *restrict scratch, int threads)
 {
     int64_t skipped = 0;
     if (threads < 1) threads = 1;
     if (R < threads) threads = (int)(R > 0 ? R : 1);
-    const int64_t per_thread = 2 * C + b * C;
+    const int64_t parts = w != NULL ? 3 : 1;
+    const int64_t per_thread = 2 * C + parts * b * C;
 
 #pragma omp parallel num_threads(threads) reduction(+ : skipped)
     {
         const int t = omp_get_thread_num();
         float *restrict sum_g = scratch + t * per_thread;  /* [C] this row's sums over samples */
         float *restrict sum_c = sum_g + C;
-        float *restrict column_part = sum_c + C;  /* [b, C] GROUP_PER_COLUMN partial sums */
+        float *restrict column_part = sum_c + C;  /* [b, C] GROUP_PER_COLUMN partial sums of g^2 */
+        float *restrict column_gate = column_part + b * C;  /* with w: of g*w, then of (g*w)^2 */
+        float *restrict column_saliency = column_gate + b * C;
         if (group_kind == GROUP_PER_COLUMN)
-            memset(column_part, 0, (size_t)(b * C) * sizeof(float));
+            memset(column_part, 0, (size_t)(parts * b * C) * sizeof(float));
 
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < R; i++) {
-            fold_row(g, b, R, C, i, sum_g, sum_c, group_kind == GROUP_PER_ROW ? group + i : NULL, column_part, copy, copy_stride, copy_kind, group_kind);
+            const int per_row = group_kind == GROUP_PER_ROW;
+            fold_row(g, w != NULL ? w + i * C : NULL, b, R, C, i, sum_g, sum_c, per_row ? group + i : NULL,
+                     per_row && w != NULL ? gate + i : NULL, per_row && w != NULL ? saliency + i : NULL,
+                     column_part, column_gate, column_saliency, copy, copy_stride, copy_kind, group_kind);
             double row_total = 0.0;  /* of g^2: finite iff every g of the row is (and g^2 fits float32) */
             for (int64_t j = 0; j < C; j++) row_total += sum_c[j];
             if (!(row_total <= DBL_MAX)) {  /* inf or NaN somewhere in this row */
@@ -118,11 +158,23 @@ int64_t fold_chunk(const float *restrict g, int64_t b, int64_t R, int64_t C,
         if (group_kind == GROUP_PER_COLUMN) {
             /* After the loop's barrier: sum the threads' partial column sums, a share each. */
             const int team = omp_get_num_threads();
+            const int64_t n = b * C;
 #pragma omp for schedule(static)
-            for (int64_t k = 0; k < b * C; k++) {
-                double total = 0.0;
-                for (int u = 0; u < team; u++) total += scratch[u * per_thread + 2 * C + k];
+            for (int64_t k = 0; k < n; k++) {
+                double total = 0.0, gate_total = 0.0, saliency_total = 0.0;
+                for (int u = 0; u < team; u++) {
+                    const float *restrict parts_u = scratch + u * per_thread + 2 * C;
+                    total += parts_u[k];
+                    if (w != NULL) {
+                        gate_total += parts_u[n + k];
+                        saliency_total += parts_u[2 * n + k];
+                    }
+                }
                 group[k] = total;
+                if (w != NULL) {
+                    gate[k] = gate_total;
+                    saliency[k] = saliency_total;
+                }
             }
         }
     }

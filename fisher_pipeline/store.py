@@ -496,7 +496,8 @@ class FisherStore:
         if version not in READABLE_VERSIONS:
             raise StoreFormatError(
                 f"{self.path} has store format version {version!r}; this fisher_pipeline reads "
-                f"version {FORMAT_VERSION}. Rerun phase 1 to rewrite it."
+                f"version {FORMAT_VERSION} (and version 2, which lacks the gates, group saliencies and input "
+                "second moments). Rerun phase 1 to rewrite it."
             )
         self._index: dict[str, int] | None = None
 

@@ -156,5 +156,5 @@ def test_old_store_format_asks_for_a_rerun(tmp_path):
     root = zarr.open_group(path, mode="r+")
     root.attrs["format_version"] = 1
     zarr.consolidate_metadata(path)
-    with pytest.raises(StoreFormatError, match="format version 1.*reads version 2.*Rerun phase 1"):
+    with pytest.raises(StoreFormatError, match="format version 1.*reads version 3.*Rerun phase 1"):
         open_store(path)

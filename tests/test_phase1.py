@@ -237,7 +237,7 @@ def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir, monkeypatch
     ours = result.accumulator
     assert any(ours.fisher[name].m2 is not None for name in reference.shapes)
     for name in reference.shapes:
-        for state in ("fisher", "grad", "group"):
+        for state in ("fisher", "grad", "group", "saliency"):
             mine, theirs = getattr(ours, state)[name], getattr(reference, state)[name]
             # batched differently (3 + 3 vs 4 + 2 samples): float32 sums within a batch round
             # differently, which a signed mean near 0 shows relative to its scale only
@@ -245,6 +245,10 @@ def test_non_finite_samples_are_skipped_and_recorded(tiny_model_dir, monkeypatch
             torch.testing.assert_close(mine.mean, theirs.mean, rtol=1e-5, atol=1e-6 * scale + 1e-30)
             if theirs.m2 is not None:
                 torch.testing.assert_close(mine.m2, theirs.m2, rtol=1e-5, atol=1e-6 * theirs.m2.abs().max().item())
+    assert set(ours.input_sq) == set(reference.input_sq) and ours.input_sq
+    for name, theirs in reference.input_sq.items():  # the skipped samples' inputs left no trace either
+        assert ours.input_sq[name].count == theirs.count
+        torch.testing.assert_close(ours.input_sq[name].mean, theirs.mean, rtol=1e-6, atol=0)
 
 
 def test_missing_model_path_is_named(tmp_path):

@@ -9,9 +9,10 @@ Per parameter the accumulator keeps, in float64 (see `welford.py`):
   * `saliency`: Welford state (with M2) of each sample's group saliency
     `s_i,G = 0.5 * sum_{k in G} g_i,k^2 w_k^2`, whose mean is the Optimal Brain Damage
     cost `0.5 * sum_{k in G} F_k w_k^2` of removing the group,
-  * `input_sq` (the weights of Linear / Conv1D layers that `begin`'s caller hands input
-    sums for, `add_inputs`): the mean over scored token positions of each input
-    feature's square (Wanda's `||X_j||^2 / T`); its `count` is the number of positions.
+  * `input_sq`, for the Linear / Conv1D weights in `input_dims`: the mean over scored
+    token positions of each input feature's square at the layer's input (Wanda's
+    `||X_j||^2 / T`), from the sums the engine hands over per micro-batch
+    (`add_inputs`); its `count` is the number of positions.
 
 Per micro-batch it also hands back, on commit, each sample's gate gradients
 `gate_i,G = sum_{k in G} g_i,k w_k` (the gradient of sample i's loss with respect to a
@@ -166,10 +167,9 @@ class FisherAccumulator:
                     for n, s in self.specs.items()}
 
         self._group_c = staging()
-        if undo is None:  # an undo pass stages no group sums: only `_group_c`'s finiteness is read
-            self._gate_c, self._saliency_c = staging(), staging()
-        if undo is not None:
+        if undo is not None:  # an undo pass stages no gates or saliencies and copies nothing
             return
+        self._gate_c, self._saliency_c = staging(), staging()
         buffers = self._per_sample_sets[self._commits % 2]
         for name in self.per_sample_names:
             buffer = buffers.get(name)

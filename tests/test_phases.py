@@ -665,3 +665,17 @@ def test_phases_never_read_per_sample_arrays(stores, tmp_path, monkeypatch):
     run_overlap(masks, tmp_path / "o")
     run_scaled_task(stores["a"], tmp_path / "s")
     run_scaled_cross(two, tmp_path / "x")
+
+
+def test_row_selection_equals_a_stable_sort_per_row_with_ties():
+    from fisher_pipeline.phases.masks import select_top_rows
+
+    rng = np.random.default_rng(5)
+    scores = rng.integers(0, 3, size=(40, 11)).astype(np.float32)  # mostly ties
+    result = select_top_rows(scores, SPARSITIES)
+    for s in SPARSITIES:
+        for row, flags in zip(scores, result[s], strict=True):
+            ranked = sorted(range(len(row)), key=lambda j: (-row[j], j))
+            expected = np.zeros(len(row), dtype=bool)
+            expected[ranked[: reference_keep(s, len(row))]] = True
+            np.testing.assert_array_equal(flags, expected, err_msg=str(s))

@@ -116,11 +116,24 @@ def select_top(scores: np.ndarray, keep: int) -> np.ndarray:
 
 
 def select_top_rows(scores: np.ndarray, sparsities: tuple[float, ...]) -> dict[float, np.ndarray]:
-    """`select_top` within every row of `scores` `[rows, n]`, for each sparsity (one sort)."""
-    order = np.argsort(-scores, axis=1, kind="stable")  # ties: lower index first
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(scores.shape[1])[None, :].repeat(len(scores), 0), axis=1)
-    return {s: rank < keep_count(s, scores.shape[1]) for s in sparsities}
+    """`select_top` within every row of `scores` `[rows, n]`, for each sparsity.
+
+    One partition per sparsity (O(n)): the row's keep-th largest score is its threshold;
+    of the scores equal to it, the first ones in the row fill the count (a stable sort's choice).
+    """
+    n = scores.shape[1]
+    out = {}
+    for s in sparsities:
+        keep = keep_count(s, n)
+        if keep <= 0 or keep >= n:
+            out[s] = np.full(scores.shape, keep > 0)
+            continue
+        threshold = np.partition(scores, n - keep, axis=1)[:, n - keep, None]
+        chosen = scores > threshold
+        tied = scores == threshold
+        missing = keep - chosen.sum(axis=1, keepdims=True)
+        out[s] = chosen | (tied & (np.cumsum(tied, axis=1) <= missing))
+    return out
 
 
 # --- scores ------------------------------------------------------------------------------

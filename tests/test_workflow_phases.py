@@ -188,7 +188,7 @@ def test_command_line_config_that_cannot_be_read_explains_how_to_write_it(tmp_pa
     configfile.write_text(yaml.safe_dump({"tasks": {"prose": {"source": "builtin:prose"}}}))
     output = snakemake(tmp_path, configfile, "-n", "--config", "masks={sparsities: 0.3}", expect_failure=True)
     assert "masks.sparsities = '0.3': must be a list of numbers" in output
-    assert "--config masks='{sparsities: [0.5, 0.9]}'" in output
+    assert "--config masks='{sparsities: [0.25, 0.5]}'" in output  # the schema default, as the example
 
 
 @pytest.mark.workflow

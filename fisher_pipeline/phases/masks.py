@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ["criterion", "sparsity", "level", "name", "layer", "n_elements", "kept_elements", "kept_fraction",
                    "n_units", "kept_units"]
-#: Criteria that read the model's weights.
+#: Criteria that read the model's weights (saliency only for elements: a unit's gate is in the store).
 NEEDS_WEIGHTS = ("saliency", "magnitude", "wanda")
 #: The group blocks that make up a structured unit, and the one whose gate scores it.
 UNIT_BLOCKS = {"head": ("q", "o"), "neuron": ("neuron",)}
@@ -465,7 +465,7 @@ def run_masks(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     options = options or MaskOptions()
     store = open_store(store_path)
     task = task or str(store.attrs.get("task", Path(store_path).stem))
-    if weights is None and set(options.criteria) & set(NEEDS_WEIGHTS) and pipeline is not None:
+    if weights is None and needs_weights(options) and pipeline is not None:
         from ..models.weights import load_weights
 
         weights = load_weights(pipeline.model, store)
@@ -475,6 +475,12 @@ def run_masks(store_path: str | os.PathLike, out_dir: str | os.PathLike,
                                                                                               mask_set))}
         paths |= write_table(mask_summary(mask_set), staging, "mask_summary")
     return relocate(paths, staging, out_dir)
+
+
+def needs_weights(options: MaskOptions) -> bool:
+    """Whether some criterion of `options` reads the model's weights."""
+    needed = set(NEEDS_WEIGHTS) - ({"saliency"} if options.granularity != "element" else set())
+    return bool(set(options.criteria) & needed)
 
 
 def write_masks(mask_set: MaskSet, path: Path, metadata: dict) -> Path:

@@ -113,8 +113,8 @@ def test_fold_gates_and_saliencies_equal_float64_numpy(shape, group_kind, thread
     finally:
         torch.set_num_threads(old_threads)
     (folded, *with_weights), (_, *without) = outputs
-    for mine, theirs in zip(with_weights, without, strict=True):
-        assert torch.equal(mine, theirs)
+    for k, (mine, theirs) in enumerate(zip(with_weights, without, strict=True)):
+        assert torch.equal(mine, theirs), k
     products = g.astype(np.float64) * w.astype(np.float64)
     axis = 2 if group_kind == kernels.GROUP_PER_ROW else 1
     terms = columns if axis == 2 else rows
@@ -126,6 +126,38 @@ def test_fold_gates_and_saliencies_equal_float64_numpy(shape, group_kind, thread
     np.testing.assert_allclose(folded.saliency.numpy(), np.square(products).sum(axis), rtol=bound)
     wrong = np.square(g.astype(np.float64) * np.square(w.astype(np.float64))).sum(axis)  # w^2 for w
     assert not np.allclose(folded.saliency.numpy(), wrong, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape, group_kind", [
+    ((4, 70, 33), kernels.GROUP_PER_COLUMN),  # more rows than the kernel's column blocks
+    ((4, 5, 33), kernels.GROUP_PER_COLUMN),  # fewer
+    ((4, 70, 33), kernels.GROUP_PER_ROW),
+    ((4, 70, 33), kernels.GROUP_NONE),
+])
+def test_fold_gives_the_same_bits_whatever_the_thread_count(shape, group_kind):
+    """A store must not depend on the machine's cores (a SLURM job and a workstation run of
+    one config give the same masks): every output of one chunk, bit for bit, at 1 to 5 threads."""
+    b, rows, columns = shape
+    rng = np.random.default_rng(7)
+    g = torch.from_numpy((rng.standard_normal(shape) * rng.lognormal(0, 2, size=shape)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((rows, columns)).astype(np.float32))
+    kernel = kernels.load()
+    old_threads = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            total_g = torch.zeros(rows, columns, dtype=torch.float64)
+            total_c = torch.zeros(rows, columns, dtype=torch.float64)
+            folded = kernel.fold(g, total_g, total_c, 1.0, None, group_kind,
+                                 w if group_kind != kernels.GROUP_NONE else None)
+            results.append([total_g, total_c] + [t.clone() for t in (folded.group, folded.gate, folded.saliency)
+                                                 if t is not None])
+    finally:
+        torch.set_num_threads(old_threads)
+    for threads, other in zip((2, 3, 5), results[1:], strict=True):
+        for k, (mine, reference) in enumerate(zip(other, results[0], strict=True)):
+            assert torch.equal(mine, reference), f"output {k} differs between 1 and {threads} threads"
 
 
 def test_fold_without_state_only_copies_and_groups():

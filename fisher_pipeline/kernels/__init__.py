@@ -124,7 +124,11 @@ class FoldKernel:
     """The loaded `fold_chunk` of `fold.c` with reused scratch memory (not thread-safe)."""
 
     def __init__(self, library: Path):
-        self._function = ctypes.CDLL(str(library)).fold_chunk  # ctypes releases the GIL during the call
+        loaded = ctypes.CDLL(str(library))
+        self._function = loaded.fold_chunk  # ctypes releases the GIL during the call
+        self._column_blocks = loaded.column_blocks  # row blocks with their own column sums (not per thread)
+        self._column_blocks.restype = ctypes.c_int64
+        self._column_blocks.argtypes = [ctypes.c_int64, ctypes.c_int]
         self._function.restype = ctypes.c_int64
         self._function.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # g, w, b, R, C
@@ -183,7 +187,8 @@ class FoldKernel:
             for k, scratch in enumerate(wanted):
                 outputs[k] = scratch.view(b, width, like=_FLOAT64)
         parts = 3 if weights is not None else 1
-        scratch = self._scratch.view(threads * (2 * columns + parts * b * columns))  # float32
+        blocks = self._column_blocks(rows, group_kind)
+        scratch = self._scratch.view(threads * 2 * columns + blocks * parts * b * columns)  # float32
         group, gate, saliency = outputs
         skipped = self._function(
             grads.data_ptr(), weights.data_ptr() if weights is not None else None, b, rows, columns,

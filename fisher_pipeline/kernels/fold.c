@@ -109,8 +109,24 @@ static inline void fold_row(const float *restrict g, const float *restrict w_row
  * group: [b, R] (GROUP_PER_ROW) or [b, C] (GROUP_PER_COLUMN) float64, written (not added):
  *   per-sample sums of g^2; with w, gate and saliency (same layout) get those of g*w and
  *   (g*w)^2.
- * scratch: float32, at least threads * (2 * C + parts * b * C) elements, parts = 3 with w, else 1.
- * Returns the number of rows skipped as non-finite. */
+ * scratch: float32, at least threads * 2 * C + column_blocks(R, group_kind) * parts * b * C
+ *   elements, parts = 3 with w, else 1.
+ * Returns the number of rows skipped as non-finite.
+ *
+ * The rows are cut into blocks that depend on R only, never on `threads` (GROUP_PER_COLUMN:
+ * COLUMN_BLOCKS blocks, each with its own float32 partial column sums, added in block order
+ * in float64; otherwise one row per block): the same chunk gives the same bits whatever the
+ * thread count, so a store does not depend on the machine's cores. */
+/* Row blocks with their own partial column sums (GROUP_PER_COLUMN): enough for 16 threads,
+ * few enough that their scratch stays small (16 * 3 * b * C floats). */
+#define COLUMN_BLOCKS 16
+
+int64_t column_blocks(int64_t R, int group_kind)
+{
+    if (group_kind != GROUP_PER_COLUMN) return 0;
+    return R < COLUMN_BLOCKS ? R : COLUMN_BLOCKS;
+}
+
 int64_t fold_chunk(const float *restrict g, const float *restrict w, int64_t b, int64_t R, int64_t C,
                    double *restrict total_g, double *restrict total_c, double sign,
                    void *restrict copy, int64_t copy_stride, int copy_kind,
@@ -119,62 +135,65 @@ int64_t fold_chunk(const float *restrict g, const float *restrict w, int64_t b, 
 {
     int64_t skipped = 0;
     if (threads < 1) threads = 1;
-    if (R < threads) threads = (int)(R > 0 ? R : 1);
+    const int per_column = group_kind == GROUP_PER_COLUMN;
+    const int64_t blocks = per_column ? column_blocks(R, group_kind) : R;
+    if (blocks < threads) threads = (int)(blocks > 0 ? blocks : 1);
     const int64_t parts = w != NULL ? 3 : 1;
-    const int64_t per_thread = 2 * C + parts * b * C;
+    const int64_t n = b * C;
+    float *restrict block_parts = scratch + (int64_t)threads * 2 * C;  /* [blocks, parts, b, C] */
 
 #pragma omp parallel num_threads(threads) reduction(+ : skipped)
     {
         const int t = omp_get_thread_num();
-        float *restrict sum_g = scratch + t * per_thread;  /* [C] this row's sums over samples */
+        float *restrict sum_g = scratch + (int64_t)t * 2 * C;  /* [C] this row's sums over samples */
         float *restrict sum_c = sum_g + C;
-        float *restrict column_part = sum_c + C;  /* [b, C] GROUP_PER_COLUMN partial sums of g^2 */
-        float *restrict column_gate = column_part + b * C;  /* with w: of g*w, then of (g*w)^2 */
-        float *restrict column_saliency = column_gate + b * C;
-        if (group_kind == GROUP_PER_COLUMN)
-            memset(column_part, 0, (size_t)(parts * b * C) * sizeof(float));
 
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < R; i++) {
-            const int per_row = group_kind == GROUP_PER_ROW;
-            fold_row(g, w != NULL ? w + i * C : NULL, b, R, C, i, sum_g, sum_c, per_row ? group + i : NULL,
-                     per_row && w != NULL ? gate + i : NULL, per_row && w != NULL ? saliency + i : NULL,
-                     column_part, column_gate, column_saliency, copy, copy_stride, copy_kind, group_kind);
-            double row_total = 0.0;  /* of g^2: finite iff every g of the row is (and g^2 fits float32) */
-            for (int64_t j = 0; j < C; j++) row_total += sum_c[j];
-            if (!(row_total <= DBL_MAX)) {  /* inf or NaN somewhere in this row */
-                skipped += 1;
-                continue;
-            }
-            if (total_g != NULL) {
-                double *restrict state_g = total_g + i * C;
-                double *restrict state_c = total_c + i * C;
-                for (int64_t j = 0; j < C; j++) {
-                    state_g[j] += sign * (double)sum_g[j];
-                    state_c[j] += sign * (double)sum_c[j];
+        for (int64_t k = 0; k < blocks; k++) {
+            float *restrict column_part = per_column ? block_parts + k * parts * n : NULL;  /* of g^2 */
+            float *restrict column_gate = per_column && w != NULL ? column_part + n : NULL;  /* of g*w */
+            float *restrict column_saliency = per_column && w != NULL ? column_part + 2 * n : NULL;  /* (g*w)^2 */
+            if (per_column) memset(column_part, 0, (size_t)(parts * n) * sizeof(float));
+            const int64_t first = per_column ? k * R / blocks : k;
+            const int64_t end = per_column ? (k + 1) * R / blocks : k + 1;
+            for (int64_t i = first; i < end; i++) {
+                const int per_row = group_kind == GROUP_PER_ROW;
+                fold_row(g, w != NULL ? w + i * C : NULL, b, R, C, i, sum_g, sum_c, per_row ? group + i : NULL,
+                         per_row && w != NULL ? gate + i : NULL, per_row && w != NULL ? saliency + i : NULL,
+                         column_part, column_gate, column_saliency, copy, copy_stride, copy_kind, group_kind);
+                double row_total = 0.0;  /* of g^2: finite iff every g of the row is (and g^2 fits float32) */
+                for (int64_t j = 0; j < C; j++) row_total += sum_c[j];
+                if (!(row_total <= DBL_MAX)) {  /* inf or NaN somewhere in this row */
+                    skipped += 1;
+                    continue;
+                }
+                if (total_g != NULL) {
+                    double *restrict state_g = total_g + i * C;
+                    double *restrict state_c = total_c + i * C;
+                    for (int64_t j = 0; j < C; j++) {
+                        state_g[j] += sign * (double)sum_g[j];
+                        state_c[j] += sign * (double)sum_c[j];
+                    }
                 }
             }
         }
-        if (group_kind == GROUP_PER_COLUMN) {
-            /* After the loop's barrier: sum the threads' partial column sums, a share each. */
+        if (per_column) {
+            /* After the loop's barrier: the blocks' partial column sums, added block after
+             * block (the outer loop fixes the order; the inner one vectorises over columns).
+             * Each thread owns a share of the b * C outputs. */
             const int team = omp_get_num_threads();
-            const int64_t n = b * C;
-#pragma omp for schedule(static)
-            for (int64_t k = 0; k < n; k++) {
-                double total = 0.0, gate_total = 0.0, saliency_total = 0.0;
-                for (int u = 0; u < team; u++) {
-                    const float *restrict parts_u = scratch + u * per_thread + 2 * C;
-                    total += parts_u[k];
-                    if (w != NULL) {
-                        gate_total += parts_u[n + k];
-                        saliency_total += parts_u[2 * n + k];
+            const int64_t first = t * n / team, end = (t + 1) * n / team;
+            for (int64_t k = first; k < end; k++) group[k] = 0.0;
+            if (w != NULL)
+                for (int64_t k = first; k < end; k++) gate[k] = saliency[k] = 0.0;
+            for (int64_t u = 0; u < blocks; u++) {
+                const float *restrict parts_u = block_parts + u * parts * n;
+                for (int64_t k = first; k < end; k++) group[k] += (double)parts_u[k];
+                if (w != NULL)
+                    for (int64_t k = first; k < end; k++) {
+                        gate[k] += (double)parts_u[n + k];
+                        saliency[k] += (double)parts_u[2 * n + k];
                     }
-                }
-                group[k] = total;
-                if (w != NULL) {
-                    gate[k] = gate_total;
-                    saliency[k] = saliency_total;
-                }
             }
         }
     }

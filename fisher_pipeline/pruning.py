@@ -2,7 +2,9 @@
 
 The file holds one boolean tensor per (criterion, sparsity, parameter), named
 `{criterion}/{sparsity}/{param}` (True = kept; `sparsity` as phase 3 names it, e.g.
-`0.25`), and its settings as safetensors metadata (strings; JSON where structured).
+`0.25`), and its settings as one JSON object in the safetensors metadata, under the key
+`fisher_pipeline.masks` (one key: safetensors writes its metadata in hash-map order, so
+several keys would give a different file, byte for byte, on every write).
 Parameters are named as in `model.named_parameters()`; a parameter with no mask in the
 file is left as it is.
 
@@ -30,6 +32,7 @@ from torch import nn
 from .errors import PhaseInputError
 
 MASKS_FORMAT = "fisher_pipeline.masks/3"  # 3: safetensors, one file, criterion/sparsity/param keys
+METADATA_KEY = "fisher_pipeline.masks"  # the settings, one JSON object
 
 
 def sparsity_key(sparsity: float) -> str:
@@ -44,9 +47,10 @@ def mask_key(criterion: str, sparsity: float | str, param: str) -> str:
 
 
 def write_masks_file(masks: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, object]) -> Path:
-    """Write boolean `masks` (tensor name -> array) and `metadata` (each value JSON-encoded)."""
+    """Write boolean `masks` (tensor name -> array) and `metadata` (one JSON object, sorted keys):
+    the same masks and settings give the same bytes."""
     path = Path(path)
-    text = {k: json.dumps(v) for k, v in metadata.items()}
+    text = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)}
     save_file({k: np.ascontiguousarray(v, dtype=bool) for k, v in masks.items()}, str(path), metadata=text)
     umask = os.umask(0)
     os.umask(umask)
@@ -68,7 +72,7 @@ class MasksFile:
             raw = self._file.metadata() or {}
         except Exception as err:  # safetensors raises its own error types for damaged headers
             raise PhaseInputError(f"{self.path} is not a masks file from phase 3 ({err})") from None
-        self.metadata = {k: _decode(v) for k, v in raw.items()}
+        self.metadata = _decode(raw.get(METADATA_KEY, "{}"))
         if self.metadata.get("format") != MASKS_FORMAT:
             raise PhaseInputError(f"{self.path} is not a {MASKS_FORMAT} file (format "
                                   f"{self.metadata.get('format')!r}): rerun phase 3 (`masks`)")
@@ -170,8 +174,9 @@ def apply_masks(model: nn.Module, masks: str | os.PathLike | Mapping[str, np.nda
     return applied
 
 
-def _decode(value: str) -> object:
+def _decode(value: str) -> dict:
     try:
-        return json.loads(value)
+        decoded = json.loads(value)
     except json.JSONDecodeError:
-        return value
+        return {}
+    return decoded if isinstance(decoded, dict) else {}

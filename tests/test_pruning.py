@@ -111,3 +111,21 @@ def test_masks_file_is_readable_like_any_output(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_masks_file_bytes_depend_only_on_masks_and_settings(tmp_path):
+    """The same masks and settings give the same file, byte for byte, however often they are
+    written (safetensors writes several metadata keys in hash-map order, different each time:
+    a SLURM run and a local run of one config gave different files); a file without our
+    settings is refused with the step that writes one."""
+    masks = {f"saliency/0.5/w{i}": np.arange(12).reshape(3, 4) % (i + 2) == 0 for i in range(3)}
+    settings = {"format": MASKS_FORMAT, **{f"key_{letter}": letter * 3 for letter in "abcdefghij"}}
+    written = [write_masks_file(masks, tmp_path / f"{k}.safetensors", settings).read_bytes() for k in range(6)]
+    assert all(data == written[0] for data in written)
+    assert MasksFile(tmp_path / "0.safetensors").metadata == settings
+    from safetensors.numpy import save_file
+
+    save_file({"saliency/0.5/w0": np.ones(3, bool)}, str(tmp_path / "other.safetensors"), metadata={"format": "x"})
+    with pytest.raises(PhaseInputError, match=r"is not a fisher_pipeline.masks/3 file .*rerun phase 3"):
+        MasksFile(tmp_path / "other.safetensors")
+

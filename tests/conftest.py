@@ -59,3 +59,18 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
         return made[family]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> dict:
+    """A completed workflow run (`--cores 2`) on two tasks of a tiny Llama, shared by every test
+    module that reads it (phases as rules, the sharded run's reference, the SLURM run's local
+    reference): one run per session. Tests only read it or dry-run in it."""
+    from test_workflow_phases import snakemake, write_config
+
+    workdir = tmp_path_factory.mktemp("workflow")
+    model = tiny_model_dir("llama")
+    configfile = write_config(workdir / "tiny.yaml", model)
+    snakemake(workdir, configfile, "--cores", "2")
+    return {"workdir": workdir, "configfile": configfile, "model": model}
+

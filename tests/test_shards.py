@@ -46,7 +46,7 @@ from fisher_pipeline.shards import (
 )
 from fisher_pipeline.store import open_store, partial_path
 from test_phase1 import _PoisonGradient
-from test_workflow_phases import TINY_CONFIG, planned_jobs, snakemake, tiny_run, write_config  # noqa: F401
+from test_workflow_phases import planned_jobs, snakemake, write_config
 
 TASK = "prose"
 N_SAMPLES = 7
@@ -494,7 +494,7 @@ def _sabotage(folder: Path) -> Path:
 
 
 @pytest.mark.workflow
-def test_sharded_workflow_resumes_and_matches_the_unsharded_run(tiny_run, tmp_path):  # noqa: F811
+def test_sharded_workflow_resumes_and_matches_the_unsharded_run(tiny_run, tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()
     configfile = write_config(workdir / "sharded.yaml", tiny_run["model"], fisher={"shards": 2})

@@ -30,7 +30,7 @@ import pytest
 import yaml
 import zarr
 
-from test_workflow_phases import EXPECTED, TASKS, planned_jobs, snakemake, write_config
+from test_workflow_phases import EXPECTED, TASKS, planned_jobs, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -133,11 +133,9 @@ def slurm_run(slurm_cluster, tmp_path_factory, tiny_model_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """The same config run locally (`--cores 2`, as tests/test_workflow_phases.py does): the reference."""
-    workdir = tmp_path_factory.mktemp("local-workflow")
-    snakemake(workdir, write_config(workdir / "tiny.yaml", tiny_model_dir("llama")), "--cores", "2")
-    return workdir
+def local_run(tiny_run) -> Path:
+    """The same config run locally (`--cores 2`, the session's `tiny_run`): the reference."""
+    return tiny_run["workdir"]
 
 
 def _rule_of(comment: str) -> str:

@@ -103,16 +103,6 @@ def write_config(path: Path, model_path: Path, **changes: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    """A completed workflow run on two tasks of a tiny Llama."""
-    workdir = tmp_path_factory.mktemp("workflow")
-    model = tiny_model_dir("llama")
-    configfile = write_config(workdir / "tiny.yaml", model)
-    snakemake(workdir, configfile, "--cores", "2")
-    return {"workdir": workdir, "configfile": configfile, "model": model}
-
-
 # --- end to end --------------------------------------------------------------------------
 @pytest.mark.workflow
 def test_every_output_is_written_and_non_empty(tiny_run):

@@ -62,7 +62,7 @@ CELL_COLUMNS = ["task_a", "task_b", "layer", "block", "head", "param", "n_a", "n
 HEALTH_COLUMNS = ["layer", "block", "head", "param", "slice_size", "fisher_pool", "fisher_min", "fisher_median",
                   "fisher_max", "fraction_below_eps", "eps", "ridge_lambda"]
 TOP_COLUMNS = ["task_a", "task_b", "layer", "block", "head", "variant", "rank", "sample_a", "sample_b", "score",
-               "b_alone", "excess"]
+               "a_alone", "b_alone", "excess"]
 
 
 @config_section("qkov", """
@@ -254,30 +254,39 @@ def _score_interval(score: np.ndarray, draws_a: np.ndarray | None, draws_b: np.n
 
 
 def _forensics(score: np.ndarray, options: QkovOptions, row: dict) -> list[tuple]:
-    """Candidate sample pairs of one cell: `(key, i, j, score, b_alone, excess, row)`.
+    """Candidate sample pairs of one cell: `(key, i, j, score, a_alone, b_alone, excess, row)`.
 
     signed: the most negative pairs (key = score). unsigned / symmetric: the pairs whose
-    score most exceeds what B's sample alone explains, `excess = M[i, j] / b_alone[j]` with
-    `b_alone[j] = mean_i M[i, j]` (B's sample j against an average sample of A; with F from
-    A it is `agg_k |g_B,j,k|`): a large excess is a sample of A unusually sensitive exactly
-    where B's sample pushes (key = -excess, so smaller keys rank first).
+    score most exceeds what each sample alone explains,
+
+        excess = M[i, j] * mean(M) / (a_alone[i] * b_alone[j]),
+        a_alone[i] = mean_j M[i, j],   b_alone[j] = mean_i M[i, j]
+
+    (A's sample i against an average sample of B, and B's sample j against an average
+    sample of A; with F from A, `b_alone[j] = agg_k |g_B,j,k|`). Where M is a product of a
+    row and a column factor (a loud sample of A, a loud sample of B, nothing shared) every
+    excess is 1; a large excess is a pair that meets exactly where both push (key = -excess,
+    so smaller keys rank first). Normalising by B's side alone let a sample of A that is
+    large everywhere outrank pairs that truly meet.
     """
     if not options.top_k or score.size == 0:
         return []
-    b_alone = score.mean(axis=0)  # [N_B]
+    a_alone, b_alone = score.mean(axis=1), score.mean(axis=0)  # [N_A], [N_B]
     if options.variant == "signed":
         key = score
         excess = np.zeros_like(score)
     else:
+        expected = np.outer(a_alone, b_alone) / score.mean() if score.mean() > 0 else np.zeros_like(score)
         with np.errstate(divide="ignore", invalid="ignore"):
-            excess = np.where(b_alone > 0, score / np.where(b_alone > 0, b_alone, 1.0), 0.0)
+            excess = np.where(expected > 0, score / np.where(expected > 0, expected, 1.0), 0.0)
         key = -excess
     flat = key.ravel()
     k = min(options.top_k, flat.size)
     best = np.argpartition(flat, k - 1)[:k]
     n_b = score.shape[1]
     return [(float(flat[index]), index // n_b, index % n_b, float(score.ravel()[index]),
-             float(b_alone[index % n_b]), float(excess.ravel()[index]), row) for index in best]
+             float(a_alone[index // n_b]), float(b_alone[index % n_b]), float(excess.ravel()[index]), row)
+            for index in best]
 
 
 def _top_conflicts(candidates: list[tuple], options: QkovOptions, ids_a: Sequence[str],
@@ -285,9 +294,9 @@ def _top_conflicts(candidates: list[tuple], options: QkovOptions, ids_a: Sequenc
     best = sorted(candidates, key=lambda c: c[0])[:options.top_k]
     rows = [{"task_a": row["task_a"], "task_b": row["task_b"], "layer": row["layer"], "block": row["block"],
              "head": row["head"], "variant": options.variant, "rank": rank, "sample_a": ids_a[i],
-             "sample_b": ids_b[j], "score": score, "b_alone": b_alone,
+             "sample_b": ids_b[j], "score": score, "a_alone": a_alone, "b_alone": b_alone,
              "excess": excess if options.variant != "signed" else float("nan")}  # no ratio for signed scores
-            for rank, (_, i, j, score, b_alone, excess, row) in enumerate(best, start=1)]
+            for rank, (_, i, j, score, a_alone, b_alone, excess, row) in enumerate(best, start=1)]
     top = pd.DataFrame(rows, columns=TOP_COLUMNS)
     top["layer"] = top["layer"].astype("Int64")
     return top

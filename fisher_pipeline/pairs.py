@@ -265,9 +265,11 @@ class PairMatrices:
 
     Attributes:
         cross: group -> `[N_A, N_B]` (A's sample i against B's sample j).
-        within_a: group -> mean cosine similarity of distinct pairs (i != j) of A's
-            samples with a non-zero gradient in the group (NaN with fewer than two);
-            filled when asked for (`within=True`, cosine only).
+        within_a: group -> mean similarity of distinct pairs (i != j) of A's samples
+            (`within=True`): with `cosine`, the mean cosine over the samples with a non-zero
+            gradient in the group; otherwise the mean raw product `<g_i, g_j>_w` of the
+            identity transform in the weight's metric, an unbiased estimate of `|E g|_w^2`
+            (NaN with fewer than two samples).
         within_b: group -> the same for B.
         products: name -> group -> `[N_A, N_B]` of each extra product asked for
             (`products={name: (f, h)}`, same weight), from the same reads.
@@ -405,21 +407,33 @@ def _reads(store_a: FisherStore, store_b: FisherStore, params: Sequence[str],
 
 
 class _Within:
-    """Streamed sums for the mean cosine of distinct pairs within one task, per unit.
+    """Streamed sums for the mean product of distinct pairs within one task, per unit.
 
-    With `u_i = x_i / |x_i|` (0 for a zero vector) over n_ok non-zero samples,
-    `sum_{i != j} cos(x_i, x_j) = |sum_i u_i|^2 - n_ok`: O(N S), no N x N matrix.
+    `normalise=True` (cosines): with `u_i = x_i / |x_i|` (0 for a zero vector) over n_ok
+    non-zero samples, `sum_{i != j} cos(x_i, x_j) = |sum_i u_i|^2 - n_ok`.
+    `normalise=False` (raw products, rows already scaled by the root of the weight): over
+    all n samples, `sum_{i != j} <x_i, x_j> = |sum_i x_i|^2 - sum_i |x_i|^2`, so the mean is
+    an unbiased estimate of `|E x|^2` in the weight's metric. Either way O(N S), no N x N matrix.
     """
 
-    def __init__(self, units: _Units):
+    def __init__(self, units: _Units, normalise: bool = True):
         self.units = units
-        self.heads: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of head-normalised rows
+        self.normalise = normalise
+        self.heads: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of (head-normalised) rows
         self.whole: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of rows normalised by the whole
-        self.n_heads: dict[str | None, np.ndarray] = {}  # unit -> [H] non-zero samples per head
+        self.n_heads: dict[str | None, np.ndarray] = {}  # unit -> [H] samples counted per head
+        self.diagonal: dict[str | None, np.ndarray] = {}  # unit -> [H] sum of squared norms (raw products)
         self.n_whole = 0
 
     def add(self, raw: Mapping[str | None, torch.Tensor], sq: Mapping[str | None, torch.Tensor]) -> None:
         """One block of rows: `raw[unit]` `[H, n, S]`, `sq[unit]` `[H, n]` squared norms (float64)."""
+        if not self.normalise:
+            for unit, x in raw.items():
+                self._accumulate(self.heads, unit, x.sum(1))
+                self.n_heads[unit] = self.n_heads.get(unit, 0) + np.full(x.shape[0], x.shape[1])
+                self.diagonal[unit] = self.diagonal.get(unit, 0) + sq[unit].sum(1).numpy()
+            self.n_whole += next(iter(raw.values())).shape[1] if raw else 0
+            return
         whole_sq = sum(s.sum(0) for s in sq.values()) if self.units.whole_from_heads else None
         for unit, x in raw.items():
             # one pass over x: sum_i x_i / |x_i|_head and, for a whole made of heads, / |x_i|_whole
@@ -444,9 +458,21 @@ class _Within:
         if block is not None or not self.units.whole_from_heads:
             unit, index = (block, head) if block is not None else (None, 0)
             total, n = float(torch.sum(self.heads[unit][index] ** 2)), int(self.n_heads[unit][index])
-        else:
+            diagonal = n if self.normalise else float(self.diagonal[unit][index])
+        elif self.normalise:
             total, n = sum(float(torch.sum(s ** 2)) for s in self.whole.values()), self.n_whole
-        return (total - n) / (n * (n - 1)) if n > 1 else math.nan
+            diagonal = n
+        else:  # the whole is the sum of its heads: squared sums and diagonals add up
+            total = sum(float(torch.sum(s ** 2)) for s in self.heads.values())
+            n, diagonal = self.n_whole, float(sum(d.sum() for d in self.diagonal.values()))
+        return (total - diagonal) / (n * (n - 1)) if n > 1 else math.nan
+
+
+def _add_scaled(within: _Within, raw: Mapping[str | None, torch.Tensor],
+                root: Mapping[str | None, torch.Tensor | None]) -> None:
+    """Rows of one block times the root of the weight (new tensors: `raw` is left as it is)."""
+    scaled = {u: x if root[u] is None else x * root[u] for u, x in raw.items()}
+    within.add(scaled, {u: _squares(x) for u, x in scaled.items()})
 
 
 def _inverse_norm(sq: torch.Tensor) -> torch.Tensor:
@@ -466,8 +492,6 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
     """
     if cosine and (f != "identity" or h != "identity"):
         raise ValueError("cosine=True needs f = h = 'identity' (a weight gives the cosine in that metric)")
-    if within and not cosine:
-        raise ValueError("within-task baselines are mean cosines: within=True needs cosine=True")
     if products and cosine:
         raise ValueError("products are raw (un-normalised) matrices: not with cosine=True")
     specs = {"": (f, h)} | dict(products or {})  # product name -> (f, h) transform names
@@ -502,9 +526,16 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
         cross = {name: {u: np.full((x.shape[0], n_a, n_b), np.nan) for u, x in raw_b.items()} for name in specs}
         sq_a = {u: np.zeros((x.shape[0], n_a)) for u, x in raw_b.items()}
         sq_b = {u: _squares(x) for u, x in raw_b.items()} if cosine else {}
-        within_a, within_b = (_Within(units), _Within(units)) if within else (None, None)
+        within_a, within_b = (_Within(units, cosine), _Within(units, cosine)) if within else (None, None)
+        # raw within-task products in the weight's metric: rows scaled by its root, a block at a time
+        root = ({u: None if scale[u] is None else scale[u].sqrt() for u in units.units}
+                if within and not cosine else None)
         if within_b is not None:
-            within_b.add(raw_b, sq_b)
+            if cosine:
+                within_b.add(raw_b, sq_b)
+            else:
+                for lo in range(0, n_b, sample_block):
+                    _add_scaled(within_b, {u: x[:, lo:lo + sample_block] for u, x in raw_b.items()}, root)
         del raw_b
         for _, lo, data_a in blocks_a:
             raw = {u: units.tensor(data_a, u, torch_dtype, scratch, f"a{u}") for u in units.units}
@@ -516,6 +547,8 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                     sq_a[u][:, lo:lo + raw[u].shape[1]] = sq[u].numpy()
                 if within_a is not None:
                     within_a.add(raw, sq)
+            elif within_a is not None:
+                _add_scaled(within_a, raw, root)
             for name, (f_name, h_name) in specs.items():
                 for u, x in raw.items():
                     fa = _apply(f_name, x, None if cosine else scale[u], scratch, f"f{u}")
@@ -588,8 +621,8 @@ def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[G
         cosine: divide by the per-sample norms of the group slice, in the metric of the
             weight when there is one (requires f = h = identity); zero-norm samples give
             NaN rows / columns (see `cosine_matrix`).
-        within: also the within-task baselines `within_a`, `within_b` (mean cosine of
-            distinct sample pairs of one task; cosine only), from O(N S) sums.
+        within: also the within-task baselines `within_a`, `within_b` (mean cosine, or mean
+            raw product without `cosine`, of distinct sample pairs of one task), from O(N S) sums.
         sample_block: samples of A read at once.
         dtype: compute dtype, `float32` or `float64` (results are float64).
         products: more products from the same reads, `name -> (f, h)`, each with `weights`

@@ -109,7 +109,7 @@ def conflict_heatmaps(table: pd.DataFrame, title: str, colorbar_label: str, path
     n_layers = max(shown["layer"].nunique(), 4)
     figure = Figure(figsize=(3.6 * len(panels) + 1, 1.4 + 0.28 * n_layers), layout="constrained")
     FigureCanvasAgg(figure)
-    figure.suptitle(f"{title}\n(- conflict, + synergy: q < alpha and |effect| >= min_effect_size; grey: untested)")
+    figure.suptitle(f"{title}\n(- conflict, + synergy: q < alpha and |alignment| >= min_effect_size; grey: untested)")
     for position, (panel_title, rows, axis_label) in enumerate(panels, start=1):
         column = "module" if axis_label == "module" else "head"
         layer = rows["layer"].astype("float").fillna(-1)
@@ -159,7 +159,8 @@ def qkov_figure(cells: pd.DataFrame, task_a: str, task_b: str, options, path: Pa
         caption = (f"bottom: mean {options.variant} score (F from {options.fisher_pool}); a mean over all pairs, "
                    "not a test of interference.")
     figure.suptitle(f"{title}\ntop: signed alignment mean g_A g_B / Fhat (red: conflict; - / + : BH q < "
-                    f"{options.alpha:g}; grey: untested)\n{caption}", fontsize=9)
+                    f"{options.alpha:g} and |cosine of the mean gradients| >= {options.min_effect_size:g}; "
+                    f"grey: untested)\n{caption}", fontsize=9)
     shown = cells.assign(signed=cells["signed_mean"].where(cells["status"] == "ok"),
                          mark=cells["label"].map({"conflict": "-", "synergy": "+"}).fillna(""))
     for column, block in enumerate(blocks):

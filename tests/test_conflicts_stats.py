@@ -39,7 +39,7 @@ BLOCK = {QP: "q", KP: "k", OP: "o"}
 HEAD_AXIS = {QP: 0, KP: 0, OP: 1}  # the dimension along which the parameter's heads lie
 ALPHA = 0.05
 #: Columns that must never hold NaN (untested groups carry finite placeholders; se may be inf).
-NUMERIC = ["mean", "se", "effect_size", "p", "q", "within_a_mean", "within_b_mean", "df"]
+NUMERIC = ["mean", "se", "p", "q", "within_a_mean", "within_b_mean", "df"]  # effect_size: NaN where W <= 0
 LOGGER = "fisher_pipeline.phases.conflicts"
 
 

@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 
 from fisher_pipeline.pair_stats import (
+    alignment,
     bh_qvalues,
-    effect_size,
     label,
     pair_mean_test,
     pair_mean_test_from_sums,
@@ -95,16 +95,46 @@ def test_power_and_labels_at_snr_0_1():
     found = q < 0.05
     power = found[planted].mean()
     fdp = (found & ~planted).sum() / max(found.sum(), 1)
-    # d = 5.12 / sd(a.b) ~ 0.22 here, close to the default 0.2 threshold, so label at 0.1.
-    d = effect_size(t.mean, t.sd)
-    labels = label(t.mean, q, d, alpha=0.05, min_effect_size=0.1)
+    # the alignment from the true within-task products |mu|^2: +-1 on planted cells, undefined
+    # (NaN: no mean direction) on the others
+    effect = alignment(t.mean, (mu_a ** 2).sum(1), (mu_b ** 2).sum(1))
+    labels = label(t.mean, q, effect, alpha=0.05)
     expected = np.where(sign > 0, "synergy", "conflict")
-    print(f"power {power:.3f}, FDP {fdp:.3f}, median d planted {np.median(np.abs(d[planted])):.3f}")
+    print(f"power {power:.3f}, FDP {fdp:.3f}, median |alignment| planted {np.median(np.abs(effect[planted])):.3f}")
     assert power >= 0.9
     assert fdp <= 0.10
     assert np.mean(labels[planted] == expected) >= 0.9
     assert not np.any(labels[planted] == np.where(sign > 0, "conflict", "synergy"))
-    assert np.mean(labels[~planted] != "none") <= 0.10
+    assert (labels[~planted] == "none").all()
+
+
+def test_alignment_is_the_cosine_of_the_mean_gradients_whatever_the_slice_size():
+    """alignment = T / sqrt(W_A W_B) from pair matrices of raw products equals the cosine of the
+    two true mean vectors within sampling noise, at 64 and at 4096 coordinates with the same
+    per-coordinate signal (mu_B = -0.5 mu_A + an orthogonal part, true cosine -0.447), where the
+    standardised mean T / sd(pairs) grows ~8x; NaN where a task has no mean direction; clipped."""
+    rng = np.random.default_rng(11)
+    n_a, n_b = 48, 40
+    found, standardised = {}, {}
+    for size in (64, 4096):
+        u, v = rng.choice([-1.0, 1.0], size=(2, size))
+        v -= (v @ u) / (u @ u) * u  # orthogonal to u
+        v *= np.linalg.norm(u) / np.linalg.norm(v)
+        mu_a, mu_b = 0.2 * u, 0.2 * (-0.5 * u + v)
+        a = mu_a + rng.standard_normal((n_a, size))
+        b = mu_b + rng.standard_normal((n_b, size))
+        cross = a @ b.T
+        within_a = (a @ a.T)[~np.eye(n_a, dtype=bool)].mean()
+        within_b = (b @ b.T)[~np.eye(n_b, dtype=bool)].mean()
+        found[size] = alignment(cross.mean(), within_a, within_b)
+        standardised[size] = cross.mean() / cross.std(ddof=1)
+    truth = -0.5 / np.sqrt(1.25)
+    for size, value in found.items():
+        assert abs(value - truth) < (0.25 if size == 64 else 0.05), (size, value, truth)
+    assert abs(standardised[4096] / standardised[64]) > 4, standardised
+    assert np.isnan(alignment(0.3, -0.1, 2.0)) and np.isnan(alignment(0.3, 1.0, 0.0))
+    np.testing.assert_array_equal(alignment(np.array([3.0, -3.0, 0.5]), 1.0, 4.0), [1.0, -1.0, 0.25])
+    assert label(-0.2, 0.01, np.nan)[()] == "none"
 
 
 def test_floor_when_unbiased_variance_is_not_positive():
@@ -168,7 +198,7 @@ def test_labels():
     """Null hypothesis: none; labels follow the sign of the mean only when q and |effect| pass."""
     mean = np.array([-1.0, 1.0, -1.0, 1.0, 1.0, np.nan])
     q = np.array([0.01, 0.01, 0.2, 0.01, np.nan, 0.01])
-    d = np.array([-0.5, 0.5, -0.5, 0.1, 0.5, 0.5])
+    d = np.array([-0.5, 0.5, -0.5, 0.05, 0.5, 0.5])
     assert label(mean, q, d).tolist() == ["conflict", "synergy", "none", "none", "none", "none"]
 
 

@@ -222,10 +222,29 @@ def test_pair_matrices_cosine(stores):
             assert_close(got[group], brute_cosine(a, b, w), dtype)
             assert_close(got.within_a[group], off_diagonal_mean(brute_cosine(a, a, w)), dtype, scale=1)
             assert_close(got.within_b[group], off_diagonal_mean(brute_cosine(b, b, w)), dtype, scale=1)
-    with pytest.raises(ValueError, match="within=True needs cosine=True"):
-        pair_matrices(store_a, store_b, groups, within=True)
     with pytest.raises(ValueError, match="cosine"):
         pair_matrices(store_a, store_b, groups, f="square", cosine=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_within_raw_products_in_the_weights_metric(stores, dtype):
+    """Without `cosine`, the within-task baselines are the mean raw product of distinct pairs,
+    `<g_i, g_j>_w` (phase 6's signed score of a task with itself), against an explicit loop, for
+    heads and a whole parameter, with and without a weight, A read in blocks of 2 samples; the
+    transform asked for (`square` here) does not change them."""
+    store_a, store_b = stores
+    slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
+    groups = [(Q_PROJ, None, None), (Q_PROJ, "q", 2), (K_PROJ, "k", 1), (O_PROJ, "o", 0), (O_PROJ, None, None)]
+    weights = {p: 1.0 / (store_a.fisher(p) + 0.1) for p in PER_SAMPLE}
+    for weighted in (False, True):
+        got = pair_matrices(store_a, store_b, groups, "square", "abs", weights=weights if weighted else None,
+                            within=True, sample_block=2, dtype=dtype)
+        for group in groups:
+            w = groups_and_weight(weights[group[0]], group) if weighted else None
+            for sample, within in ((slices_a[group], got.within_a), (slices_b[group], got.within_b)):
+                expected = off_diagonal_mean(brute(sample, sample, weight=w))
+                scale = off_diagonal_mean(np.abs(brute(sample, sample, weight=w)))
+                assert_close(within[group], expected, dtype, scale=scale)
 
 
 def off_diagonal_mean(matrix):

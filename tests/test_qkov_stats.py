@@ -337,13 +337,14 @@ FORENSIC_N_A, FORENSIC_N_B = 40, 32
 PLANTED_A, PLANTED_B = (3, 7), (2, 5)
 PLANTED_CELL = ("q", 1)
 LOUD_CELL = ("o", 2)  # B's gradients 30x larger here: the largest raw scores, but no excess
+LOUD_A = 11  # A's sample 11 is 4x larger everywhere in head q 1: large M with every B sample, no shared push
 
 
 def forensic_grads() -> tuple[dict, dict, np.ndarray]:
     """Canonical samples (row i is sample `a-{i}` / `b-{i}`): zero means, Gaussian noise of sd
     exp(0.3 x normal) per element; in head q 1 the first 2 of its 16 rows (64 of 512 elements,
     `hot`) A's samples 3, 7 and B's samples 2, 5 have |g| = 8 sd (random signs); B's head o 2 is
-    30x louder in every sample."""
+    30x louder in every sample; A's sample 11 is 4x larger in all of head q 1."""
     rng = np.random.default_rng(42)
     scales = noise_scales(rng, 0.3)
     zero = {param: np.zeros(SHAPES[param]) for param in PER_SAMPLE}
@@ -355,6 +356,7 @@ def forensic_grads() -> tuple[dict, dict, np.ndarray]:
             big = 8 * scales[QP] * rng.choice([-1.0, 1.0], size=SHAPES[QP])
             grads[QP][i] = np.where(hot, big, grads[QP][i])
     grads_b[OP][:, head_mask(*LOUD_CELL)] *= 30
+    grads_a[QP][LOUD_A, head_mask(*PLANTED_CELL)] *= 4
     return grads_a, grads_b, hot
 
 
@@ -368,12 +370,14 @@ def expected_unsigned(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("order", ["as_generated", "shuffled", "filtered_shuffled"])
 def test_forensics_name_the_planted_sample_pairs(tmp_path, order):
     """The four planted pairs (A 3 or 7 with B 2 or 5, all in head q 1) are the top 4 of
-    `top_conflicts` (default unsigned variant, ranked by excess = M[i, j] / mean_i M[i, j]), named by
-    their true ids, whether the samples are stored in generation order, in shuffled order, or
-    shuffled with some other samples dropped; A is read in blocks of 7 samples (`sample_block`),
-    so ids must follow the rows across blocks. Ranking by the raw score would list the loud head o 2
-    instead (its M is ~30x larger for every pair). Score, b_alone and excess of every listed pair
-    equal the values recomputed from the raw gradients of exactly those two samples."""
+    `top_conflicts` (default unsigned variant, ranked by excess = M[i, j] mean(M) / (mean_j M[i, j]
+    mean_i M[i, j])), named by their true ids, whether the samples are stored in generation order,
+    in shuffled order, or shuffled with some other samples dropped; A is read in blocks of 7
+    samples (`sample_block`), so ids must follow the rows across blocks. Ranking by the raw score
+    would list the loud head o 2 instead (its M is ~30x larger for every pair), and normalising by
+    B's side alone (M[i, j] / mean_i M[i, j]) would list A's loud sample 11 with ordinary samples
+    of B. Score, a_alone, b_alone and excess of every listed pair equal the values recomputed from
+    the raw gradients of exactly those two samples."""
     grads_a, grads_b, _ = forensic_grads()
     rng = np.random.default_rng({"as_generated": 0, "shuffled": 1, "filtered_shuffled": 2}[order])
     keep_a, keep_b = np.arange(FORENSIC_N_A), np.arange(FORENSIC_N_B)
@@ -405,14 +409,28 @@ def test_forensics_name_the_planted_sample_pairs(tmp_path, order):
         i = int(np.flatnonzero(keep_a == int(row["sample_a"].split("-")[1]))[0])
         j = int(np.flatnonzero(keep_b == int(row["sample_b"].split("-")[1]))[0])
         np.testing.assert_allclose(row["score"], matrix[i, j], rtol=1e-4)
+        np.testing.assert_allclose(row["a_alone"], matrix[i].mean(), rtol=1e-4)
         np.testing.assert_allclose(row["b_alone"], matrix[:, j].mean(), rtol=1e-4)
-        np.testing.assert_allclose(row["excess"], matrix[i, j] / matrix[:, j].mean(), rtol=1e-4)
+        np.testing.assert_allclose(row["excess"], matrix[i, j] * matrix.mean() / (matrix[i].mean()
+                                                                                   * matrix[:, j].mean()), rtol=1e-4)
     # the loud head holds more than top_k pairs whose raw score beats every planted pair's (so a ranking
     # by raw score would list only loud pairs), yet none of its pairs is listed
     mask = head_mask(*LOUD_CELL)
     loud = expected_unsigned(rows_a[PARAM[LOUD_CELL[0]]][:, mask], rows_b[PARAM[LOUD_CELL[0]]][:, mask])
     assert (loud > first["score"].max()).sum() > top_k, (np.sort(loud.ravel())[-top_k:], first["score"])
     assert not ((top["block"] == LOUD_CELL[0]) & (top["head"] == LOUD_CELL[1])).any()
+    # A's loud sample: by B's side alone its pairs with ordinary samples of B outrank the planted
+    # pairs (the ranking this phase once used); with both sides it is not listed
+    mask = head_mask(*PLANTED_CELL)
+    matrix = expected_unsigned(rows_a[QP][:, mask], rows_b[QP][:, mask])
+    one_sided = matrix / matrix.mean(axis=0)
+    loud_row = int(np.flatnonzero(keep_a == LOUD_A)[0]) if LOUD_A in keep_a else None
+    if loud_row is not None:
+        planted_rows = [int(np.flatnonzero(keep_a == i)[0]) for i in PLANTED_A]
+        planted_cols = [int(np.flatnonzero(keep_b == j)[0]) for j in PLANTED_B]
+        ordinary = np.setdiff1d(np.arange(len(keep_b)), planted_cols)
+        assert one_sided[loud_row, ordinary].max() > one_sided[np.ix_(planted_rows, planted_cols)].min()
+        assert f"a-{LOUD_A}" not in set(top["sample_a"]), top
 
 
 # --- 4. degenerate inputs ------------------------------------------------------------------------

@@ -14,8 +14,11 @@ and a random sample of B have gradients that are, on average, orthogonal* (mean
 similarity 0). It is tested with the two-sample U-statistic variance of
 `fisher_pipeline.pair_stats` (every sample sits in many pairs, so pairs are not
 independent), two-sided, and Benjamini-Hochberg q-values over all groups of the task pair.
-A group is a `conflict` (mean < 0) or `synergy` (mean > 0) when q < `alpha` and the
-effect size `mean / sd(pairs)` is at least `min_effect_size` in magnitude.
+A group is a `conflict` (mean < 0) or `synergy` (mean > 0) when q < `alpha` and its
+alignment `mean / sqrt(within_a_mean x within_b_mean)` (the cosine between the two tasks'
+mean gradient directions in the group, `fisher_pipeline.pair_stats`; the same measure as
+phase 6's, and the same for a head as for a whole module) is at least `min_effect_size` in
+magnitude.
 
 Within-task baselines (mean similarity of distinct pairs i != j of A, and of B) sit
 beside each cross-task mean: gradients of one task are usually aligned, so a cross-task
@@ -43,7 +46,7 @@ from .. import plots
 from ..config import config_section
 from ..errors import ConfigError, PhaseInputError
 from ..layout import ROLES, ModelGeometry
-from ..pair_stats import bh_qvalues, effect_size, label, pair_mean_test
+from ..pair_stats import alignment, bh_qvalues, label, pair_mean_test
 from ..pairs import DTYPES, Group, iter_param_pairs
 from ..store import FisherStore
 from .common import (
@@ -87,8 +90,10 @@ properties:
   min_effect_size:
     type: number
     minimum: 0
-    default: 0.2
-    description: smallest |mean / sd of pair similarities| labelled conflict or synergy
+    maximum: 1
+    default: 0.1
+    description: "smallest |alignment| labelled conflict or synergy: the cosine between the two tasks' mean
+      gradient directions in the group, mean / sqrt(within_a_mean x within_b_mean)"
   top_pairs:
     type: integer
     minimum: 0
@@ -101,7 +106,7 @@ class ConflictsOptions:
     similarity: str = "cosine"  # cosine | fisher (cosine in the metric 1 / (F_pool + lambda))
     fisher_damping: float = 0.01  # lambda of `fisher`, relative to the parameter's mean pooled Fisher
     alpha: float = 0.05  # BH false discovery rate over one task pair's groups
-    min_effect_size: float = 0.2  # smallest |mean / sd(pairs)| labelled conflict or synergy
+    min_effect_size: float = 0.1  # smallest |alignment| (cosine of the mean directions) labelled
     top_pairs: int = 10  # most conflicting sample pairs listed per conflicting group
     pairs: tuple[tuple[str, str], ...] | None = None  # task pairs; None: every unordered pair
     sample_block: int = 256  # samples of A read at once (memory only)
@@ -187,7 +192,8 @@ def group_statistics(cross: np.ndarray, within_a: float = math.nan, within_b: fl
     Rows of `cross` that are entirely NaN (a sample of A with a zero gradient in the group)
     and such columns (of B) are dropped. Where no test is possible the row says why in
     `status` and holds finite placeholders: `se = inf`, `p = 1`, `effect_size = 0`, means
-    over the pairs available (0 without any).
+    over the pairs available (0 without any). A tested group's `effect_size` is the
+    alignment, NaN where a task shows no mean direction in it (within mean <= 0).
 
     Args:
         cross: `[N_A, N_B]` similarities of A's samples with B's.
@@ -214,7 +220,7 @@ def group_statistics(cross: np.ndarray, within_a: float = math.nan, within_b: fl
         if not np.isfinite(test.p):
             row["status"] = "constant"
         else:
-            row |= {"mean": test.mean, "se": test.se, "effect_size": float(effect_size(test.mean, test.sd)),
+            row |= {"mean": test.mean, "se": test.se, "effect_size": float(alignment(test.mean, within_a, within_b)),
                     "p": test.p, "df": test.df, "se_floored": test.floored, "status": "ok"}
     top: list[tuple[int, int, float]] = []
     if top_pairs and used.size:

@@ -21,8 +21,13 @@ under a Fisher-preconditioned step on B through that head (negative: conflict). 
 quantity tested, cell by cell. Null hypothesis, in plain words: *through this head, A's
 and B's gradients are orthogonal in the Fisher metric* (`E M_signed[i, j] = 0`), with the
 two-sample U-statistic test of `fisher_pipeline.pair_stats` and Benjamini-Hochberg over
-the cells of the run. The unsigned (or symmetric) score is reported with a bootstrap
-confidence interval over samples of A and of B, not tested.
+the cells of the run. A cell is a `conflict` (signed mean < 0) or `synergy` when q < `alpha`
+and its alignment, `signed_mean / sqrt(within_a_mean x within_b_mean)` with the within-task
+means of distinct sample pairs of one task (the cosine between the two tasks' mean
+gradients in the head, in the Fisher metric), is at least `min_effect_size`: phase 5's
+rule, which means the same for a head and for a whole module. The unsigned (or symmetric)
+score is reported with a bootstrap confidence interval over samples of A and of B, not
+tested.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import pandas as pd
 from .. import plots
 from ..config import config_section
 from ..errors import PhaseInputError
-from ..pair_stats import bh_qvalues, pair_mean_test
+from ..pair_stats import alignment, bh_qvalues, label, pair_mean_test
 from ..pairs import Group, iter_param_pairs
 from ..store import FisherStore
 from .common import (
@@ -58,11 +63,12 @@ log = logging.getLogger(__name__)
 VARIANTS = {"unsigned": ("square", "abs"), "signed": ("identity", "identity"), "symmetric": ("abs", "abs")}
 CELL_COLUMNS = ["task_a", "task_b", "layer", "block", "head", "param", "n_a", "n_b", "slice_size", "variant",
                 "aggregate", "fisher_pool", "signed_mean", "signed_se", "signed_p", "signed_q", "df", "se_floored",
-                "label", "score_mean", "score_ci_low", "score_ci_high", "status"]
+                "within_a_mean", "within_b_mean", "effect_size", "label", "score_mean", "score_ci_low",
+                "score_ci_high", "status"]
 HEALTH_COLUMNS = ["layer", "block", "head", "param", "slice_size", "fisher_pool", "fisher_min", "fisher_median",
                   "fisher_max", "fraction_below_eps", "eps", "ridge_lambda"]
 TOP_COLUMNS = ["task_a", "task_b", "layer", "block", "head", "variant", "rank", "sample_a", "sample_b", "score",
-               "b_alone", "excess"]
+               "a_alone", "b_alone", "excess"]
 
 
 @config_section("qkov", """
@@ -96,6 +102,13 @@ properties:
     exclusiveMaximum: 1
     default: 0.05
     description: false discovery rate of the Benjamini-Hochberg step over all cells of the run
+  min_effect_size:
+    type: number
+    minimum: 0
+    maximum: 1
+    default: 0.1
+    description: "smallest |alignment| labelled conflict or synergy: the cosine between the two tasks' mean
+      gradients in the head in the Fisher metric, signed_mean / sqrt(within_a_mean x within_b_mean)"
   top_k:
     type: integer
     minimum: 0
@@ -116,6 +129,7 @@ class QkovOptions:
     eps: float = 1e-10  # floor on F before lambda, Fisher units
     ridge_lambda: float = 0.0  # lambda added to the floored F, Fisher units
     alpha: float = 0.05  # BH false discovery rate over the cells of the run
+    min_effect_size: float = 0.1  # smallest |alignment| (cosine of the mean gradients) labelled
     top_k: int = 20  # sample pairs in top_conflicts per task pair
     n_bootstrap: int = 200  # resamples of samples for the score's 95% interval
     pairs: tuple[tuple[str, str], ...] | None = None  # ordered pairs; None: every ordered pair
@@ -191,7 +205,7 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
     draws_b = rng.multinomial(store_b.n_samples, np.full(store_b.n_samples, 1 / max(store_b.n_samples, 1)),
                               size=options.n_bootstrap) if store_b.n_samples else None
     rows, health, candidates = [], [], []
-    for param, matrices in iter_param_pairs(store_a, store_b, cells, f, h, weights,
+    for param, matrices in iter_param_pairs(store_a, store_b, cells, f, h, weights, within=True,
                                             sample_block=options.sample_block, dtype=options.compute_dtype,
                                             products=products):
         for cell, score in matrices.items():
@@ -199,12 +213,18 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
             signed = matrices.products["signed"][cell] if products else score
             size = int(geometry[param].positions(block).shape[1] * np.prod(geometry[param].shape)
                        // geometry[param].shape[geometry[param].groups.dim])
+            # within-task signed means (unbiased |E g|^2 in the same metric): the alignment's scale
+            within_a, within_b = matrices.within_a[cell], matrices.within_b[cell]
             if options.aggregate == "mean":
                 score, signed = score / size, signed / size
+                within_a, within_b = within_a / size, within_b / size
             row = {"task_a": task_a, "task_b": task_b, "layer": geometry[param].layer, "block": block, "head": head,
                    "param": param, "n_a": score.shape[0], "n_b": score.shape[1], "slice_size": size,
                    "variant": options.variant, "aggregate": options.aggregate, "fisher_pool": options.fisher_pool}
             row |= _signed_test(signed) | _score_interval(score, draws_a, draws_b)
+            row |= {"within_a_mean": within_a, "within_b_mean": within_b,
+                    "effect_size": alignment(row["signed_mean"], within_a, within_b)
+                    if row["status"] == "ok" else 0.0}
             rows.append(row)
             hat = store_a.geometry[param].split_heads(hats[param], block)[head]
             fisher = store_a.geometry[param].split_heads(fishers[param], block)[head]
@@ -217,7 +237,7 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
             if min(score.shape) >= 2:  # with one sample on a side, "more than B alone explains" means nothing
                 candidates.extend(_forensics(score if options.variant != "signed" else signed, options, row))
     table = pd.DataFrame(rows, columns=[c for c in CELL_COLUMNS if c not in ("signed_q", "label")])
-    table = label_cells(table, options.alpha)
+    table = label_cells(table, options.alpha, options.min_effect_size)
     top = _top_conflicts(candidates, options, store_a.sample_ids, store_b.sample_ids)
     for status in ("too_few_samples", "zero_gradients"):
         count = int((table["status"] == status).sum())
@@ -254,30 +274,39 @@ def _score_interval(score: np.ndarray, draws_a: np.ndarray | None, draws_b: np.n
 
 
 def _forensics(score: np.ndarray, options: QkovOptions, row: dict) -> list[tuple]:
-    """Candidate sample pairs of one cell: `(key, i, j, score, b_alone, excess, row)`.
+    """Candidate sample pairs of one cell: `(key, i, j, score, a_alone, b_alone, excess, row)`.
 
     signed: the most negative pairs (key = score). unsigned / symmetric: the pairs whose
-    score most exceeds what B's sample alone explains, `excess = M[i, j] / b_alone[j]` with
-    `b_alone[j] = mean_i M[i, j]` (B's sample j against an average sample of A; with F from
-    A it is `agg_k |g_B,j,k|`): a large excess is a sample of A unusually sensitive exactly
-    where B's sample pushes (key = -excess, so smaller keys rank first).
+    score most exceeds what each sample alone explains,
+
+        excess = M[i, j] * mean(M) / (a_alone[i] * b_alone[j]),
+        a_alone[i] = mean_j M[i, j],   b_alone[j] = mean_i M[i, j]
+
+    (A's sample i against an average sample of B, and B's sample j against an average
+    sample of A; with F from A, `b_alone[j] = agg_k |g_B,j,k|`). Where M is a product of a
+    row and a column factor (a loud sample of A, a loud sample of B, nothing shared) every
+    excess is 1; a large excess is a pair that meets exactly where both push (key = -excess,
+    so smaller keys rank first). Normalising by B's side alone let a sample of A that is
+    large everywhere outrank pairs that truly meet.
     """
     if not options.top_k or score.size == 0:
         return []
-    b_alone = score.mean(axis=0)  # [N_B]
+    a_alone, b_alone = score.mean(axis=1), score.mean(axis=0)  # [N_A], [N_B]
     if options.variant == "signed":
         key = score
         excess = np.zeros_like(score)
     else:
+        expected = np.outer(a_alone, b_alone) / score.mean() if score.mean() > 0 else np.zeros_like(score)
         with np.errstate(divide="ignore", invalid="ignore"):
-            excess = np.where(b_alone > 0, score / np.where(b_alone > 0, b_alone, 1.0), 0.0)
+            excess = np.where(expected > 0, score / np.where(expected > 0, expected, 1.0), 0.0)
         key = -excess
     flat = key.ravel()
     k = min(options.top_k, flat.size)
     best = np.argpartition(flat, k - 1)[:k]
     n_b = score.shape[1]
     return [(float(flat[index]), index // n_b, index % n_b, float(score.ravel()[index]),
-             float(b_alone[index % n_b]), float(excess.ravel()[index]), row) for index in best]
+             float(a_alone[index // n_b]), float(b_alone[index % n_b]), float(excess.ravel()[index]), row)
+            for index in best]
 
 
 def _top_conflicts(candidates: list[tuple], options: QkovOptions, ids_a: Sequence[str],
@@ -285,24 +314,24 @@ def _top_conflicts(candidates: list[tuple], options: QkovOptions, ids_a: Sequenc
     best = sorted(candidates, key=lambda c: c[0])[:options.top_k]
     rows = [{"task_a": row["task_a"], "task_b": row["task_b"], "layer": row["layer"], "block": row["block"],
              "head": row["head"], "variant": options.variant, "rank": rank, "sample_a": ids_a[i],
-             "sample_b": ids_b[j], "score": score, "b_alone": b_alone,
+             "sample_b": ids_b[j], "score": score, "a_alone": a_alone, "b_alone": b_alone,
              "excess": excess if options.variant != "signed" else float("nan")}  # no ratio for signed scores
-            for rank, (_, i, j, score, b_alone, excess, row) in enumerate(best, start=1)]
+            for rank, (_, i, j, score, a_alone, b_alone, excess, row) in enumerate(best, start=1)]
     top = pd.DataFrame(rows, columns=TOP_COLUMNS)
     top["layer"] = top["layer"].astype("Int64")
     return top
 
 
-def label_cells(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
-    """BH q-values over the tested cells of `table` and labels `conflict` / `synergy` / `none`."""
+def label_cells(table: pd.DataFrame, alpha: float, min_effect_size: float = 0.1) -> pd.DataFrame:
+    """BH q-values over the tested cells of `table` and labels `conflict` / `synergy` / `none`:
+    q < alpha and |alignment| >= min_effect_size (`pair_stats.label`, phase 5's rule)."""
     tested = (table["status"] == "ok").to_numpy()
     q = np.ones(len(table))
     q[tested] = bh_qvalues(table.loc[tested, "signed_p"].to_numpy(dtype=float))
     table = table.assign(signed_q=q)
-    mean = table["signed_mean"].to_numpy(dtype=float)
-    significant = tested & (q < alpha)
-    table["label"] = np.where(significant & (mean < 0), "conflict", np.where(significant & (mean > 0), "synergy",
-                                                                             "none"))
+    labels = label(table["signed_mean"].to_numpy(dtype=float), q, table["effect_size"].to_numpy(dtype=float),
+                   alpha, min_effect_size)
+    table["label"] = np.where(tested, labels, "none")
     table["layer"] = table["layer"].astype("Int64")
     return table[CELL_COLUMNS]
 
@@ -334,7 +363,8 @@ def run_qkov(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
     for task_a, task_b in chosen:
         log.info("qkov: %s -> %s", task_a, task_b)
         results.append(pair_qkov(stores[task_a], stores[task_b], options, task_a=task_a, task_b=task_b))
-    cells = label_cells(pd.concat([r["cells"] for r in results], ignore_index=True), options.alpha)
+    cells = label_cells(pd.concat([r["cells"] for r in results], ignore_index=True), options.alpha,
+                        options.min_effect_size)
     health = pd.concat([r["health"].assign(task_a=a, task_b=b) for r, (a, b) in zip(results, chosen, strict=True)],
                        ignore_index=True)
     top = pd.concat([r["top_conflicts"] for r in results], ignore_index=True)

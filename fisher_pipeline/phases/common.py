@@ -124,9 +124,17 @@ def relocate(paths: Mapping[str, Path], staging: Path, out_dir: str | os.PathLik
 
 # --- the pair phases (5 and 6) ---------------------------------------------------------------
 
-def pair_phase_schema(pairs_description: str) -> str:
-    """YAML schema of the keys every pair phase has: `pairs`, `sample_block`, `compute_dtype`."""
+def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
+    """YAML schema of the keys every pair phase has: `min_effect_size` (the labelling rule
+    both share, `pair_stats.label`; `alignment_of` says what the alignment is a cosine of),
+    `pairs`, `sample_block`, `compute_dtype`."""
     return f"""
+  min_effect_size:
+    type: number
+    minimum: 0
+    maximum: 1
+    default: 0.1
+    description: "smallest |alignment| labelled conflict or synergy: the cosine between {alignment_of}"
   pairs:
     type: [array, "null"]
     items:

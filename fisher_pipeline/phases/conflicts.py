@@ -87,19 +87,14 @@ properties:
     exclusiveMaximum: 1
     default: 0.05
     description: false discovery rate of the Benjamini-Hochberg step over a task pair's groups
-  min_effect_size:
-    type: number
-    minimum: 0
-    maximum: 1
-    default: 0.1
-    description: "smallest |alignment| labelled conflict or synergy: the cosine between the two tasks' mean
-      gradient directions in the group, mean / sqrt(within_a_mean x within_b_mean)"
   top_pairs:
     type: integer
     minimum: 0
     default: 10
     description: most conflicting sample pairs listed per conflicting group
-""" + pair_phase_schema("task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair"))
+""" + pair_phase_schema("task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair",
+                      "the two tasks' mean gradient directions in the group, "
+                      "mean / sqrt(within_a_mean x within_b_mean)"))
 class ConflictsOptions:
     """Settings of phase 5."""
 

@@ -102,13 +102,6 @@ properties:
     exclusiveMaximum: 1
     default: 0.05
     description: false discovery rate of the Benjamini-Hochberg step over all cells of the run
-  min_effect_size:
-    type: number
-    minimum: 0
-    maximum: 1
-    default: 0.1
-    description: "smallest |alignment| labelled conflict or synergy: the cosine between the two tasks' mean
-      gradients in the head in the Fisher metric, signed_mean / sqrt(within_a_mean x within_b_mean)"
   top_k:
     type: integer
     minimum: 0
@@ -119,7 +112,9 @@ properties:
     minimum: 0
     default: 200
     description: bootstrap resamples (of samples of A and of B) for the score's 95% interval; 0 skips it
-""" + pair_phase_schema("ordered task pairs [A, B]; null takes every ordered pair"))
+""" + pair_phase_schema("ordered task pairs [A, B]; null takes every ordered pair",
+                      "the two tasks' mean gradients in the head in the Fisher metric, "
+                      "signed_mean / sqrt(within_a_mean x within_b_mean)"))
 class QkovOptions:
     """Settings of phase 6."""
 

@@ -40,8 +40,12 @@ def _cmd_fisher(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.sample_shard is None and args.param_shard is None:
-        print(run_fisher(config, args.task, args.out, progress=not args.quiet))
+        print(run_fisher(config, args.task, args.out, progress=not args.quiet, heldout=args.heldout))
         return
+    if args.heldout:
+        from .errors import ConfigError
+
+        raise ConfigError("--heldout writes one store per task in one job: drop --sample-shard/--param-shard")
     from .fisher import run_fisher_shard
 
     print(run_fisher_shard(config, args.task, args.out, sample_shard=args.sample_shard or (0, 1),
@@ -99,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("--out", required=True, help="store path, e.g. results/fisher/prose.zarr")
     fisher.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch default)")
     fisher.add_argument("--quiet", action="store_true", help="no progress bar")
+    fisher.add_argument("--heldout", action="store_true",
+                        help="store the task's n_heldout held-out samples (after the analysed ones), for the "
+                             "held-out checks of phases 5 to 7")
     fisher.add_argument("--sample-shard", type=_shard, metavar="k/K",
                         help="write the partial store of sample shard k of K (of parameter share 0/1 unless "
                              "--param-shard): see fisher-merge")

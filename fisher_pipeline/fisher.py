@@ -24,6 +24,7 @@ from . import __version__
 from .accumulate import FisherAccumulator
 from .config import HELDOUT_KEYS, FisherConfig, PipelineConfig, TaskConfig, config_hash
 from .data import TokenizedSample, load_task
+from .data.tasks import load_heldout
 from .engine.hooks import PerSampleGradients
 from .engine.inputs import InputMoments, input_features
 from .engine.loss import Batch, collate, per_sample_loss, sample_labels, scored_positions
@@ -254,18 +255,24 @@ def compute_fisher(
     return result
 
 
-def phase1_config_hash(config: PipelineConfig, task: str) -> str:
+def phase1_config_hash(config: PipelineConfig, task: str, heldout: bool = False) -> str:
     """Hash of everything besides the weights that determines task `task`'s store.
 
     `fisher.shards` and `fisher.param_shards` are left out: they only say how the work is
     split into jobs, and a merged store equals the one-job store. So are `state_device`,
     where the float64 sums live while they are accumulated, and `fold_kernel`, which
     computes the same sums (up to rounding) by another route, and the task's `n_heldout`,
-    which only mask_eval reads.
+    which the analysed samples do not depend on. The held-out store (`heldout=True`) is
+    made from the samples after the analysed ones: its hash counts `n_heldout` and says
+    which sample set it holds.
     """
     fisher = {key: value for key, value in dataclasses.asdict(config.fisher).items()
               if key not in (*SHARDING_KEYS, "state_device", "fold_kernel")}
-    spec = {key: value for key, value in dataclasses.asdict(config.tasks[task]).items() if key not in HELDOUT_KEYS}
+    spec = dataclasses.asdict(config.tasks[task])
+    if heldout:
+        spec["sample_set"] = "heldout"
+    else:
+        spec = {key: value for key, value in spec.items() if key not in HELDOUT_KEYS}
     return config_hash(spec, fisher)
 
 
@@ -281,15 +288,18 @@ class _Phase1Inputs:
     attrs: dict
 
 
-def _load_inputs(config: PipelineConfig, task: str) -> _Phase1Inputs:
+def _load_inputs(config: PipelineConfig, task: str, heldout: bool = False) -> _Phase1Inputs:
     if task not in config.tasks:
         raise ConfigError(f"task {task!r} is not in the config; its tasks are: {', '.join(config.tasks) or 'none'}")
+    if heldout and config.tasks[task].n_heldout < 2:
+        raise ConfigError(f"a held-out store of task {task!r} needs tasks.{task}.n_heldout >= 2 (it is "
+                          f"{config.tasks[task].n_heldout}): the held-out checks test means over samples")
     device = resolve_device(config.fisher.device)
     loaded = load_model(config.model, device)
     adapter = adapter_for(loaded.model)
     check_context_length(adapter, config.tasks[task])
     geometry = adapter.geometry()
-    samples = load_task(config.tasks[task], loaded.tokenizer)
+    samples = (load_heldout if heldout else load_task)(config.tasks[task], loaded.tokenizer)
     attrs = {
         "model_id": loaded.model_id,
         "model_type": loaded.model.config.model_type,
@@ -297,9 +307,10 @@ def _load_inputs(config: PipelineConfig, task: str) -> _Phase1Inputs:
         "task": task,
         "fisher_kind": config.fisher.labels,
         "engine": config.fisher.engine,
-        "config_hash": phase1_config_hash(config, task),
+        "config_hash": phase1_config_hash(config, task, heldout),
         "package_version": __version__,
-        "n_requested": config.tasks[task].n_samples,
+        "sample_set": "heldout" if heldout else "analysis",
+        "n_requested": config.tasks[task].n_heldout if heldout else config.tasks[task].n_samples,
         "max_length": config.tasks[task].max_length,
     }
     return _Phase1Inputs(loaded, adapter, geometry, samples, device, attrs)
@@ -311,20 +322,29 @@ def _in_task_order(skipped: list[tuple[str, str]], samples: list[TokenizedSample
     return sorted(skipped, key=lambda item: position[item[0]])
 
 
-def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: bool = True) -> Path:
+def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: bool = True,
+               heldout: bool = False) -> Path:
     """Phase 1 for one task: load model and task, compute, write `out` atomically.
 
     One job for the whole task, whatever `fisher.shards` / `fisher.param_shards` say
     (`run_fisher_shard` and `shards.merge_shards` split it).
+
+    Args:
+        heldout: store the task's held-out samples (`data.tasks.load_heldout`: the
+            `n_heldout` after the analysed ones) instead of the analysed ones; the store's
+            `sample_set` attribute says which. The held-out checks of phases 5 to 7 read its
+            mean and per-sample gradients; it keeps no elementwise Fisher (`fisher/`), which
+            they take from the analysed store.
     """
-    inputs = _load_inputs(config, task)
+    inputs = _load_inputs(config, task, heldout)
     loaded, samples = inputs.loaded, inputs.samples
     per_sample, _ = stored_selections(inputs.geometry, config.fisher)
     writer = StoreWriter(
         out, inputs.attrs, inputs.geometry, per_sample, config.fisher.per_sample_dtype, len(samples),
-        shard_samples=config.fisher.batch_size,
+        shard_samples=config.fisher.batch_size, elementwise_fisher=not heldout,
     )
-    log.info("phase 1: task %s, %d samples, model %s on %s", task, len(samples), loaded.model_id, inputs.device)
+    log.info("phase 1: task %s, %d %s samples, model %s on %s", task, len(samples), inputs.attrs["sample_set"],
+             loaded.model_id, inputs.device)
     try:
         result = compute_fisher(
             loaded.model, inputs.adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,

@@ -46,7 +46,7 @@ import torch
 import zarr
 
 from .atomic import clean_stale, publish, remove_path
-from .errors import StoreFormatError, StoreMismatchError
+from .errors import StoreContentError, StoreFormatError, StoreMismatchError
 from .layout import GroupSpec, ModelGeometry, TensorSlice
 
 #: 2: head geometry in the attrs (`geometry`), `group_labels/` and group attrs gone.
@@ -297,8 +297,12 @@ class StoreWriter:
         per_sample_dtype: str,
         max_samples: int,
         shard_samples: int = 8,
+        elementwise_fisher: bool = True,
     ):
         self.path = Path(path)
+        # False: no `fisher/` arrays (a held-out store: the checks read its mean gradient and
+        # per-sample gradients, and the analysed store's Fisher; 0.5 GB less per SmolLM2 store)
+        self.elementwise_fisher = elementwise_fisher
         self.partial = partial_path(path)
         clean_stale(self.path)  # old copies and staging left by interrupted runs
         _remove(self.partial)
@@ -350,7 +354,8 @@ class StoreWriter:
         of these bytes for seconds of CPU per store.
         """
         for kind in ("fisher", "grad_mean", "group", "group_m2", "group_saliency", "group_saliency_m2"):
-            self.root.create_group(kind)
+            if kind != "fisher" or self.elementwise_fisher:
+                self.root.create_group(kind)
         if accumulator.input_dims:
             self.root.create_group("input_sq")
         templates = _MetadataTemplates()
@@ -373,7 +378,8 @@ class StoreWriter:
         def write(name: str) -> None:
             # Looked up here, one parameter at a time: a merge of shards computes each on demand.
             fisher, group = accumulator.fisher[name], accumulator.group[name]
-            write_array(f"fisher/{name}", fisher.total, max(fisher.count, 1))
+            if self.elementwise_fisher:
+                write_array(f"fisher/{name}", fisher.total, max(fisher.count, 1))
             grad = accumulator.grad[name]
             write_array(f"grad_mean/{name}", grad.total, max(grad.count, 1))
             if fisher.m2 is not None:
@@ -409,6 +415,7 @@ class StoreWriter:
             "skipped": self.skipped,
             "geometry": self.geometry.to_attrs(),
             "input_sq": input_sq,
+            "elementwise_fisher": self.elementwise_fisher,
         })
         consolidate(self.partial)
         publish(self.partial, self.path)  # the path holds the old or the new store, never neither
@@ -530,7 +537,7 @@ class FisherStore:
     # --- aggregated statistics ---------------------------------------------------
     @property
     def param_names(self) -> list[str]:
-        return sorted(self.root["fisher"].array_keys())
+        return sorted(self.root["grad_mean"].array_keys())  # every store has grad_mean/ (held-out ones no fisher/)
 
     @property
     def per_sample_names(self) -> list[str]:
@@ -539,6 +546,10 @@ class FisherStore:
     def array(self, kind: str, name: str) -> zarr.Array:
         """The lazy zarr array `kind/name` (kind: fisher, grad_mean, group, ...)."""
         key = f"{kind}/{name}"
+        if kind == "fisher" and self.attrs.get("elementwise_fisher") is False:
+            raise StoreContentError(f"store {self.path} keeps no elementwise Fisher (a {self.attrs.get('sample_set')} "
+                                    "store: mean and per-sample gradients only); read the Fisher of the task's "
+                                    "analysed store")
         if key not in self.root:
             raise KeyError(f"{key} is not in store {self.path}")
         return self.root[key]

@@ -104,7 +104,8 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
                grads: dict[str, np.ndarray] | None = None, per_sample: tuple[str, ...] = (),
                batch_size: int = 3, weights_hash: str = "tiny-weights", attrs: dict | None = None,
                per_sample_dtype: str = "float32", geometry: ModelGeometry | None = None,
-               weights: dict[str, np.ndarray] | None = None, input_dims: dict[str, int] | None = None) -> Path:
+               weights: dict[str, np.ndarray] | None = None, input_dims: dict[str, int] | None = None,
+               first_id: int = 0) -> Path:
     """Write a complete phase 1 store at `path` and return it.
 
     Args:
@@ -126,6 +127,7 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
         input_dims: weights given input second moments -> their input dim (default
             `linear_input_dims`); each sample adds `TOKENS_PER_SAMPLE` positions of random
             squares.
+        first_id: sample ids are `{task}-{first_id + i}` (a held-out store's ids follow the analysed ones).
     """
     if geometry is not None:
         shapes = {name: geo.shape for name, geo in geometry.params.items()}
@@ -157,7 +159,7 @@ def make_store(path: str | Path, n_samples: int = 8, seed: int = 0, task: str = 
             sums = np.square(inputs.standard_normal((positions, features)) * inputs.lognormal(0, 1, features)).sum(0)
             accumulator.add_inputs(name, torch.from_numpy(sums), positions)
         committed = accumulator.commit()
-        ids = [f"{task}-{i}" for i in range(start, stop)]
+        ids = [f"{task}-{first_id + i}" for i in range(start, stop)]
         writer.append(ids, torch.full((stop - start,), TOKENS_PER_SAMPLE), torch.ones(stop - start), committed,
                       accumulator.sample_gates)
     return writer.close(accumulator)

@@ -47,7 +47,9 @@ def argv_of(command: str, tmp_path: Path) -> list[str]:
     for _, spec in phase_commands():
         if spec.name == command:
             inputs = [str(tmp_path / "in")] if spec.per_task else [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
-            return [spec.input_flag, *inputs, "--out", str(tmp_path / "out")]
+            extra = [value for more in spec.extra_inputs if more.required
+                     for value in (more.flag, f"a={tmp_path / 'ha'}" if more.keyed else str(tmp_path / "x"))]
+            return [spec.input_flag, *inputs, *extra, "--out", str(tmp_path / "out")]
     raise KeyError(command)
 
 
@@ -141,7 +143,7 @@ def test_schema_command_prints_the_assembled_schema(capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == config_schema()
     assert {"model", "tasks", "fisher", "importance", "masks", "mask_eval", "overlap", "conflicts", "qkov",
-            "scaled"} == set(
+            "scaled", "replication", "intervention"} == set(
         printed["properties"])
 
 

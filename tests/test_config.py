@@ -79,7 +79,8 @@ def test_default_config_is_valid_and_parses():
     assert parsed.fisher.fisher_m2_layers == (0, -1)
     assert parsed.conflicts.similarity == "cosine" and parsed.conflicts.pairs is None
     assert parsed.masks.sparsities == (0.25, 0.5) and parsed.masks.criterion == "saliency"
-    assert {t.n_heldout for t in parsed.tasks.values()} == {4}
+    assert {t.n_heldout for t in parsed.tasks.values()} == {8} and parsed.mask_eval.n_samples == 4
+    assert parsed.intervention.gains == (0.001,) and parsed.replication.alpha == 0.05
     assert isinstance(parsed.scaled, ScaledOptions) and parsed.scaled.damping == 1e-5
 
 

@@ -27,9 +27,11 @@ from fisher_pipeline.config import validate_config
 from fisher_pipeline.phases import (
     ConflictsOptions,
     ImportanceOptions,
+    InterventionOptions,
     MaskEvalOptions,
     MaskOptions,
     OverlapOptions,
+    ReplicationOptions,
     ScaledOptions,
 )
 from fisher_pipeline.phases.qkov import QkovOptions
@@ -40,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("code", "prose")
 SECTIONS = {"importance": ImportanceOptions, "masks": MaskOptions, "mask_eval": MaskEvalOptions,
             "overlap": OverlapOptions,
-            "conflicts": ConflictsOptions, "qkov": QkovOptions, "scaled": ScaledOptions}
+            "conflicts": ConflictsOptions, "qkov": QkovOptions, "scaled": ScaledOptions,
+            "replication": ReplicationOptions, "intervention": InterventionOptions}
 TINY_CONFIG = {
     "tasks": {task: {"source": f"builtin:{task}", "n_samples": 3, "n_heldout": 2, "max_length": 16} for task in TASKS},
     "fisher": {"batch_size": 2, "per_sample_params": "attention", "fisher_m2_params": ""},
@@ -61,6 +64,11 @@ EXPECTED = {
                                   f"figure_{a}__{b}.png"] for a, b in (TASKS, TASKS[::-1])},
     "results/scaled/cross_task": ["natgrad_cosine.parquet", "natgrad_cosine.csv", "natgrad_cosine.png",
                                   "ewc_cost.parquet", "ewc_cost.csv", "ewc_cost.png"],
+    **{f"results/fisher_heldout/{t}.zarr": ["zarr.json", "grad_mean", "per_sample"] for t in TASKS},
+    "results/replication": ["cells.parquet", "cells.csv", "summary.parquet", "summary.csv", "replication.png",
+                            "caption.md"],
+    "results/intervention": ["cells.parquet", "cells.csv", "natgrad.parquet", "natgrad.csv", "summary.csv",
+                             "cells.png", "damping.png", "caption.md"],
 }
 
 
@@ -145,12 +153,15 @@ def test_completed_run_has_nothing_left_to_do(tiny_run):
     ("masks", {"granularity": "head"}, {"masks": 2, "overlap": 1, "mask_eval": 1}),
     ("mask_eval", {"batch_size": 4}, {"mask_eval": 1}),
     ("tasks", {"code": {"source": "builtin:code", "n_samples": 3, "n_heldout": 3, "max_length": 16}},
-     {"mask_eval": 1}),  # held-out samples: phase 1 and the phases after it are left alone
+     {"fisher_heldout": 1, "mask_eval": 1, "replication": 1, "intervention": 1}),  # held-out samples only:
+    # the analysed store and the phases that read it are left alone
     ("importance", {"rank_by": "sum"}, {"importance": 2, "rank_agreement": 1}),
     ("overlap", {"heatmap_metric": "dice"}, {"overlap": 1}),
-    ("conflicts", {"similarity": "fisher"}, {"conflicts": 1}),
-    ("qkov", {"variant": "signed"}, {"qkov": 2}),
-    ("scaled", {"damping": 1e-3}, {"scaled": 2, "scaled_cross": 1}),
+    ("conflicts", {"similarity": "fisher"}, {"conflicts": 1, "replication": 1, "intervention": 1}),
+    ("qkov", {"variant": "signed"}, {"qkov": 2, "replication": 1, "intervention": 1}),
+    ("scaled", {"damping": 1e-3}, {"scaled": 2, "scaled_cross": 1, "intervention": 1}),
+    ("replication", {"alpha": 0.1}, {"replication": 1, "intervention": 1}),
+    ("intervention", {"top_cells": 1}, {"intervention": 1}),
 ])
 def test_editing_a_phase_section_reruns_only_that_phase_and_its_dependants(tiny_run, tmp_path, section, change,
                                                                            expected):
@@ -164,7 +175,7 @@ def test_editing_a_phase_section_reruns_only_that_phase_and_its_dependants(tiny_
     (["masks={sparsities: [0.3]}"], {"masks": 2, "overlap": 1, "mask_eval": 1}),  # the README's partial rerun
     (["masks={sparsities: [0.5, 0.9], include: blocks}"], {}),  # the same values as the config file: nothing to do
     (["scaled={damping: 1e-3}", "importance={log_color: false}"],
-     {"scaled": 2, "scaled_cross": 1, "importance": 2, "rank_agreement": 1}),
+     {"scaled": 2, "scaled_cross": 1, "intervention": 1, "importance": 2, "rank_agreement": 1}),
 ])
 def test_config_on_the_command_line_reruns_the_edited_phases(tiny_run, given, expected):
     """Snakemake hands nested --config values over as text; the workflow reads them as the schema's types."""

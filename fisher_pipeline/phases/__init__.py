@@ -17,15 +17,19 @@ the aggregated Fisher, mean gradient and Welford group statistics only.
 | 6 qkov (ordered task pairs) | `run_qkov(store_paths, out_dir, options)` | `QkovOptions` |
 | 7 scaled (per task) | `run_scaled_task(store_path, out_dir, options)` | `ScaledOptions` |
 | 7 scaled (tasks) | `run_scaled_cross(store_paths, out_dir, options)` | `ScaledOptions` |
+| 5, 6 replication (tasks) | `run_replication(store_paths, out_dir, options, ...)` | `ReplicationOptions` |
+| 5-7 intervention (tasks) | `run_intervention(store_paths, out_dir, options, ...)` | `InterventionOptions` |
 """
 
 from .agreement import rank_agreement, run_rank_agreement
 from .conflicts import ConflictsOptions, group_conflict, pair_conflicts, run_conflicts
 from .importance import ImportanceOptions, importance_tables, run_importance
+from .intervention import InterventionOptions, run_intervention
 from .mask_eval import MaskEvalOptions, run_mask_eval
 from .masks import MaskOptions, compute_masks, mask_summary, run_masks
 from .overlap import OverlapOptions, overlap_metrics, run_overlap
 from .qkov import QkovOptions, pair_qkov, run_qkov
+from .replication import ReplicationOptions, run_replication
 from .scaled import ScaledOptions, cross_task_tables, natgrad_norms, natural_gradient, run_scaled_cross, run_scaled_task
 
 __all__ = [
@@ -35,4 +39,5 @@ __all__ = [
     "compute_masks", "cross_task_tables", "importance_tables", "mask_summary", "natgrad_norms", "natural_gradient",
     "overlap_metrics", "rank_agreement",
     "run_importance", "run_masks", "run_overlap", "run_rank_agreement", "run_scaled_cross", "run_scaled_task",
+    "InterventionOptions", "ReplicationOptions", "run_intervention", "run_replication",
 ]

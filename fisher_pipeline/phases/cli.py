@@ -32,6 +32,10 @@ def add_phase_commands(subparsers: argparse._SubParsersAction) -> None:
         else:
             parser.add_argument(command.input_flag, dest="inputs", required=True, nargs="+", metavar="TASK=PATH",
                                 help=f"each task's {command.input_help}, in output order")
+            for extra in command.extra_inputs:
+                parser.add_argument(extra.flag, dest=extra.dest, required=extra.required, nargs="+",
+                                    metavar="TASK=PATH" if extra.keyed else "PATH",
+                                    help=f"each task's {extra.help}" if extra.keyed else extra.help)
         parser.add_argument("--out", required=True, help=f"output directory (replaced atomically){out}")
         parser.set_defaults(func=functools.partial(_run, phase, command))
 
@@ -85,6 +89,9 @@ def _run(phase: Phase, command: PhaseCommand, args: argparse.Namespace) -> None:
     if command.per_task:
         written = command.run(args.input, args.out, options, task=args.task, **extra)
     else:
+        for more in command.extra_inputs:
+            values = getattr(args, more.dest)
+            extra[more.dest] = _pairs(values, more.flag) if more.keyed and values is not None else values
         written = command.run(_pairs(args.inputs, command.input_flag), args.out, options, **extra)
     for key, path in written.items():
         print(f"{key}\t{path}")

@@ -230,7 +230,8 @@ def group_statistics(cross: np.ndarray, within_a: float = math.nan, within_b: fl
 
 def pair_conflicts(store_a: FisherStore, store_b: FisherStore, options: ConflictsOptions | None = None,
                    groups: Sequence[Group] | None = None, task_a: str | None = None,
-                   task_b: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   task_b: str | None = None,
+                   metric_stores: tuple[FisherStore, FisherStore] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Phase 5 for one task pair: the group table (columns `COLUMNS`) and top pairs (`TOP_COLUMNS`).
 
     Each stored per-sample array of both stores is read once (`pairs.iter_param_pairs`);
@@ -242,6 +243,9 @@ def pair_conflicts(store_a: FisherStore, store_b: FisherStore, options: Conflict
         options: phase settings (defaults if None).
         groups: `(param, block, head)` groups; None: `conflict_groups(store_a)`.
         task_a, task_b: names in the outputs (default: the stores' `task` attributes).
+        metric_stores: (A, B) stores whose pooled Fisher defines the `fisher` similarity's
+            metric; default the compared stores (the held-out replication passes the
+            discovery stores).
 
     Raises:
         PhaseInputError: a store holds no per-sample gradients.
@@ -253,7 +257,7 @@ def pair_conflicts(store_a: FisherStore, store_b: FisherStore, options: Conflict
     groups = list(groups) if groups is not None else conflict_groups(store_a)
     warn_few_samples(log, store_a, store_b, task_a, task_b, "a test")
     params = list(dict.fromkeys(group[0] for group in groups))
-    weights = (fisher_weights(store_a, store_b, params, options.fisher_damping)
+    weights = (fisher_weights(*(metric_stores or (store_a, store_b)), params, options.fisher_damping)
                if options.similarity == "fisher" else None)
     results: dict[Group, GroupResult] = {}
     for _, matrices in iter_param_pairs(store_a, store_b, groups, weights=weights, cosine=True, within=True,

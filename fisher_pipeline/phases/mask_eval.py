@@ -1,7 +1,8 @@
 """`mask_eval` — every mask of phase 3 scored on held-out samples, beside the dense model.
 
 Each task's held-out samples are the `tasks.<name>.n_heldout` usable samples right after
-its analysed ones in the same seeded order (disjoint by id; phase 1 never sees them). For
+its analysed ones in the same seeded order (disjoint by id; phase 1 never sees them), or
+the first `mask_eval.n_samples` of them (every mask costs a forward pass over them). For
 every criterion x sparsity x mask task, the mask is applied to the model in place, every
 task's held-out samples are scored, and the dense weights are put back bit for bit.
 Masks equal across tasks (magnitude and random do not depend on the task) are scored once.
@@ -56,6 +57,13 @@ properties:
     minimum: 1
     default: 8
     description: held-out samples per forward pass (memory, not results)
+  n_samples:
+    type: integer
+    minimum: 0
+    default: 0
+    description: >-
+      score only the first n held-out samples of each task (0 = all tasks.<name>.n_heldout);
+      each mask costs a forward pass over them
   device:
     enum: [cpu, cuda, auto]
     default: cpu
@@ -65,6 +73,7 @@ class MaskEvalOptions:
     """Settings of mask_eval."""
 
     batch_size: int = 8  # held-out samples per forward pass (memory, not results)
+    n_samples: int = 0  # first n held-out samples of each task scored (0: all)
     device: str = "cpu"  # "cpu", "cuda" or "auto"
 
 
@@ -119,6 +128,8 @@ def run_mask_eval(mask_paths: dict[str, str | os.PathLike], out_dir: str | os.Pa
         if task not in pipeline.tasks:
             raise PhaseInputError(f"masks of task {task!r} given, but the config has no such task")
         heldout[task] = load_heldout(pipeline.tasks[task], loaded.tokenizer)
+        if options.n_samples:
+            heldout[task] = heldout[task][:options.n_samples]
         if not heldout[task]:
             raise PhaseInputError(f"task {task!r} has no held-out sample: set tasks.{task}.n_heldout >= 2")
         source = Path(str(files[task].metadata.get("source_store", "")))

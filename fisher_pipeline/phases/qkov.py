@@ -175,12 +175,17 @@ def pooled_fisher(store_a: FisherStore, store_b: FisherStore, param: str, pool: 
 
 def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions | None = None,
               cells: Sequence[Group] | None = None, task_a: str | None = None, task_b: str | None = None,
-              ) -> dict[str, pd.DataFrame]:
+              metric_stores: tuple[FisherStore, FisherStore] | None = None) -> dict[str, pd.DataFrame]:
     """Phase 6 for one ordered pair: `cells` (before BH: `signed_q`, `label` over these cells
     only), `health` and `top_conflicts` tables.
 
     Each per-sample array of both stores is read once (`pairs.iter_param_pairs`): the
     chosen variant and the signed score come from the same reads.
+
+    Args:
+        metric_stores: (A, B) stores whose Fisher defines the metric `w`; default the
+            compared stores. The held-out replication scores held-out samples in the
+            metric of the discovery run, so the statistic is the same function of the data.
     """
     options = options or QkovOptions()
     task_a = task_a or store_a.attrs.get("task", "A")
@@ -188,7 +193,8 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
     cells = list(cells) if cells is not None else qkov_cells(store_a)
     warn_few_samples(log, store_a, store_b, task_a, task_b, "the signed test")
     params = list(dict.fromkeys(cell[0] for cell in cells))
-    fishers = {param: pooled_fisher(store_a, store_b, param, options.fisher_pool) for param in params}
+    metric_a, metric_b = metric_stores or (store_a, store_b)
+    fishers = {param: pooled_fisher(metric_a, metric_b, param, options.fisher_pool) for param in params}
     hats = {param: np.maximum(fisher, options.eps) + options.ridge_lambda for param, fisher in fishers.items()}
     weights = {param: 1.0 / hat for param, hat in hats.items()}
     f, h = VARIANTS[options.variant]

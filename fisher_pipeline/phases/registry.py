@@ -30,6 +30,21 @@ from ..config import CORE_SECTIONS
 
 
 @dataclass(frozen=True)
+class ExtraInput:
+    """A further input flag of a cross-task command (besides its `input_flag`)."""
+
+    flag: str  # e.g. "--heldout-stores"
+    help: str  # what one value is
+    keyed: bool = True  # TASK=PATH pairs (a dict), or plain paths (a list)
+    required: bool = True
+
+    @property
+    def dest(self) -> str:
+        """The keyword `run` gets: the flag without dashes, `-` -> `_`."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
 class PhaseCommand:
     """One subcommand of `python -m fisher_pipeline` that runs a phase and prints what it wrote.
 
@@ -46,18 +61,22 @@ class PhaseCommand:
     input_help: str = "phase 1 store, e.g. results/fisher/prose.zarr"  # what one input is
     out_example: str = ""  # e.g. "results/masks/{task}", for --help
     reserves: str | None = None  # output directory named like a task (e.g. "rank_agreement"): no task may take it
-    #: phase 1 sections (`model`, `tasks`) the command reads too; `run` then gets `pipeline=PipelineConfig`
+    #: other config sections the command reads too (phase 1's `model` and `tasks`, or another
+    #: phase's settings, e.g. the held-out checks read `conflicts` and `qkov`); `run` then gets
+    #: `pipeline=PipelineConfig`
     context: tuple[str, ...] = ()
+    #: further inputs of a cross-task command, each `--flag VALUE ...` passed to `run` as the
+    #: keyword named like the flag (`--heldout-stores` -> `heldout_stores`): TASK=PATH pairs
+    #: (a dict) where `ExtraInput.keyed`, else a list of paths
+    extra_inputs: tuple[ExtraInput, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.input_flag:
             object.__setattr__(self, "input_flag", "--store" if self.per_task else "--stores")
         if not self.input_flag.startswith("--"):
             raise ValueError(f"PhaseCommand {self.name!r}: input_flag must be a long option such as '--store'")
-        unknown = set(self.context) - set(CORE_SECTIONS)
-        if unknown:
-            raise ValueError(f"PhaseCommand {self.name!r}: context names {sorted(unknown)}, not phase 1 sections "
-                             f"{CORE_SECTIONS}")
+        if self.per_task and self.extra_inputs:
+            raise ValueError(f"PhaseCommand {self.name!r}: only a cross-task command takes extra inputs")
         if self.per_task and self.reserves:
             raise ValueError(f"PhaseCommand {self.name!r}: only a cross-task command reserves a task name")
 

@@ -56,12 +56,13 @@ def model_input():
     return path
 
 
-def phase1_config(task):
+def phase1_config(task, heldout=False):
     """What phase 1 of `task` depends on (other tasks' settings are left out, so editing
-    one task reruns only that task; so is its `n_heldout`, which phase 1 never reads). `fisher.shards` and `fisher.param_shards` are left out
-    too: they never change a store; the shard file names carry them."""
+    one task reruns only that task; so is its `n_heldout`, which the analysed samples do not
+    depend on, except for the held-out store). `fisher.shards` and `fisher.param_shards` are
+    left out too: they never change a store; the shard file names carry them."""
     fisher = {key: value for key, value in config["fisher"].items() if key not in SHARDING_KEYS}
-    spec = {key: value for key, value in config["tasks"][task].items() if key not in HELDOUT_KEYS}
+    spec = {key: value for key, value in config["tasks"][task].items() if heldout or key not in HELDOUT_KEYS}
     return json.dumps(
         {"model": config["model"], "tasks": {task: spec}, "fisher": fisher},
         sort_keys=True,
@@ -88,6 +89,11 @@ def phase_config(section, *context):
 def fisher_stores():
     """Task -> phase 1 store, for every task."""
     return {task: f"results/fisher/{task}.zarr" for task in TASKS}
+
+
+def heldout_stores():
+    """Task -> phase 1 store of its held-out samples (`fisher --heldout`), for every task."""
+    return {task: f"results/fisher_heldout/{task}.zarr" for task in TASKS}
 
 
 def mask_dirs():

@@ -73,3 +73,24 @@ else:
         shell:
             "$FISHER_PYTHON -m fisher_pipeline fisher-merge --task {wildcards.task} --config-json {params.config:q} "
             "--shards {input.shards:q} --out {output.store} 2> {log}"
+
+
+rule fisher_heldout:
+    """Phase 1 on a task's held-out samples (the n_heldout after the analysed ones), for the held-out checks."""
+    input:
+        model=model_input(),
+    output:
+        store=directory("results/fisher_heldout/{task}.zarr"),
+    params:
+        config=lambda wildcards: phase1_config(wildcards.task, heldout=True),
+    log:
+        "logs/fisher_heldout/{task}.log",
+    benchmark:
+        "logs/benchmarks/fisher_heldout/{task}.tsv"
+    threads: 2
+    resources:
+        mem_mb=12000,
+        runtime=60,
+    shell:
+        "$FISHER_PYTHON -m fisher_pipeline fisher --heldout --task {wildcards.task} --config-json {params.config:q} "
+        "--out {output.store} --threads {threads} 2> {log}"

@@ -1,0 +1,595 @@
+"""`intervention` — change the model as a finding says, and measure whether the loss moves as predicted.
+
+Phases 5 and 6 say, cell by cell, how a step on task B through a head would move task A's
+loss; phase 7 says what a natural-gradient step on B costs A (EWC) and gains B. This module
+takes those steps on the real model and measures A's loss on A's held-out samples
+(`tasks.<name>.n_heldout`, which no phase saw), against the predictions:
+
+Cells (phases 5 and 6). For each task pair, the `top_cells` labelled cells with the smallest
+discovery p (after them, the most significant unlabelled ones) and `random_cells` cells drawn
+at random among the others (seeded): the step changes only the cell's coordinates,
+
+    plain  (phase 5):  d = gbar_B                 restricted to the cell
+    fisher (phase 6):  d = w * gbar_B,  w = 1 / (max(F, eps) + lambda)   (phase 6's metric)
+    step  = -eta d,   eta gbar_B . d = gain x L_B
+
+with `gbar_B` B's held-out mean gradient (the held-out store) and `L_B` B's mean held-out
+loss per sample: every step promises B the same drop, to first order. The first-order predictions
+of the change of A's mean token-sum loss per held-out sample are
+
+    predicted_heldout   = gbar_A(held-out) . step     (Taylor on the very samples measured)
+    predicted_discovery = gbar_A(analysed) . step     (what the phase's own samples claim)
+
+and the measured change is `mean_i l_i(theta + step) - l_i(theta)` over A's held-out
+samples. `predicted_heldout` checks the step is small enough for first order (it must hold
+within 10% at small steps); `predicted_discovery` is the finding under test: its sign and
+rank should agree with the measurement for the top cells (and carry little for random ones).
+
+Phase 7. A step on task T along a direction d is `-eta d`, with eta such that T's analysed
+samples promise a drop of `gain` x T's mean held-out loss (`eta gbar_T . d = gain L_T`), so
+directions compare at the same promised drop. Per task A and damping lambda (`dampings`,
+phase 7's own `scaled.damping`, and the plain gradient as lambda -> inf), A's own natural
+gradient `n_A = gbar_A / (F_A + lambda)` is stepped at the first gain: the held-out change
+against the promise (`realised = measured / predicted_discovery`) says how much of what the
+analysed samples promise carries over to new samples; the damping that realises most is
+the one to use. Per ordered pair (A, B), at phase 7's damping and every gain, a step
+`-eta n_B` is measured on A's held-out loss against `predicted_heldout + ewc`, with the EWC
+cost `0.5 sum F_A step^2` phase 7 reports as the second-order term.
+
+After every step the parameters are put back from a saved copy, bit for bit.
+
+A change counts as measured (`resolved`) where its first-order prediction exceeds
+`RESOLUTION` times the rounding of the float32 forward pass (`HeldoutProbe.rounding`);
+agreement with first order is counted over those.
+
+Outputs: `cells.{parquet,csv}`, `natgrad.{parquet,csv}`, `summary.{parquet,csv}`,
+`cells.png` (predicted vs measured), `damping.png` (held-out change and realised fraction
+against lambda), `caption.md`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import stats
+from tqdm import tqdm
+
+from ..config import config_section
+from ..errors import PhaseInputError
+from ..layout import ParamGeometry
+from ..store import FisherStore
+from .common import atomic_output_dir, read_finite, relocate, write_table
+
+log = logging.getLogger(__name__)
+
+CELL_COLUMNS = ["phase", "task_a", "task_b", "cell", "param", "block", "head", "choice", "label", "discovery_p",
+                "kind", "gain", "eta", "step_norm", "step_size", "predicted_heldout", "predicted_discovery",
+                "measured", "heldout_error", "resolved", "n_heldout"]
+NATGRAD_COLUMNS = ["kind", "task_a", "task_b", "damping", "direction", "gain", "eta", "step_norm",
+                   "predicted_heldout", "predicted_discovery", "ewc", "measured", "realised", "heldout_error",
+                   "resolved", "n_heldout"]
+SUMMARY_COLUMNS = ["what", "choice", "gain", "n", "n_resolved", "sign_agreement_discovery",
+                   "spearman_discovery", "sign_agreement_heldout", "within_10pct_heldout"]
+#: A change counts as measured (`resolved`) when the first-order prediction exceeds this many
+#: times the task's rounding floor (`HeldoutProbe.rounding`).
+RESOLUTION = 30.0
+
+
+@config_section("intervention", """
+description: steps on the model that check phases 5, 6 and 7 on held-out samples (InterventionOptions)
+properties:
+  top_cells:
+    type: integer
+    minimum: 0
+    default: 2
+    description: most significant cells stepped per task pair and phase
+  random_cells:
+    type: integer
+    minimum: 0
+    default: 2
+    description: cells drawn at random among the others per task pair and phase (the baseline)
+  gains:
+    type: array
+    items: {type: number, exclusiveMinimum: 0}
+    minItems: 1
+    default: [0.001, 0.01]
+    description: >-
+      every step on a task T is scaled to promise T a drop of this fraction of its held-out
+      loss, to first order (cells: on B's held-out gradient; phase 7: on the analysed one);
+      the first scales the damping curve
+  dampings:
+    type: array
+    items: {type: number, minimum: 0}
+    default: [1.0e-7, 1.0e-6, 1.0e-5, 1.0e-4, 1.0e-3]
+    description: >-
+      lambdas of the natural-gradient damping curve (beside scaled.damping and the plain
+      gradient), Fisher units
+  batch_size:
+    type: integer
+    minimum: 1
+    default: 8
+    description: held-out samples per forward pass (memory, not results)
+  device:
+    enum: [cpu, cuda, auto]
+    default: cpu
+    description: where the model runs (auto = cuda when available)
+  seed:
+    type: integer
+    minimum: 0
+    default: 0
+    description: seed of the random cells
+""")
+class InterventionOptions:
+    """Settings of the intervention checks."""
+
+    top_cells: int = 2  # most significant cells stepped per pair and phase
+    random_cells: int = 2  # random cells per pair and phase (the baseline)
+    gains: tuple[float, ...] = (0.001, 0.01)  # promised drop of the stepped task / its loss
+    dampings: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3)  # damping curve of phase 7
+    batch_size: int = 8  # held-out samples per forward pass
+    device: str = "cpu"  # cpu | cuda | auto
+    seed: int = 0  # seed of the random cells
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gains", tuple(float(g) for g in self.gains))
+        object.__setattr__(self, "dampings", tuple(float(d) for d in self.dampings))
+
+
+# --- choosing and stepping cells -----------------------------------------------------------
+
+def choose_cells(cells: pd.DataFrame, top: int, random: int, seed: int = 0) -> pd.DataFrame:
+    """Per (phase, task pair) of a replication cells table: `top` most significant tested cells
+    (labelled first, then by discovery p) and `random` others drawn uniformly; column `choice`."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    tested = cells[np.isfinite(cells["heldout_mean"]) & (cells["discovery_p"] < 1.0)]
+    for _, group in tested.groupby(["phase", "task_a", "task_b"], sort=False):
+        ranked = group.assign(_unlabelled=~group["discovered"]).sort_values(["_unlabelled", "discovery_p"],
+                                                                             kind="stable")
+        best = ranked.head(top)
+        rest = group.drop(index=best.index)
+        picks = rng.choice(len(rest), size=min(random, len(rest)), replace=False) if len(rest) else []
+        chosen += [best.assign(choice="top"), rest.iloc[np.sort(picks)].assign(choice="random")]
+    if not chosen:
+        return cells.head(0).assign(choice=pd.Series(dtype=str))
+    return pd.concat(chosen).drop(columns="_unlabelled", errors="ignore").reset_index(drop=True)
+
+
+def cell_mask(geometry: ParamGeometry, block: str | None, head: int | None) -> np.ndarray:
+    """Boolean `[*shape]` of a cell's coordinates: the whole parameter, or one head's slice."""
+    if block is None or head is None or pd.isna(head):
+        return np.ones(geometry.shape, dtype=bool)
+    index = [slice(None)] * len(geometry.shape)
+    index[geometry.groups.dim] = geometry.positions(block)[int(head)]
+    mask = np.zeros(geometry.shape, dtype=bool)
+    mask[tuple(index)] = True
+    return mask
+
+
+class HeldoutProbe:
+    """The model, each task's held-out samples and their dense losses; steps are measured and undone.
+
+    `measure(task, changes)` adds `changes` (parameter name -> float32 array of its shape) to
+    the parameters, scores `task`'s held-out samples, and puts the saved parameters back
+    bit for bit before returning the mean change of the per-sample token-sum loss.
+    """
+
+    def __init__(self, model, samples: Mapping[str, list], pad_id: int, batch_size: int):
+        import torch
+
+        from ..evaluation import heldout_losses
+
+        self.model, self.samples, self.pad_id, self.batch_size = model, samples, pad_id, batch_size
+        self.params = dict(model.named_parameters())
+        self._losses = heldout_losses
+        self._torch = torch
+        self.dense = {task: heldout_losses(model, batch, pad_id, batch_size)[0].numpy()
+                      for task, batch in samples.items()}
+        self.rounding = {task: self._rounding(task) for task in samples}
+
+    def _rounding(self, task: str, draws: int = 1) -> float:
+        """The float rounding in a measured change: the largest |change| under random steps of
+        relative size 1e-7 of every weight matrix, whose true effect is far below it."""
+        rng = np.random.default_rng(0)
+        floor = 0.0
+        for _ in range(draws):
+            changes = {name: (1e-7 * p.detach().cpu().numpy() * rng.standard_normal(tuple(p.shape))).astype(np.float32)
+                       for name, p in self.params.items() if p.ndim == 2}
+            floor = max(floor, abs(self.measure(task, changes)))
+        return floor
+
+    @contextmanager
+    def stepped(self, changes: Mapping[str, np.ndarray]):
+        """Parameters + changes inside the block; the saved originals put back on leaving."""
+        torch = self._torch
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name, change in changes.items():
+                    param = self.params[name]
+                    saved[name] = param.detach().clone()
+                    change = change if isinstance(change, torch.Tensor) else torch.from_numpy(
+                        np.asarray(change, dtype=np.float32))
+                    param.add_(change.to(param.device, param.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, original in saved.items():
+                    self.params[name].copy_(original)
+
+    def resolved(self, task: str, predicted: float) -> bool:
+        """Whether a predicted change stands `RESOLUTION` times above the task's rounding floor."""
+        return abs(predicted) > RESOLUTION * self.rounding[task]
+
+    def measure(self, task: str, changes: Mapping[str, np.ndarray]) -> float:
+        """Mean over `task`'s held-out samples of the token-sum loss change under `changes`."""
+        with self.stepped(changes):
+            stepped = self._losses(self.model, self.samples[task], self.pad_id, self.batch_size)[0].numpy()
+        return float(np.mean(stepped - self.dense[task]))
+
+
+@dataclass
+class _TaskArrays:
+    """One task's Fisher and mean gradients (analysed and held-out): float32 tensors per parameter."""
+
+    fisher: dict[str, np.ndarray]
+    grad: dict[str, np.ndarray]
+    grad_heldout: dict[str, np.ndarray]
+
+
+def _load_arrays(store: FisherStore, heldout: FisherStore, params: Sequence[str]) -> _TaskArrays:
+    import torch
+
+    def read(source: FisherStore, kind: str) -> dict:
+        return {p: torch.from_numpy(read_finite(source, kind, p, np.float32)) for p in params}
+
+    return _TaskArrays(read(store, "fisher"), read(store, "grad_mean"), read(heldout, "grad_mean"))
+
+
+def cell_steps(probe: HeldoutProbe, chosen: pd.DataFrame, stores: Mapping[str, FisherStore],
+               heldout: Mapping[str, FisherStore], options: InterventionOptions, qkov_options) -> pd.DataFrame:
+    """Measured and predicted changes of A's held-out loss for every chosen cell and gain: the step
+    on B through the cell is scaled so that it lowers B's held-out loss by `gain x L_B` to first order."""
+    from .qkov import pooled_fisher
+
+    rows = []
+    bar = tqdm(list(chosen.itertuples(index=False)), unit="cell", file=sys.stderr, mininterval=2.0, ascii=True)
+    for cell in bar:
+        a, b, param = cell.task_a, cell.task_b, cell.param
+        geometry = stores[a].geometry[param]
+        block = None if pd.isna(cell.block) else cell.block
+        mask = cell_mask(geometry, block, cell.head)
+        direction = read_finite(heldout[b], "grad_mean", param)
+        kind = "plain"
+        if cell.phase == "qkov":
+            fisher = pooled_fisher(stores[a], stores[b], param, qkov_options.fisher_pool)
+            direction = direction / (np.maximum(fisher, qkov_options.eps) + qkov_options.ridge_lambda)
+            kind = "fisher"
+        direction = np.where(mask, direction, 0.0)
+        theta = probe.params[param].detach().cpu().double().numpy()
+        theta_norm = float(np.linalg.norm(theta[mask]))
+        grad_b = read_finite(heldout[b], "grad_mean", param)
+        promise = float(np.sum(grad_b * direction))  # > 0: |gbar_B|^2 on the cell, in the metric for fisher
+        grad_a_heldout = read_finite(heldout[a], "grad_mean", param)
+        grad_a = read_finite(stores[a], "grad_mean", param)
+        for gain in options.gains:
+            if promise <= 0:
+                continue
+            eta = gain * float(np.mean(probe.dense[b])) / promise
+            step = -eta * direction
+            measured = probe.measure(a, {param: step})
+            predicted_heldout = float(np.sum(grad_a_heldout * step))
+            step_norm = eta * float(np.linalg.norm(direction))
+            rows.append({
+                "phase": cell.phase, "task_a": a, "task_b": b, "cell": cell.cell, "param": param, "block": block,
+                "head": cell.head, "choice": cell.choice, "label": cell.label, "discovery_p": cell.discovery_p,
+                "kind": kind, "gain": gain, "eta": eta, "step_norm": step_norm,
+                "step_size": step_norm / theta_norm if theta_norm else math.inf,
+                "predicted_heldout": predicted_heldout, "predicted_discovery": float(np.sum(grad_a * step)),
+                "measured": measured, "heldout_error": _relative_error(measured, predicted_heldout),
+                "resolved": probe.resolved(a, predicted_heldout), "n_heldout": len(probe.samples[a])})
+    bar.close()
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    table["head"] = table["head"].astype("Int64")
+    return table
+
+
+# --- phase 7: natural-gradient steps -----------------------------------------------------------
+
+def natgrad_steps(probe: HeldoutProbe, stores: Mapping[str, FisherStore], heldout: Mapping[str, FisherStore],
+                  options: InterventionOptions, damping: float) -> pd.DataFrame:
+    """Phase 7 checked: own natural-gradient steps along the damping curve, and cross-task EWC steps.
+
+    Every step is scaled by the gain its own task's analysed samples predict: a step on task T
+    along direction d is `-eta d` with `eta gbar_T . d = gain x L_T` (L_T: T's dense mean
+    held-out loss per sample), so directions compare at the same promised drop.
+    """
+    import torch
+
+    tasks = list(stores)
+    params = list(next(iter(stores.values())).param_names)
+    arrays = {task: _load_arrays(stores[task], heldout[task], params) for task in tasks}
+    dense = {task: float(np.mean(probe.dense[task])) for task in tasks}
+    rows = []
+    first = options.gains[0]
+    steps = [(a, "own", a, lam, first) for a in tasks for lam in (*sorted({*options.dampings, damping}), math.inf)]
+    steps += [(a, "cross", b, damping, gain) for a in tasks for b in tasks if a != b for gain in options.gains]
+    bar = tqdm(steps, unit="step", file=sys.stderr, mininterval=2.0, ascii=True)
+    with torch.no_grad():
+        for task_a, kind, task_b, lam, gain in bar:
+            source, target = arrays[task_b], arrays[task_a]
+            direction = {p: _natural(source.grad[p], source.fisher[p], lam) for p in params}
+            promise = _dot(source.grad, direction)  # gbar_B . n_B > 0 unless the gradient is 0
+            if promise <= 0:
+                continue
+            eta = gain * dense[task_b] / promise
+            step = {p: -eta * d for p, d in direction.items()}
+            measured = probe.measure(task_a, step)
+            predicted_heldout = _dot(target.grad_heldout, step)
+            ewc = _quadratic(target.fisher, step)
+            expected = predicted_heldout + (ewc if kind == "cross" else 0.0)
+            predicted_discovery = _dot(target.grad, step)
+            rows.append({
+                "kind": kind, "task_a": task_a, "task_b": task_b, "damping": lam,
+                "direction": "plain" if math.isinf(lam) else "natural", "gain": gain, "eta": eta,
+                "step_norm": math.sqrt(_dot(step, step)), "predicted_heldout": predicted_heldout,
+                "predicted_discovery": predicted_discovery, "ewc": ewc, "measured": measured,
+                "realised": measured / predicted_discovery if predicted_discovery else math.nan,
+                "heldout_error": _relative_error(measured, expected), "resolved": probe.resolved(task_a, expected),
+                "n_heldout": len(probe.samples[task_a])})
+    bar.close()
+    return pd.DataFrame(rows, columns=NATGRAD_COLUMNS)
+
+
+def _natural(grad, fisher, damping: float):
+    """`grad / (fisher + damping)` (0 where the denominator is 0); the plain gradient for damping inf."""
+    import torch
+
+    if math.isinf(damping):
+        return grad
+    denominator = fisher + damping
+    return torch.where(denominator > 0, grad / torch.where(denominator > 0, denominator, 1.0), 0.0)
+
+
+def _dot(left: Mapping, right: Mapping) -> float:
+    """`sum_p <left[p], right[p]>` over the parameters of `right` (float32 tensors, float64 total)."""
+    import torch
+
+    return float(sum(float(torch.dot(left[p].reshape(-1), right[p].reshape(-1))) for p in right))
+
+
+def _quadratic(fisher: Mapping, step: Mapping) -> float:
+    """`0.5 sum F step^2`."""
+    import torch
+
+    return 0.5 * float(sum(float(torch.dot(fisher[p].reshape(-1), step[p].reshape(-1).square())) for p in step))
+
+
+def _relative_error(measured: float, predicted: float) -> float:
+    return abs(measured - predicted) / abs(predicted) if predicted else math.inf
+
+
+# --- summary, figures, caption -------------------------------------------------------------------
+
+def summarise(cells: pd.DataFrame, natgrad: pd.DataFrame) -> pd.DataFrame:
+    """Agreement of predictions and measurements per (phase, choice, gain) of the cell steps and per
+    gain of phase 7's cross-task steps."""
+    rows = []
+    for (phase, choice, gain), group in cells.groupby(["phase", "choice", "gain"], sort=False):
+        rows.append(_agreement(f"{phase} cells", choice, gain, group))
+    cross = natgrad[natgrad["kind"] == "cross"]
+    for gain, group in cross.groupby("gain", sort=False):
+        rows.append(_agreement("phase 7 cross-task steps", "all", gain, group))
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _agreement(what: str, choice: str, size: float, group: pd.DataFrame) -> dict:
+    measured = group["measured"].to_numpy(float)
+    discovery = group["predicted_discovery"].to_numpy(float)
+    rho = stats.spearmanr(discovery, measured)[0] if len(group) >= 3 and np.ptp(discovery) and np.ptp(measured) \
+        else math.nan
+    resolved = group[group["resolved"].astype(bool)]
+    return {"what": what, "choice": choice, "gain": size, "n": len(group), "n_resolved": len(resolved),
+            "sign_agreement_discovery": float(np.mean(np.sign(measured) == np.sign(discovery))),
+            "spearman_discovery": float(rho),
+            "sign_agreement_heldout": float(np.mean(np.sign(resolved["measured"])
+                                                    == np.sign(resolved["predicted_heldout"])))
+            if len(resolved) else math.nan,
+            "within_10pct_heldout": float(np.mean(resolved["heldout_error"] <= 0.1)) if len(resolved) else math.nan}
+
+
+def caption(cells: pd.DataFrame, natgrad: pd.DataFrame, summary: pd.DataFrame, damping: float) -> str:
+    """Plain words: do steps move A's held-out loss as the phases predict?"""
+    lines = []
+    if len(cells):
+        lines.append("Steps on task B through single cells, task A's held-out loss measured (mean token-sum loss "
+                     "per sample):")
+        for row in summary[summary["what"].str.endswith("cells")].itertuples():
+            lines.append(f"- {row.what}, {row.choice} cells, steps promising B {row.gain:g} of its loss: sign of the "
+                         f"discovery prediction right in {_percent(row.sign_agreement_discovery)} of {row.n} "
+                         f"(Spearman {row.spearman_discovery:+.2f}); first order on the held-out gradient within "
+                         f"10% in {_percent(row.within_10pct_heldout)} of the {row.n_resolved} steps whose "
+                         "predicted change stands above float rounding.")
+    own = natgrad[natgrad["kind"] == "own"]
+    if len(own):
+        curve = own.groupby("damping")[["measured", "realised"]].mean()
+        natural = curve[np.isfinite(curve.index)]
+        best = natural["measured"].idxmin()
+        gain = float(own["gain"].iloc[0])
+        line = (f"Phase 7, each task's own step scaled so its analysed samples promise a drop of {gain:g} of its "
+                f"loss: the held-out change per sample, mean over tasks, is lowest at damping {best:g} "
+                f"({natural.loc[best, 'measured']:+.4g}, realising {_percent(natural.loc[best, 'realised'])} of the "
+                f"promise)")
+        if damping in curve.index:
+            line += (f"; at the configured {damping:g}: {curve.loc[damping, 'measured']:+.4g} "
+                     f"({_percent(curve.loc[damping, 'realised'])})")
+        if math.inf in curve.index:
+            plain = curve.loc[math.inf]
+            line += f"; the plain gradient: {plain['measured']:+.4g} ({_percent(plain['realised'])})"
+        lines.append(line + ".")
+    cross = natgrad[natgrad["kind"] == "cross"]
+    for gain, group in cross.groupby("gain", sort=False):
+        resolved = group[group["resolved"].astype(bool)]
+        lines.append(f"Phase 7 cross-task steps on B (damping {damping:g}) promising B a drop of {gain:g} of its "
+                     f"loss: first order + EWC within 10% of A's measured change in "
+                     f"{_percent(float(np.mean(resolved['heldout_error'] <= 0.1)) if len(resolved) else math.nan)} "
+                     f"of {len(resolved)} pairs; EWC term median {group['ewc'].median():.3g}, first-order term median "
+                     f"|{group['predicted_heldout'].abs().median():.3g}|, measured change median "
+                     f"|{group['measured'].abs().median():.3g}|.")
+    return "\n".join(lines) + "\n"
+
+
+def cells_figure(cells: pd.DataFrame, path: Path) -> Path:
+    """Predicted (discovery) against measured change of A's held-out loss, a panel per phase."""
+    phases = list(dict.fromkeys(cells["phase"])) or ["none"]
+    figure = Figure(figsize=(4.6 * len(phases), 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle("Steps on B through single cells: predicted vs measured change of A's held-out loss")
+    for position, phase in enumerate(phases, start=1):
+        ax = figure.add_subplot(1, len(phases), position)
+        group = cells[cells["phase"] == phase]
+        for (choice, gain), part in group.groupby(["choice", "gain"], sort=False):
+            ax.scatter(part["predicted_discovery"], part["measured"], s=20,
+                       marker="o" if choice == "top" else "x", label=f"{choice} cells, gain {gain:g}")
+        values = np.abs(group[["predicted_discovery", "measured"]].to_numpy(float))
+        scale = float(np.nanmedian(values[values > 0])) if (values > 0).any() else 1.0
+        limit = float(np.nanmax(values)) if values.size else 1.0
+        ax.plot([-limit, limit], [-limit, limit], color="grey", lw=0.8)
+        ax.set_xscale("symlog", linthresh=scale / 10)
+        ax.set_yscale("symlog", linthresh=scale / 10)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.axvline(0.0, color="grey", lw=0.5)
+        ax.set_title({"conflicts": "phase 5 cells, plain steps", "qkov": "phase 6 cells, Fisher steps"}.get(
+            phase, phase), fontsize="medium")
+        ax.set_xlabel("predicted from analysed samples, gbar_A . step")
+        ax.set_ylabel("measured on held-out samples")
+        if len(group):
+            ax.legend(fontsize="x-small")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def damping_figure(natgrad: pd.DataFrame, damping: float, path: Path) -> Path:
+    """Own natural-gradient steps: held-out loss change and realised fraction against lambda, per task."""
+    own = natgrad[natgrad["kind"] == "own"]
+    figure = Figure(figsize=(9.0, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle("Each task's own natural-gradient step, all promising the same drop (dotted: plain gradient)")
+    gain, realised = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for task, group in own.groupby("task_a", sort=False):
+        natural = group[np.isfinite(group["damping"])].sort_values("damping")
+        line = gain.plot(natural["damping"], natural["measured"], marker="o", label=task)[0]
+        realised.plot(natural["damping"], natural["realised"], marker="o", color=line.get_color(), label=task)
+        plain = group[~np.isfinite(group["damping"])]
+        if len(plain):
+            gain.axhline(float(plain["measured"].iloc[0]), color=line.get_color(), ls=":", lw=1)
+            realised.axhline(float(plain["realised"].iloc[0]), color=line.get_color(), ls=":", lw=1)
+    for ax in (gain, realised):
+        ax.set_xscale("log")
+        ax.axvline(damping, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("damping lambda (Fisher units)")
+        ax.legend(fontsize="small")
+    gain.set_ylabel("held-out loss change per sample")
+    realised.set_ylabel("measured / predicted by analysed samples")
+    realised.axhline(1.0, color="grey", lw=0.5)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f}%"
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def run_intervention(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
+                     options: InterventionOptions | None = None, heldout_stores: Mapping[str, str] | None = None,
+                     replication: Sequence[str] | None = None, pipeline=None) -> dict[str, Path]:
+    """Step the model as phases 5, 6 and 7 predict and measure A's held-out loss (module docstring).
+
+    Args:
+        store_paths: task -> analysed store (phase 1).
+        out_dir: directory to (re)create, atomically.
+        options: intervention settings.
+        heldout_stores: task -> held-out store (`fisher --heldout`).
+        replication: the replication output directory (its `cells.parquet` lists the cells
+            and their discovery p-values); None or empty: phase 7 only.
+        pipeline: `PipelineConfig` with the `model`, `tasks`, `qkov` and `scaled` sections.
+
+    Raises:
+        PhaseInputError: missing pipeline sections, held-out stores that do not match, a model
+            other than the stores'.
+    """
+    from ..data.tasks import load_heldout
+    from ..fisher import resolve_device
+    from ..models.loading import load_model
+    from ..store import open_store
+    from .replication import check_heldout_stores
+
+    options = options or InterventionOptions()
+    if pipeline is None:
+        raise PhaseInputError("intervention needs the model, tasks, qkov and scaled sections of the config "
+                              "(pipeline=...)")
+    stores = {task: open_store(path) for task, path in store_paths.items()}
+    heldout = {task: open_store(path) for task, path in (heldout_stores or {}).items()}
+    check_heldout_stores(stores, heldout)
+    kind = next(iter(stores.values())).attrs.get("fisher_kind")
+    if kind != "empirical":
+        raise PhaseInputError(f"the stores hold a {kind!r} Fisher, whose mean gradient is not the gradient of the "
+                              "data's loss that the predictions need: run phase 1 with fisher.labels: empirical")
+    loaded = load_model(pipeline.model, resolve_device(options.device))
+    first = next(iter(stores.values()))
+    if first.attrs.get("weights_hash") != loaded.weights_hash:
+        raise PhaseInputError(f"the stores were made for weights {first.attrs.get('weights_hash')}, model.path "
+                              f"{pipeline.model.path} holds {loaded.weights_hash}: rerun phase 1")
+    samples = {}
+    for task, store in heldout.items():
+        if task not in pipeline.tasks:
+            raise PhaseInputError(f"held-out store of task {task!r} given, but the config has no such task")
+        loaded_samples = load_heldout(pipeline.tasks[task], loaded.tokenizer)
+        if [s.id for s in loaded_samples] != list(store.sample_ids):
+            raise PhaseInputError(f"the held-out samples of task {task!r} ({len(loaded_samples)}) differ from those "
+                                  f"in {store.path} ({store.n_samples}): tasks.{task} changed since; rerun phase 1 "
+                                  "--heldout")
+        samples[task] = loaded_samples
+    probe = HeldoutProbe(loaded.model, samples, loaded.tokenizer.pad_token_id, options.batch_size)
+    chosen = pd.DataFrame()
+    if replication:
+        table = pd.concat([pd.read_parquet(Path(path) / "cells.parquet" if Path(path).is_dir() else path)
+                           for path in replication], ignore_index=True)
+        chosen = choose_cells(table, options.top_cells, options.random_cells, options.seed)
+    cells = cell_steps(probe, chosen, stores, heldout, options, pipeline.qkov) if len(chosen) else \
+        pd.DataFrame(columns=CELL_COLUMNS)
+    natgrad = natgrad_steps(probe, stores, heldout, options, pipeline.scaled.damping)
+    summary = summarise(cells, natgrad)
+    with atomic_output_dir(out_dir) as staging:
+        paths = write_table(cells, staging, "cells") | write_table(natgrad, staging, "natgrad")
+        paths |= write_table(summary, staging, "summary")
+        paths["cells_figure"] = cells_figure(cells, staging / "cells.png")
+        paths["damping_figure"] = damping_figure(natgrad, pipeline.scaled.damping, staging / "damping.png")
+        paths["caption"] = staging / "caption.md"
+        paths["caption"].write_text(caption(cells, natgrad, summary, pipeline.scaled.damping))
+    return relocate(paths, staging, out_dir)
+
+
+from .registry import ExtraInput, PhaseCommand, register_phase  # noqa: E402
+
+register_phase(InterventionOptions, PhaseCommand(
+    "intervention", run_intervention,
+    "steps on the model as phases 5, 6 and 7 predict, measured on held-out samples",
+    per_task=False, input_help="phase 1 store of the analysed samples", out_example="results/intervention",
+    context=("model", "tasks", "qkov", "scaled"), extra_inputs=(
+        ExtraInput("--heldout-stores", "phase 1 store of the held-out samples (fisher --heldout)"),
+        ExtraInput("--replication", "the replication output directory (cells to step)", keyed=False,
+                   required=False))))

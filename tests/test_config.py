@@ -81,7 +81,7 @@ def test_default_config_is_valid_and_parses():
     assert parsed.masks.sparsities == (0.25, 0.5) and parsed.masks.criterion == "saliency"
     assert {t.n_heldout for t in parsed.tasks.values()} == {8} and parsed.mask_eval.n_samples == 4
     assert parsed.intervention.gains == (0.001,) and parsed.replication.alpha == 0.05
-    assert isinstance(parsed.scaled, ScaledOptions) and parsed.scaled.damping == 1e-5
+    assert isinstance(parsed.scaled, ScaledOptions) and parsed.scaled.damping == 0.1
 
 
 def test_no_model_specific_regex_in_defaults():
@@ -179,7 +179,7 @@ def test_numeric_strings_are_read_as_numbers():
                          "fisher: {batch_size: '8', per_sample_layers: '[0, -1]'}\nimportance: {log_color: 'false'}")
     assert raw["scaled"]["damping"] == "1e-5"  # the YAML gotcha
     parsed = PipelineConfig.from_dict(raw)
-    assert parsed.scaled.damping == 1e-5 and parsed.scaled.eta == 2
+    assert parsed.scaled.damping == 0.1 and parsed.scaled.eta == 2
     assert parsed.masks.sparsities == (0.3, 1.0)
     assert parsed.fisher.batch_size == 8 and parsed.fisher.per_sample_layers == (0, -1)
     assert parsed.importance.log_color is False

@@ -18,15 +18,16 @@ discovered set: each discovered cell is its own claim, checked once.
 What to expect. Even a true effect fails to replicate when the held-out test lacks power.
 Each discovered cell's power is that of the one-sided t test at the held-out standard error
 if the discovery mean were the true mean (noncentral t, scipy); their sum is the
-*expected* number of replications. It is optimistic: cells selected for significance have
-discovery means inflated by noise (the winner's curse), so a replication count somewhat
-below it is normal, and one far below it says the discoveries are mostly noise.
+*expected* number of replications. Cells selected for significance have discovery means
+inflated by noise (the winner's curse), so a count somewhat below it is what real effects
+give, and one far below it says the discoveries are mostly noise or much weaker than
+found; a count above it says the held-out samples show the effects more strongly.
 
 Per phase and task pair (`summary`): cells tested in both halves, discovered, replicated,
 expected, sign agreement among discovered cells and among the others (about 50% when the
 others carry no signal), and the Spearman rank correlation of discovery and held-out means
 over every cell tested in both. Outputs: `cells.{parquet,csv}`, `summary.{parquet,csv}`,
-`replication.png` (discovery vs held-out mean per pair, discovered cells marked) and
+`replication.png` (discovery vs held-out t statistic per pair, labelled cells marked) and
 `caption.md`.
 """
 
@@ -279,7 +280,8 @@ def caption(summary: pd.DataFrame, alpha: float) -> str:
         n_a, n_b = int(group["heldout_n_a"].max()), int(group["heldout_n_b"].max())
         lines.append(f"{name}: {replicated} of {found} labelled cells replicate on held-out samples (same sign, "
                      f"one-sided p < {alpha:g}; up to {n_a} x {n_b} held-out samples per pair); the held-out tests' "
-                     f"power leads one to expect at most {expected:.1f} if the discovery effects were exact.")
+                     f"power at the discovery effects leads one to expect {expected:.1f} (fewer where selection "
+                     "inflated the discovery effects, the winner's curse).")
         for row in group.itertuples():
             lines.append(f"- {row.task_a} / {row.task_b}: {row.replicated} of {row.discovered} replicate "
                          f"(expected {row.expected_replicated:.1f}); sign agreement "
@@ -290,43 +292,67 @@ def caption(summary: pd.DataFrame, alpha: float) -> str:
 
 
 def replication_figure(cells: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
-    """Discovery mean against held-out mean, a panel per (phase, task pair); labelled cells in colour
-    (filled: replicated, open: not), the others grey."""
+    """Each cell's t statistic (mean / se) on the analysed against the held-out samples, a panel per
+    (phase, task pair); labelled cells in colour (filled: replicated, open: not), the others grey.
+
+    t statistics put heads and modules, and phase 6's Fisher-metric products that span decades,
+    on one linear scale; the dashed lines mark the held-out one-sided 5% points (normal).
+    """
     panels = list(summary[["phase", "task_a", "task_b"]].itertuples(index=False))
     columns = min(3, max(len(panels), 1))
     rows = max(1, math.ceil(len(panels) / columns))
     figure = Figure(figsize=(4.2 * columns, 3.8 * rows), layout="constrained")
     FigureCanvasAgg(figure)
-    figure.suptitle("Held-out replication: each cell's mean on the analysed vs the held-out samples")
+    figure.suptitle("Held-out replication: each cell's t statistic on the analysed vs the held-out samples")
+    z = cells.assign(x=_t(cells["discovery_mean"], cells["discovery_se"]),
+                     y=_t(cells["heldout_mean"], cells["heldout_se"]))
     for position, (phase, task_a, task_b) in enumerate(panels, start=1):
         ax = figure.add_subplot(rows, columns, position)
-        group = cells[(cells["phase"] == phase) & (cells["task_a"] == task_a) & (cells["task_b"] == task_b)]
+        group = z[(z["phase"] == phase) & (z["task_a"] == task_a) & (z["task_b"] == task_b)]
+        # a held-out t from 8 x 8 samples can be huge where the se estimate comes out tiny:
+        # such points are drawn at the panel's edge, so the bulk stays readable
+        low, high = _limits(group["y"].to_numpy(float))
+        group = group.assign(y=group["y"].clip(low, high))
         other = group[~group["discovered"]]
-        ax.scatter(other["discovery_mean"], other["heldout_mean"], s=6, color="0.7", label="not labelled")
+        ax.scatter(other["x"], other["y"], s=5, color="0.72", label=f"not labelled ({len(other)})")
         for name, colour in (("conflict", "tab:red"), ("synergy", "tab:blue")):
             found = group[group["label"] == name]
-            hit = found[found["replicated"]]
-            miss = found[~found["replicated"]]
-            ax.scatter(hit["discovery_mean"], hit["heldout_mean"], s=18, color=colour,
-                       label=f"{name}, replicated ({len(hit)})")
-            ax.scatter(miss["discovery_mean"], miss["heldout_mean"], s=18, facecolors="none", edgecolors=colour,
-                       label=f"{name}, not replicated ({len(miss)})")
+            hit, miss = found[found["replicated"]], found[~found["replicated"]]
+            if len(found):
+                ax.scatter(hit["x"], hit["y"], s=16, color=colour, label=f"{name}, replicated ({len(hit)})")
+                ax.scatter(miss["x"], miss["y"], s=16, facecolors="none", edgecolors=colour,
+                           label=f"{name}, not replicated ({len(miss)})")
+        for level in (-1.645, 1.645):
+            ax.axhline(level, color="grey", lw=0.6, ls="--")
         ax.axhline(0.0, color="grey", lw=0.6)
         ax.axvline(0.0, color="grey", lw=0.6)
-        if phase == "qkov":  # signed Fisher-metric products span decades between heads
-            scale = float(np.nanmedian(np.abs(group["discovery_mean"]))) or 1.0
-            ax.set_xscale("symlog", linthresh=scale)
-            ax.set_yscale("symlog", linthresh=scale)
         arrow = "vs" if phase == "conflicts" else "->"
         ax.set_title(f"{'phase 5' if phase == 'conflicts' else 'phase 6'}: {task_a} {arrow} {task_b}",
                      fontsize="medium")
-        ax.set_xlabel("mean on analysed samples")
-        ax.set_ylabel("mean on held-out samples")
+        ax.set_ylim(low - 0.3, high + 0.3)
+        ax.set_xlabel("t on analysed samples")
+        ax.set_ylabel("t on held-out samples (clipped to the panel)")
         ax.legend(fontsize="x-small")
     if not panels:
         figure.text(0.5, 0.5, "no cell to replicate", ha="center")
     figure.savefig(path, dpi=110)
     return path
+
+
+def _limits(values: np.ndarray) -> tuple[float, float]:
+    """The 0.5 and 99.5 percentiles of the finite values, widened to at least [-3, 3]."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return -3.0, 3.0
+    low, high = np.percentile(finite, [0.5, 99.5])
+    return min(float(low), -3.0), max(float(high), 3.0)
+
+
+def _t(mean: pd.Series, se: pd.Series) -> np.ndarray:
+    """mean / se, NaN where se is not a positive finite number (untested cells)."""
+    mean, se = mean.to_numpy(float), se.to_numpy(float)
+    ok = np.isfinite(se) & (se > 0)
+    return np.where(ok, mean / np.where(ok, se, 1.0), np.nan)
 
 
 def _percent(value: float) -> str:

@@ -206,8 +206,8 @@ def test_outputs_equal_those_of_a_local_run(slurm_run, local_run):
 # --- partial reruns under the SLURM profile (dry runs on the finished SLURM run) ----------------
 @pytest.mark.parametrize(("args", "expected"), [
     ((), {}),  # a finished run: nothing to do
-    (("--forcerun", "qkov"), {"qkov": 2, "all": 1}),
-    (("--config", "qkov={variant: signed}"), {"qkov": 2, "all": 1}),
+    (("--forcerun", "qkov"), {"qkov": 2, "replication": 1, "intervention": 1, "all": 1}),
+    (("--config", "qkov={variant: signed}"), {"qkov": 2, "replication": 1, "intervention": 1, "all": 1}),
 ])
 def test_partial_rerun_plans(slurm_cluster, slurm_run, args, expected):
     output = snakemake_slurm(slurm_cluster, slurm_run["workdir"], slurm_run["configfile"], "-n", "--quiet", "rules",

@@ -31,7 +31,7 @@ rule intervention:
         "logs/benchmarks/intervention.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=10000,
         runtime=60,
     shell:
         "$FISHER_PYTHON -m fisher_pipeline intervention --config-json {params.config:q} "

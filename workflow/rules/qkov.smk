@@ -26,12 +26,12 @@ rule qkov:
     benchmark:
         "logs/benchmarks/qkov/{task_a}__{task_b}.tsv"
     # the pair engine keeps about one core busy (reading float16 slices, then one product per
-    # block): one thread lets two pairs run at once on a 2-core machine
+    # block): declaring one lets two pairs run at once on a 2-core machine
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "OMP_NUM_THREADS={threads} $FISHER_PYTHON -m fisher_pipeline qkov --config-json {params.config:q} "
+        "$FISHER_PYTHON -m fisher_pipeline qkov --config-json {params.config:q} "
         "--stores {wildcards.task_a}={input.store_a:q} {wildcards.task_b}={input.store_b:q} "
         "--out {output.tables:q} > {log} 2>&1"

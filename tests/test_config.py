@@ -179,7 +179,7 @@ def test_numeric_strings_are_read_as_numbers():
                          "fisher: {batch_size: '8', per_sample_layers: '[0, -1]'}\nimportance: {log_color: 'false'}")
     assert raw["scaled"]["damping"] == "1e-5"  # the YAML gotcha
     parsed = PipelineConfig.from_dict(raw)
-    assert parsed.scaled.damping == 0.1 and parsed.scaled.eta == 2
+    assert parsed.scaled.damping == 1e-5 and parsed.scaled.eta == 2
     assert parsed.masks.sparsities == (0.3, 1.0)
     assert parsed.fisher.batch_size == 8 and parsed.fisher.per_sample_layers == (0, -1)
     assert parsed.importance.log_color is False

@@ -69,7 +69,7 @@ from ..config import config_section
 from ..errors import PhaseInputError
 from ..layout import ParamGeometry
 from ..store import FisherStore
-from .common import atomic_output_dir, read_finite, relocate, write_table
+from .common import atomic_output_dir, percent, read_finite, relocate, write_table
 
 log = logging.getLogger(__name__)
 
@@ -417,9 +417,9 @@ def caption(cells: pd.DataFrame, natgrad: pd.DataFrame, summary: pd.DataFrame, d
                      "per sample):")
         for row in summary[summary["what"].str.endswith("cells")].itertuples():
             lines.append(f"- {row.what}, {row.choice} cells, steps promising B {row.gain:g} of its loss: sign of the "
-                         f"discovery prediction right in {_percent(row.sign_agreement_discovery)} of {row.n} "
+                         f"discovery prediction right in {percent(row.sign_agreement_discovery)} of {row.n} "
                          f"(Spearman {row.spearman_discovery:+.2f}); first order on the held-out gradient within "
-                         f"10% in {_percent(row.within_10pct_heldout)} of the {row.n_resolved} steps whose "
+                         f"10% in {percent(row.within_10pct_heldout)} of the {row.n_resolved} steps whose "
                          "predicted change stands above float rounding.")
     own = natgrad[natgrad["kind"] == "own"]
     if len(own):
@@ -429,21 +429,21 @@ def caption(cells: pd.DataFrame, natgrad: pd.DataFrame, summary: pd.DataFrame, d
         gain = float(own["gain"].iloc[0])
         line = (f"Phase 7, each task's own step scaled so its analysed samples promise a drop of {gain:g} of its "
                 f"loss: the held-out change per sample, mean over tasks, is lowest at damping {best:g} "
-                f"({natural.loc[best, 'measured']:+.4g}, realising {_percent(natural.loc[best, 'realised'])} of the "
+                f"({natural.loc[best, 'measured']:+.4g}, realising {percent(natural.loc[best, 'realised'])} of the "
                 f"promise)")
         if damping in curve.index:
             line += (f"; at the configured {damping:g}: {curve.loc[damping, 'measured']:+.4g} "
-                     f"({_percent(curve.loc[damping, 'realised'])})")
+                     f"({percent(curve.loc[damping, 'realised'])})")
         if math.inf in curve.index:
             plain = curve.loc[math.inf]
-            line += f"; the plain gradient: {plain['measured']:+.4g} ({_percent(plain['realised'])})"
+            line += f"; the plain gradient: {plain['measured']:+.4g} ({percent(plain['realised'])})"
         lines.append(line + ".")
     cross = natgrad[natgrad["kind"] == "cross"]
     for gain, group in cross.groupby("gain", sort=False):
         resolved = group[group["resolved"].astype(bool)]
         lines.append(f"Phase 7 cross-task steps on B (damping {damping:g}) promising B a drop of {gain:g} of its "
                      f"loss: first order + EWC within 10% of A's measured change in "
-                     f"{_percent(float(np.mean(resolved['heldout_error'] <= 0.1)) if len(resolved) else math.nan)} "
+                     f"{percent(float(np.mean(resolved['heldout_error'] <= 0.1)) if len(resolved) else math.nan)} "
                      f"of {len(resolved)} pairs; EWC term median {group['ewc'].median():.3g}, first-order term median "
                      f"|{group['predicted_heldout'].abs().median():.3g}|, measured change median "
                      f"|{group['measured'].abs().median():.3g}|.")
@@ -505,10 +505,6 @@ def damping_figure(natgrad: pd.DataFrame, damping: float, path: Path) -> Path:
     realised.axhline(1.0, color="grey", lw=0.5)
     figure.savefig(path, dpi=110)
     return path
-
-
-def _percent(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f}%"
 
 
 # --- the command ---------------------------------------------------------------------------------

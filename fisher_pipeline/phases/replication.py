@@ -49,7 +49,7 @@ from scipy import stats
 from ..config import config_section
 from ..errors import PhaseInputError
 from ..store import FisherStore
-from .common import atomic_output_dir, check_same_model, relocate, write_table
+from .common import atomic_output_dir, check_same_model, percent, relocate, write_table
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +285,8 @@ def caption(summary: pd.DataFrame, alpha: float) -> str:
         for row in group.itertuples():
             lines.append(f"- {row.task_a} / {row.task_b}: {row.replicated} of {row.discovered} replicate "
                          f"(expected {row.expected_replicated:.1f}); sign agreement "
-                         f"{_percent(row.sign_agreement_discovered)} of labelled cells, "
-                         f"{_percent(row.sign_agreement_other)} of the others (about 50% without signal); Spearman "
+                         f"{percent(row.sign_agreement_discovered)} of labelled cells, "
+                         f"{percent(row.sign_agreement_other)} of the others (about 50% without signal); Spearman "
                          f"rho of discovery vs held-out means over {row.n_cells} cells {row.spearman_all:+.2f}.")
     return "\n".join(lines) + "\n"
 
@@ -353,10 +353,6 @@ def _t(mean: pd.Series, se: pd.Series) -> np.ndarray:
     mean, se = mean.to_numpy(float), se.to_numpy(float)
     ok = np.isfinite(se) & (se > 0)
     return np.where(ok, mean / np.where(ok, se, 1.0), np.nan)
-
-
-def _percent(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.0f}%"
 
 
 def _cell_names(phase: str, table: pd.DataFrame) -> list[str]:

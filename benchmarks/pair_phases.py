@@ -46,8 +46,8 @@ def _floor(store_a, store_b) -> None:
 
 
 def _loop_groups(store, layers: int, phase: str):
-    from fisher_pipeline.phases.conflicts import conflict_groups
-    from fisher_pipeline.phases.qkov import qkov_cells
+    from fisher_pipeline.phases.conflicts.compute import conflict_groups
+    from fisher_pipeline.phases.qkov.compute import qkov_cells
 
     groups = conflict_groups(store) if phase == "conflicts" else qkov_cells(store)
     return [g for g in groups if store.geometry[g[0]].layer in range(layers)]
@@ -104,8 +104,10 @@ def _seed_loop(store_a, store_b, cells, n: int) -> None:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from fisher_pipeline.phases.conflicts import ConflictsOptions, pair_conflicts, run_conflicts
-    from fisher_pipeline.phases.qkov import QkovOptions, pair_qkov, run_qkov
+    from fisher_pipeline.phases.conflicts import ConflictsOptions
+    from fisher_pipeline.phases.conflicts.compute import pair_conflicts, run_conflicts
+    from fisher_pipeline.phases.qkov import QkovOptions
+    from fisher_pipeline.phases.qkov.compute import pair_qkov, run_qkov
     from fisher_pipeline.store import FisherStore
 
     torch.set_num_threads(args.threads)

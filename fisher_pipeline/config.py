@@ -39,14 +39,16 @@ from .config_schema import (  # noqa: F401 (re-exported: the config API in one p
     validate_config,
 )
 from .errors import ConfigError
+from .phases.registry import CORE_SECTIONS, registered_phases  # noqa: F401 (CORE_SECTIONS re-exported)
+from .roles import NAMED_SELECTIONS
 
 BUNDLED_MODEL_PATH = "resources/models/SmolLM2-135M-Instruct"
-#: Parameter selections the architecture adapters resolve for every family (else: a regex).
-NAMED_SELECTIONS = ("attention", "mlp", "blocks", "all", "none")
 #: Task keys phase 1 never reads (held-out samples are scored by mask_eval only): left out of its config hash.
 HELDOUT_KEYS = ("n_heldout",)
-#: Sections of phase 1; every other section belongs to a registered analysis phase.
-CORE_SECTIONS = ("model", "tasks", "fisher")
+#: `fisher` keys that never change a store, left out of its config hash and of what the workflow
+#: reruns phase 1 for: how the work is split into jobs (a merged store equals the one-job store),
+#: where the float64 sums live while accumulated, and the route that computes the same sums.
+STORE_INVARIANT_KEYS = ("shards", "param_shards", "state_device", "fold_kernel")
 
 
 @config_section("model")
@@ -114,156 +116,6 @@ class FisherConfig:
                     ) from None
 
 
-# --- analysis phases (registered by their modules, see fisher_pipeline.phases.registry) ----------
-@config_section("importance", """
-description: phase 2, Fisher importance per tensor / head / neuron / layer (ImportanceOptions)
-properties:
-  rank_by:
-    enum: [mean, sum]
-    default: mean
-    description: rank and colour by Fisher per element (mean) or per unit (sum)
-  log_color:
-    type: boolean
-    default: true
-""")
-class ImportanceOptions:
-    """Settings of phase 2."""
-
-    rank_by: str = "mean"  # rank (and colour heatmaps) by Fisher per element ("mean") or per unit ("sum")
-    log_color: bool = True  # heatmap colours on a log scale: Fisher spans orders of magnitude
-
-    @property
-    def score_column(self) -> str:
-        return f"fisher_{self.rank_by}"
-
-
-@config_section("masks", """
-description: phase 3, pruning masks keeping the units whose removal costs the task least (MaskOptions)
-properties:
-  sparsities:
-    type: array
-    minItems: 1
-    uniqueItems: true
-    items:
-      type: number
-      minimum: 0
-      maximum: 1
-    default: [0.25, 0.5]
-    description: fractions of units removed
-  criterion:
-    enum: [saliency, fisher, magnitude, wanda, random]
-    default: saliency
-    description: >
-      the score that ranks units (higher = kept); its masks are the ones phase 4 compares. saliency:
-      the second-order loss increase of removing the unit (elements 0.5*F*w^2, Optimal Brain Damage;
-      heads and neurons 0.5*mean_i gate_i^2, the Fisher of a gate on the unit); fisher: F alone (mean
-      Fisher of the unit); magnitude: |w| (mean over the unit); wanda: |w_ij|*||X_j||; random: seeded
-  baselines:
-    type: array
-    uniqueItems: true
-    items:
-      enum: [saliency, fisher, magnitude, wanda, random]
-    default: [fisher, magnitude, wanda, random]
-    description: further criteria whose masks are computed beside `criterion`'s (for mask_eval)
-  scope:
-    enum: [global, per_layer, per_tensor]
-    default: global
-  granularity:
-    enum: [element, head, neuron]
-    default: element
-  include:
-    type: [string, "null"]
-    default: blocks
-    description: >
-      parameters masked: a named selection (blocks = attention and MLP projections, attention, mlp,
-      all) or a regex searched in parameter names (null = all)
-  wanda_compare:
-    enum: [row, scope]
-    default: row
-    description: >
-      where wanda's element scores compete: within each output row (as the Wanda paper) or within
-      the scope, like the other criteria
-  seed:
-    type: integer
-    default: 0
-    description: seed of the random criterion
-""")
-class MaskOptions:
-    """Settings of phase 3."""
-
-    sparsities: tuple[float, ...] = (0.25, 0.5)  # fractions of units removed, each in [0, 1]
-    criterion: str = "saliency"  # score ranking units: saliency, fisher, magnitude, wanda, random
-    baselines: tuple[str, ...] = ("fisher", "magnitude", "wanda", "random")  # more criteria computed beside it
-    scope: str = "global"  # where units compete: "global", "per_layer" or "per_tensor"
-    granularity: str = "element"  # what a unit is: "element", "head" or "neuron"
-    include: str | None = "blocks"  # named selection or regex of the parameters masked (None: all)
-    wanda_compare: str = "row"  # wanda's elements compete per output row ("row") or within the scope
-    seed: int = 0  # seed of the random criterion
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sparsities", tuple(float(s) for s in self.sparsities))
-        object.__setattr__(self, "baselines", tuple(self.baselines))
-        if len({f"{s:g}" for s in self.sparsities}) != len(self.sparsities):  # names as stored
-            raise ConfigError(f"masks.sparsities = {list(self.sparsities)}: holds the same fraction twice "
-                              f"(as stored, to 6 significant digits)")
-        if self.include is not None and self.include not in NAMED_SELECTIONS:
-            try:
-                re.compile(self.include)
-            except re.error as err:
-                raise ConfigError(f"masks.include = {self.include!r} is not a valid regex ({err})") from None
-        if self.granularity != "element" and self.scope == "per_tensor":
-            raise ConfigError(
-                f"masks.scope = 'per_tensor' with granularity {self.granularity!r}: a {self.granularity} spans "
-                "several tensors (a head: its q rows and o columns; a neuron: its up/gate rows and down column); "
-                "use scope global or per_layer"
-            )
-
-    @property
-    def criteria(self) -> tuple[str, ...]:
-        """Every criterion computed: `criterion` first, then the baselines not equal to it."""
-        return (self.criterion, *(c for c in self.baselines if c != self.criterion))
-
-
-@config_section("overlap", """
-description: phase 4, mask overlap between tasks (OverlapOptions)
-properties:
-  heatmap_metric:
-    enum: [jaccard, dice, overlap_coefficient]
-    default: jaccard
-""")
-class OverlapOptions:
-    """Settings of phase 4."""
-
-    heatmap_metric: str = "jaccard"  # global metric of the task x task heatmaps: jaccard, dice, overlap_coefficient
-
-
-@config_section("scaled", """
-description: phase 7, natural gradients and EWC costs (ScaledOptions)
-properties:
-  damping:
-    type: number
-    minimum: 0
-    default: 1.0e-8
-    examples: [1.0e-5]
-    description: lambda in g / (F + lambda), absolute, in Fisher units of the token-sum loss
-  eta:
-    type: number
-    default: 1.0
-    description: size of the natural-gradient step whose EWC cost is measured
-""")
-class ScaledOptions:
-    """Settings of phase 7."""
-
-    damping: float = 1e-8  # lambda in g / (F + lambda), in Fisher units (token-sum loss); >= 0
-    eta: float = 1.0  # size of the natural-gradient step whose EWC cost is measured
-
-
-SCOPES = tuple(MaskOptions.__config_schema__["properties"]["scope"]["enum"])  # where mask units compete
-GRANULARITIES = tuple(MaskOptions.__config_schema__["properties"]["granularity"]["enum"])  # what a mask unit is
-CRITERIA = tuple(MaskOptions.__config_schema__["properties"]["criterion"]["enum"])  # what ranks mask units
-METRICS = tuple(OverlapOptions.__config_schema__["properties"]["heatmap_metric"]["enum"])  # mask overlap metrics
-
-
 # --- the whole config ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -275,18 +127,19 @@ class PipelineConfig:
     fisher: FisherConfig = field(default_factory=FisherConfig)  # phase 1
     phases: dict[str, Any] = field(default_factory=dict)  # analysis section -> its options (default if absent)
 
+    def __post_init__(self) -> None:
+        phases = {section: phase.options() for section, phase in registered_phases().items()}
+        phases.update(self.phases)
+        object.__setattr__(self, "phases", phases)
+
     def __getattr__(self, name: str) -> Any:
+        """The options of analysis section `name` (`config.masks`)."""
         if name.startswith("__"):
             raise AttributeError(name)
-        options = self.__dict__.get("phases", {})
-        if name in options:
-            return options[name]
-        from .phases.registry import registered_phases
-
-        phase = registered_phases().get(name)
-        if phase is None:
-            raise AttributeError(f"{type(self).__name__} has no section {name!r}")
-        return phase.options()
+        try:
+            return self.__dict__["phases"][name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no section {name!r}") from None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> PipelineConfig:
@@ -298,8 +151,6 @@ class PipelineConfig:
             ConfigError: an unknown key, a value of the wrong type or out of range, a
                 reserved task name, ... (the message names the key path and the value).
         """
-        from .phases.registry import registered_phases
-
         values = validate_config(raw, require_tasks=False)
         return cls(
             model=ModelConfig(**values["model"]),
@@ -307,6 +158,23 @@ class PipelineConfig:
             fisher=FisherConfig(**values["fisher"]),
             phases={section: phase.options(**values[section]) for section, phase in registered_phases().items()},
         )
+
+
+def phase1_settings(task: Mapping[str, Any], fisher: Mapping[str, Any], heldout: bool = False) -> list[Any]:
+    """What a task's phase 1 store depends on besides the weights: `[task, fisher]` settings.
+
+    `STORE_INVARIANT_KEYS` are left out of `fisher`, and `HELDOUT_KEYS` out of the task's
+    settings (the analysed samples do not depend on them). The held-out store (`heldout`)
+    is made from the samples after the analysed ones: its settings count `n_heldout` and
+    say which sample set it holds. `fisher_pipeline.fisher.phase1_config_hash` hashes this;
+    the workflow reruns phase 1 when it changes.
+    """
+    spec = dict(task)
+    if heldout:
+        spec["sample_set"] = "heldout"
+    else:
+        spec = {key: value for key, value in spec.items() if key not in HELDOUT_KEYS}
+    return [spec, {key: value for key, value in fisher.items() if key not in STORE_INVARIANT_KEYS}]
 
 
 def task_config(name: str, spec: Mapping[str, Any]) -> TaskConfig:

@@ -24,6 +24,7 @@ from typing import Any, dataclass_transform
 import yaml
 
 from .errors import ConfigError
+from .phases.registry import registered_phases, reserved_task_names
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
@@ -139,8 +140,6 @@ def config_schema(*, require_tasks: bool = True) -> dict[str, Any]:
         require_tasks: the workflow needs at least one task; the Python API may parse
             configs that only hold some sections (`require_tasks=False`).
     """
-    from .phases.registry import registered_phases, reserved_task_names
-
     schema = copy.deepcopy(core_schema())
     for section, phase in registered_phases().items():
         schema["properties"][section] = copy.deepcopy(phase.options.__config_schema__)

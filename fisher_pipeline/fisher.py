@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .accumulate import FisherAccumulator
-from .config import HELDOUT_KEYS, FisherConfig, PipelineConfig, TaskConfig, config_hash
+from .config import FisherConfig, PipelineConfig, TaskConfig, config_hash, phase1_settings
 from .data import TokenizedSample, load_task
 from .data.tasks import load_heldout
 from .engine.hooks import PerSampleGradients
@@ -32,15 +32,8 @@ from .errors import ConfigError
 from .layout import ModelGeometry
 from .models.adapters import ArchitectureAdapter, adapter_for
 from .models.loading import LoadedModel, load_model
-from .shards import (
-    SHARDING_KEYS,
-    ShardInfo,
-    ShardWriter,
-    all_skipped_error,
-    check_sample_shards,
-    param_shares,
-    shard_ranges,
-)
+from .shard_plan import check_sample_shards, param_shares, shard_ranges
+from .shards import ShardInfo, ShardWriter, all_skipped_error
 from .store import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -256,24 +249,11 @@ def compute_fisher(
 
 
 def phase1_config_hash(config: PipelineConfig, task: str, heldout: bool = False) -> str:
-    """Hash of everything besides the weights that determines task `task`'s store.
-
-    `fisher.shards` and `fisher.param_shards` are left out: they only say how the work is
-    split into jobs, and a merged store equals the one-job store. So are `state_device`,
-    where the float64 sums live while they are accumulated, and `fold_kernel`, which
-    computes the same sums (up to rounding) by another route, and the task's `n_heldout`,
-    which the analysed samples do not depend on. The held-out store (`heldout=True`) is
-    made from the samples after the analysed ones: its hash counts `n_heldout` and says
-    which sample set it holds.
-    """
-    fisher = {key: value for key, value in dataclasses.asdict(config.fisher).items()
-              if key not in (*SHARDING_KEYS, "state_device", "fold_kernel")}
-    spec = dataclasses.asdict(config.tasks[task])
-    if heldout:
-        spec["sample_set"] = "heldout"
-    else:
-        spec = {key: value for key, value in spec.items() if key not in HELDOUT_KEYS}
-    return config_hash(spec, fisher)
+    """Hash of everything besides the weights that determines task `task`'s store
+    (`config.phase1_settings`: the task's settings and phase 1's, less the keys that never
+    change a store; the held-out store's counts `n_heldout` and its sample set)."""
+    task_spec = dataclasses.asdict(config.tasks[task])
+    return config_hash(*phase1_settings(task_spec, dataclasses.asdict(config.fisher), heldout))
 
 
 @dataclass

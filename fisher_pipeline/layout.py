@@ -34,18 +34,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-
-HEAD_BLOCKS = ("q", "k", "v", "o")
-#: What a parameter is for; `qkv` is a fused Q/K/V projection.
-ROLES = ("q", "k", "v", "o", "qkv", "mlp_in", "mlp_out", "embed", "lm_head", "norm", "other")
-#: Named parameter selections (config `fisher.per_sample_params` and friends) -> roles.
-NAMED_SELECTIONS: dict[str, frozenset[str] | None] = {
-    "attention": frozenset({"q", "k", "v", "o", "qkv"}),
-    "mlp": frozenset({"mlp_in", "mlp_out"}),
-    "blocks": frozenset({"q", "k", "v", "o", "qkv", "mlp_in", "mlp_out"}),
-    "all": None,
-    "none": frozenset(),
-}
+from .roles import HEAD_BLOCKS, NAMED_SELECTIONS, ROLES  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

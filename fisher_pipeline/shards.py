@@ -4,11 +4,12 @@
 order (sizes differ by at most one sample); `fisher.param_shards: P` splits the parameters
 into P size-balanced shares (`param_shares`). Each of the K x P jobs runs the whole
 forward/backward on its samples, folds only its share's per-sample gradients into Welford
-statistics, and writes a *partial store* (`ShardWriter`). `merge_shards` combines them into
-the store one job would have written, through the same writer (`store.StoreWriter`: same
-layout, attrs and config hash; values equal to float rounding): Chan's merge of the sample
-shards in shard index order, the union of the parameter shares, per-sample arrays and
-gates concatenated in sample order, input second moments weighted by their token counts.
+statistics, and writes a *partial store* (`ShardWriter`); `shard_plan` makes the split.
+`merge_shards` combines them into the store one job would have written, through the same
+writer (`store.StoreWriter`: same layout, attrs and config hash; values equal to float
+rounding): Chan's merge of the sample shards in shard index order, the union of the
+parameter shares, per-sample arrays and gates concatenated in sample order, input second
+moments weighted by their token counts.
 
 Partial store layout (zarr v3, written under `<path>.partial` and renamed into place when
 complete; `results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr` in the workflow):
@@ -56,99 +57,19 @@ import torch
 import zarr
 
 from .atomic import clean_stale, publish, remove_path
-from .errors import ConfigError, StoreFormatError, StoreMismatchError, TaskError
+from .errors import StoreFormatError, StoreMismatchError, TaskError
 from .layout import ModelGeometry
+from .shard_plan import shard_name, shard_ranges
 from .store import GATE_DTYPE, SampleArrays, SampleRows, StoreWriter, partial_path
 from .welford import Welford
 
 #: 2: gates, group saliencies and input second moments.
 SHARD_FORMAT_VERSION = 2
-#: FisherConfig keys that say how phase 1 is split into jobs; they never change a store.
-SHARDING_KEYS = ("shards", "param_shards")
 #: Welford states of a partial store: kind -> (total array group, M2 array group or None).
 STATE_ARRAYS = {"fisher": ("fisher_total", "fisher_m2"), "grad": ("grad_total", None),
                 "group": ("group_total", "group_m2"), "saliency": ("saliency_total", "saliency_m2")}
 #: The input second moments' sums (their count is the token positions, in the attrs).
 INPUT_SQ_ARRAY = "input_sq_total"
-
-
-# --- how a task is split -------------------------------------------------------------------------
-def shard_ranges(n_samples: int, n_shards: int) -> list[tuple[int, int]]:
-    """Contiguous `[start, stop)` ranges of `n_samples` for `n_shards` shards, sizes differing by <= 1."""
-    if n_shards < 1:
-        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-    bounds = [k * n_samples // n_shards for k in range(n_shards + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def shard_name(sample_shard: int, sample_shards: int, param_shard: int, param_shards: int) -> str:
-    """File name of one shard's partial store: `s{k}of{K}-p{p}of{P}.zarr`."""
-    return f"s{sample_shard}of{sample_shards}-p{param_shard}of{param_shards}.zarr"
-
-
-def shard_names(sample_shards: int, param_shards: int) -> list[str]:
-    """Every shard's file name, sample shard major."""
-    return [shard_name(k, sample_shards, p, param_shards) for k in range(sample_shards) for p in range(param_shards)]
-
-
-def check_sample_shards(shards: int, tasks: Iterable[Any]) -> None:
-    """Refuse `fisher.shards` above a task's `n_samples` (a shard would hold no sample).
-
-    Args:
-        shards: the number of sample shards K.
-        tasks: the `TaskConfig`s to check.
-
-    Raises:
-        ConfigError: naming the key, the task and the largest allowed value.
-    """
-    for spec in tasks:
-        if shards > spec.n_samples:
-            raise ConfigError(
-                f"fisher.shards = {shards} exceeds tasks.{spec.name}.n_samples = {spec.n_samples}: some sample "
-                f"shards would hold no sample. Set fisher.shards to at most {spec.n_samples} (each task needs at least "
-                f"one sample per shard), or raise n_samples."
-            )
-
-
-def share_weight(n_elements: int, m2: bool, per_sample: bool, batch_size: int) -> int:
-    """Bytes of accumulator state a parameter costs its job (what `param_shares` balances).
-
-    float64 sums of `g^2` and `g` (16 B per element), the elementwise M2 of `g^2` (8 B) where
-    selected, and the micro-batch of per-sample gradients (4 B x batch_size) where stored.
-    """
-    return n_elements * (16 + 8 * m2 + 4 * batch_size * per_sample)
-
-
-def param_shares(geometry: ModelGeometry, n_shares: int, m2_names: Iterable[str] = (),
-                 per_sample_names: Iterable[str] = (), batch_size: int = 1) -> list[list[str]]:
-    """A deterministic, size-balanced partition of the model's parameters into `n_shares`.
-
-    Greedy longest-processing-time: parameters by decreasing `share_weight` (then name)
-    each go to the share with the least weight so far (then the lowest index). Depends only
-    on the geometry and the selections, so every job of a run computes the same partition.
-
-    Returns:
-        `n_shares` lists of parameter names, each sorted.
-
-    Raises:
-        ConfigError: more shares than parameters.
-    """
-    names = sorted(geometry.params)
-    if n_shares > len(names):
-        raise ConfigError(
-            f"fisher.param_shards = {n_shares} exceeds the {len(names)} parameter tensors of this model: every "
-            f"share needs at least one. Set fisher.param_shards to at most {len(names)}."
-        )
-    m2, per_sample = set(m2_names), set(per_sample_names)
-    weights = {n: share_weight(int(np.prod(geometry.params[n].shape, dtype=np.int64)), n in m2, n in per_sample,
-                               batch_size) for n in names}
-    loads = [0] * n_shares
-    shares: list[list[str]] = [[] for _ in range(n_shares)]
-    for name in sorted(names, key=lambda n: (-weights[n], n)):
-        target = min(range(n_shares), key=lambda i: (loads[i], i))
-        shares[target].append(name)
-        loads[target] += weights[name]
-    return [sorted(share) for share in shares]
 
 
 # --- writing one shard ---------------------------------------------------------------------------

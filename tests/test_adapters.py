@@ -22,12 +22,12 @@ from transformers.pytorch_utils import Conv1D
 from fisher_pipeline.errors import UnsupportedArchitectureError
 from fisher_pipeline.models.adapters import (
     ADAPTERS,
-    BLOCKS,
     ArchitectureAdapter,
     TensorSlice,
     adapter_for,
     supported_model_types,
 )
+from fisher_pipeline.roles import HEAD_BLOCKS as BLOCKS
 from tiny_models import FAMILIES, build_tiny
 
 # Every family as built, plus configs that stress the GQA map and the residual path.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 import fisher_pipeline.phases as phases_package
 from fisher_pipeline.__main__ import build_parser, main
-from fisher_pipeline.config import PipelineConfig, config_schema
+from fisher_pipeline.config import CORE_SECTIONS, PipelineConfig, config_schema
 from fisher_pipeline.errors import ConfigError
 from fisher_pipeline.phases.registry import phase_commands, registered_phases, unregister_phase
 from store_factory import make_store
@@ -142,9 +143,9 @@ def test_schema_command_prints_the_assembled_schema(capsys):
     assert main(["schema"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == config_schema()
-    assert {"model", "tasks", "fisher", "importance", "masks", "mask_eval", "overlap", "conflicts", "qkov",
-            "scaled", "replication", "intervention"} == set(
-        printed["properties"])
+    # every phase package of fisher_pipeline.phases declares the section named like it
+    packages = {m.name for m in pkgutil.iter_modules(phases_package.__path__) if m.ispkg}
+    assert len(packages) >= 9 and set(printed["properties"]) == {*CORE_SECTIONS, *packages}
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -190,10 +191,10 @@ TOY_PHASE = '''
 
 @pytest.fixture
 def toy_phase(tmp_path, monkeypatch):
-    """A phase module dropped into the phases package's search path, and nothing else."""
+    """A phase package dropped into the phases package's search path, and nothing else."""
     folder = tmp_path / "plugin"
-    folder.mkdir()
-    (folder / "toy_phase.py").write_text(textwrap.dedent(TOY_PHASE))
+    (folder / "toy_phase").mkdir(parents=True)
+    (folder / "toy_phase" / "__init__.py").write_text(textwrap.dedent(TOY_PHASE))
     monkeypatch.setattr(phases_package, "__path__", [*phases_package.__path__, str(folder)])
     yield
     unregister_phase("toy")
@@ -232,7 +233,8 @@ def test_a_new_phase_module_registers_its_cli_and_config_section(toy_phase, tmp_
 
 
 def test_registry_refuses_what_would_clash(toy_phase):
-    from fisher_pipeline.config import FisherConfig, MaskOptions
+    from fisher_pipeline.config import FisherConfig
+    from fisher_pipeline.phases.masks import MaskOptions
     from fisher_pipeline.phases.registry import PhaseCommand, register_phase
 
     registered_phases()

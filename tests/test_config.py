@@ -15,10 +15,8 @@ from fisher_pipeline.config import (
     NAMED_SELECTIONS,
     SCHEMA_PATH,
     FisherConfig,
-    MaskOptions,
     ModelConfig,
     PipelineConfig,
-    ScaledOptions,
     TaskConfig,
     config_schema,
     load_yaml_strict,
@@ -27,7 +25,9 @@ from fisher_pipeline.config import (
     validate_config,
 )
 from fisher_pipeline.errors import ConfigError
+from fisher_pipeline.phases.masks import MaskOptions
 from fisher_pipeline.phases.registry import registered_phases
+from fisher_pipeline.phases.scaled import ScaledOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = {"tasks": {"t": {"source": "builtin:prose"}}}
@@ -85,7 +85,7 @@ def test_default_config_is_valid_and_parses():
 
 
 def test_no_model_specific_regex_in_defaults():
-    assert NAMED_SELECTIONS == ("attention", "mlp", "blocks", "all", "none")
+    assert tuple(NAMED_SELECTIONS) == ("attention", "mlp", "blocks", "all", "none")
     assert FisherConfig().per_sample_params == FisherConfig().fisher_m2_params == "attention"
     assert FisherConfig().per_sample_layers is None and FisherConfig().fisher_m2_layers is None
     assert "self_attn" not in SCHEMA_PATH.read_text()

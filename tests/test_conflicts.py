@@ -17,10 +17,10 @@ from fisher_pipeline.__main__ import main
 from fisher_pipeline.config import ConfigError
 from fisher_pipeline.errors import PhaseInputError
 from fisher_pipeline.pair_stats import bh_qvalues, pair_mean_test
-from fisher_pipeline.phases.conflicts import (
+from fisher_pipeline.phases.conflicts import ConflictsOptions
+from fisher_pipeline.phases.conflicts.compute import (
     COLUMNS,
     TOP_COLUMNS,
-    ConflictsOptions,
     conflict_groups,
     group_conflict,
     pair_conflicts,

@@ -21,7 +21,8 @@ from scipy import stats
 
 from fisher_pipeline.errors import FisherPipelineError, PhaseInputError, StoreMismatchError
 from fisher_pipeline.layout import GroupSpec
-from fisher_pipeline.phases.conflicts import ConflictsOptions, pair_conflicts, run_conflicts
+from fisher_pipeline.phases.conflicts import ConflictsOptions
+from fisher_pipeline.phases.conflicts.compute import pair_conflicts, run_conflicts
 from fisher_pipeline.store import FisherStore
 from store_factory import make_store
 
@@ -40,7 +41,7 @@ HEAD_AXIS = {QP: 0, KP: 0, OP: 1}  # the dimension along which the parameter's h
 ALPHA = 0.05
 #: Columns that must never hold NaN (untested groups carry finite placeholders; se may be inf).
 NUMERIC = ["mean", "se", "p", "q", "within_a_mean", "within_b_mean", "df"]  # effect_size: NaN where W <= 0
-LOGGER = "fisher_pipeline.phases.conflicts"
+LOGGER = "fisher_pipeline.phases.conflicts.compute"
 
 
 # --- synthetic per-sample gradients ---------------------------------------------------------

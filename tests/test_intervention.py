@@ -23,14 +23,8 @@ from fisher_pipeline.engine.loss import collate, per_sample_loss
 from fisher_pipeline.errors import PhaseInputError, StoreContentError
 from fisher_pipeline.fisher import run_fisher
 from fisher_pipeline.models.loading import load_model
-from fisher_pipeline.phases.intervention import (
-    HeldoutProbe,
-    InterventionOptions,
-    cell_mask,
-    cell_steps,
-    choose_cells,
-    natgrad_steps,
-)
+from fisher_pipeline.phases.intervention import InterventionOptions
+from fisher_pipeline.phases.intervention.compute import HeldoutProbe, cell_mask, cell_steps, choose_cells, natgrad_steps
 from fisher_pipeline.phases.qkov import QkovOptions
 from fisher_pipeline.store import open_store
 
@@ -163,7 +157,7 @@ def test_choose_cells_takes_labelled_first_then_random_others():
 
 
 def test_refuses_heldout_samples_that_changed(run, tmp_path):
-    from fisher_pipeline.phases.intervention import run_intervention
+    from fisher_pipeline.phases.intervention.compute import run_intervention
 
     config = PipelineConfig.from_dict({**_raw(run["config"]), "tasks": {
         t: {"source": f"builtin:{t}", "n_samples": 4, "n_heldout": 2, "max_length": 20} for t in TASKS}})

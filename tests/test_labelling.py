@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from fisher_pipeline.layout import GroupSpec
-from fisher_pipeline.phases.conflicts import ConflictsOptions, pair_conflicts
-from fisher_pipeline.phases.qkov import QkovOptions, pair_qkov
+from fisher_pipeline.phases.conflicts import ConflictsOptions
+from fisher_pipeline.phases.conflicts.compute import pair_conflicts
+from fisher_pipeline.phases.qkov import QkovOptions
+from fisher_pipeline.phases.qkov.compute import pair_qkov
 from fisher_pipeline.store import FisherStore
 from store_factory import make_store
 

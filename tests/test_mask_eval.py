@@ -16,13 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fisher_pipeline.evaluation as evaluation
 from fisher_pipeline import apply_masks
-from fisher_pipeline.config import MaskOptions, PipelineConfig
+from fisher_pipeline.config import PipelineConfig
 from fisher_pipeline.data.tasks import load_heldout
 from fisher_pipeline.engine.loss import collate, per_sample_loss
 from fisher_pipeline.errors import PhaseInputError
 from fisher_pipeline.fisher import run_fisher
 from fisher_pipeline.phases import MaskEvalOptions, run_mask_eval, run_masks
-from fisher_pipeline.phases.mask_eval import loss_change
+from fisher_pipeline.phases.mask_eval.compute import loss_change
+from fisher_pipeline.phases.masks import MaskOptions
 from fisher_pipeline.store import open_store
 
 TASKS = ("code", "prose")

@@ -668,7 +668,7 @@ def test_phases_never_read_per_sample_arrays(stores, tmp_path, monkeypatch):
 
 
 def test_row_selection_equals_a_stable_sort_per_row_with_ties():
-    from fisher_pipeline.phases.masks import select_top_rows
+    from fisher_pipeline.phases.masks.compute import select_top_rows
 
     rng = np.random.default_rng(5)
     scores = rng.integers(0, 3, size=(40, 11)).astype(np.float32)  # mostly ties

@@ -24,7 +24,8 @@ from scipy import stats
 from fisher_pipeline.accumulate import FisherAccumulator
 from fisher_pipeline.errors import FisherPipelineError, PhaseInputError
 from fisher_pipeline.layout import GroupSpec
-from fisher_pipeline.phases.qkov import QkovOptions, pair_qkov, run_qkov
+from fisher_pipeline.phases.qkov import QkovOptions
+from fisher_pipeline.phases.qkov.compute import pair_qkov, run_qkov
 from fisher_pipeline.store import FisherStore, StoreWriter
 from store_factory import make_store, random_weights, tiny_geometry
 
@@ -53,7 +54,7 @@ CELLS = [("q", h) for h in range(N_HEADS)] + [("k", h) for h in range(N_KV_HEADS
 ALPHA = 0.05
 #: Numeric columns of `cells` that must never hold NaN (untested cells carry finite placeholders; se may be inf).
 NUMERIC = ["signed_mean", "signed_se", "signed_p", "signed_q", "df", "score_mean", "score_ci_low", "score_ci_high"]
-LOGGER = "fisher_pipeline.phases.qkov"
+LOGGER = "fisher_pipeline.phases.qkov.compute"
 
 
 # --- synthetic per-sample gradients ---------------------------------------------------------

@@ -17,14 +17,12 @@ import pytest
 
 from fisher_pipeline.errors import PhaseInputError
 from fisher_pipeline.layout import GroupSpec
-from fisher_pipeline.phases.conflicts import ConflictsOptions, pair_conflicts
-from fisher_pipeline.phases.qkov import QkovOptions, pair_qkov
-from fisher_pipeline.phases.replication import (
-    ReplicationOptions,
-    replicate_pair_tables,
-    run_replication,
-    summarise,
-)
+from fisher_pipeline.phases.conflicts import ConflictsOptions
+from fisher_pipeline.phases.conflicts.compute import pair_conflicts
+from fisher_pipeline.phases.qkov import QkovOptions
+from fisher_pipeline.phases.qkov.compute import pair_qkov
+from fisher_pipeline.phases.replication import ReplicationOptions
+from fisher_pipeline.phases.replication.compute import replicate_pair_tables, run_replication, summarise
 from fisher_pipeline.store import FisherStore
 from store_factory import make_store
 
@@ -143,7 +141,7 @@ def test_run_writes_tables_figure_and_caption(tmp_path):
 
 def test_refuses_analysed_stores_as_heldout_and_overlapping_ids(tmp_path):
     stores, heldout = pair_stores(tmp_path, 4, 0.2, heldout_signal=True)
-    from fisher_pipeline.phases.replication import check_heldout_stores
+    from fisher_pipeline.phases.replication.compute import check_heldout_stores
 
     with pytest.raises(PhaseInputError, match="is not a held-out store.*fisher --heldout"):
         check_heldout_stores(stores, {"a": stores["a"], "b": heldout["b"]})

@@ -28,22 +28,13 @@ import zarr
 
 import fisher_pipeline.fisher as fisher_module
 from fisher_pipeline.__main__ import main
-from fisher_pipeline.config import HELDOUT_KEYS, PipelineConfig, config_hash
+from fisher_pipeline.config import HELDOUT_KEYS, STORE_INVARIANT_KEYS, PipelineConfig, config_hash
 from fisher_pipeline.data import TokenizedSample
 from fisher_pipeline.errors import ConfigError, StoreFormatError, StoreMismatchError
 from fisher_pipeline.fisher import phase1_config_hash, run_fisher, run_fisher_shard
 from fisher_pipeline.layout import AttentionGeometry, GroupSpec, ModelGeometry, ParamGeometry
-from fisher_pipeline.shards import (
-    SHARDING_KEYS,
-    check_sample_shards,
-    merge_shards,
-    merged_statistics,
-    open_shards,
-    param_shares,
-    shard_name,
-    shard_ranges,
-    share_weight,
-)
+from fisher_pipeline.shard_plan import check_sample_shards, param_shares, shard_name, shard_ranges, share_weight
+from fisher_pipeline.shards import merge_shards, merged_statistics, open_shards
 from fisher_pipeline.store import open_store, partial_path
 from test_phase1 import _PoisonGradient
 from test_workflow_phases import planned_jobs, snakemake, write_config
@@ -238,10 +229,10 @@ def test_config_hash_ignores_the_split():
     assert phase1_config_hash(config(batch_size=3), TASK) != base
     # the keys are left out, not set to 1: stores written before they existed keep their hash
     plain = config()
-    fisher = {k: v for k, v in dataclasses.asdict(plain.fisher).items()
-              if k not in (*SHARDING_KEYS, "state_device", "fold_kernel")}
+    invariant = ("shards", "param_shards", "state_device", "fold_kernel")
+    fisher = {k: v for k, v in dataclasses.asdict(plain.fisher).items() if k not in invariant}
     spec = {k: v for k, v in dataclasses.asdict(plain.tasks[TASK]).items() if k not in HELDOUT_KEYS}
-    assert base == config_hash(spec, fisher) and set(SHARDING_KEYS) <= set(vars(plain.fisher))
+    assert base == config_hash(spec, fisher) and set(invariant) == set(STORE_INVARIANT_KEYS) <= set(vars(plain.fisher))
 
 
 # --- the merge equals one job ---------------------------------------------------------------------

@@ -18,10 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fisher_pipeline import apply_masks
-from fisher_pipeline.config import MaskOptions, PipelineConfig
+from fisher_pipeline.config import PipelineConfig
 from fisher_pipeline.fisher import run_fisher
 from fisher_pipeline.models.adapters import ArchitectureAdapter, adapter_for
 from fisher_pipeline.phases import run_importance, run_masks
+from fisher_pipeline.phases.masks import MaskOptions
 from fisher_pipeline.pruning import MasksFile
 from fisher_pipeline.store import open_store
 from tiny_models import FAMILIES

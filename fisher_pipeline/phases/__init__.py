@@ -1,9 +1,11 @@
 """Analysis phases 2 to 7: pure functions of phase 1 stores (and phase 3 masks) to files.
 
-Each phase has an options dataclass, computational cores that return numbers / tables
-(for tests and notebooks), and a `run_*` function that writes its outputs atomically
-into one directory and returns their paths. None of them imports Snakemake. Only phases 5
-and 6 read per-sample arrays (through the pair engine, `fisher_pipeline.pairs`); the others use
+Each phase is a subpackage: its `__init__.py` declares the options dataclass (its config
+section) and its subcommands, and imports nothing heavy, so that reading a config never
+imports torch; `compute.py` holds the computational cores that return numbers / tables
+(for tests and notebooks) and a `run_*` function that writes the outputs atomically into
+one directory and returns their paths. None of them imports Snakemake. Only phases 5 and 6
+read per-sample arrays (through the pair engine, `fisher_pipeline.pairs`); the others use
 the aggregated Fisher, mean gradient and Welford group statistics only.
 
 | phase | function | options |
@@ -19,25 +21,36 @@ the aggregated Fisher, mean gradient and Welford group statistics only.
 | 7 scaled (tasks) | `run_scaled_cross(store_paths, out_dir, options)` | `ScaledOptions` |
 | 5, 6 replication (tasks) | `run_replication(store_paths, out_dir, options, ...)` | `ReplicationOptions` |
 | 5-7 intervention (tasks) | `run_intervention(store_paths, out_dir, options, ...)` | `InterventionOptions` |
+
+`from fisher_pipeline.phases import run_masks` works for every name above (and the cores
+listed in `__all__`): each is imported from its phase on first use.
 """
 
-from .agreement import rank_agreement, run_rank_agreement
-from .conflicts import ConflictsOptions, group_conflict, pair_conflicts, run_conflicts
-from .importance import ImportanceOptions, importance_tables, run_importance
-from .intervention import InterventionOptions, run_intervention
-from .mask_eval import MaskEvalOptions, run_mask_eval
-from .masks import MaskOptions, compute_masks, mask_summary, run_masks
-from .overlap import OverlapOptions, overlap_metrics, run_overlap
-from .qkov import QkovOptions, pair_qkov, run_qkov
-from .replication import ReplicationOptions, run_replication
-from .scaled import ScaledOptions, cross_task_tables, natgrad_norms, natural_gradient, run_scaled_cross, run_scaled_task
+import importlib
 
-__all__ = [
-    "ConflictsOptions", "ImportanceOptions", "MaskEvalOptions", "MaskOptions", "OverlapOptions", "ScaledOptions",
-    "run_mask_eval",
-    "group_conflict", "pair_conflicts", "run_conflicts", "QkovOptions", "pair_qkov", "run_qkov",
-    "compute_masks", "cross_task_tables", "importance_tables", "mask_summary", "natgrad_norms", "natural_gradient",
-    "overlap_metrics", "rank_agreement",
-    "run_importance", "run_masks", "run_overlap", "run_rank_agreement", "run_scaled_cross", "run_scaled_task",
-    "InterventionOptions", "ReplicationOptions", "run_intervention", "run_replication",
-]
+#: Public name -> the module of this package that defines it (imported on first use).
+_PUBLIC = {
+    "ImportanceOptions": "importance", "importance_tables": "importance.compute",
+    "run_importance": "importance.compute",
+    "rank_agreement": "importance.agreement", "run_rank_agreement": "importance.agreement",
+    "MaskOptions": "masks", "compute_masks": "masks.compute", "mask_summary": "masks.compute",
+    "run_masks": "masks.compute",
+    "MaskEvalOptions": "mask_eval", "run_mask_eval": "mask_eval.compute",
+    "OverlapOptions": "overlap", "overlap_metrics": "overlap.compute", "run_overlap": "overlap.compute",
+    "ConflictsOptions": "conflicts", "group_conflict": "conflicts.compute", "pair_conflicts": "conflicts.compute",
+    "run_conflicts": "conflicts.compute",
+    "QkovOptions": "qkov", "pair_qkov": "qkov.compute", "run_qkov": "qkov.compute",
+    "ScaledOptions": "scaled", "cross_task_tables": "scaled.compute", "natgrad_norms": "scaled.compute",
+    "natural_gradient": "scaled.compute", "run_scaled_cross": "scaled.compute", "run_scaled_task": "scaled.compute",
+    "ReplicationOptions": "replication", "run_replication": "replication.compute",
+    "InterventionOptions": "intervention", "run_intervention": "intervention.compute",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -87,11 +87,11 @@ def _run(phase: Phase, command: PhaseCommand, args: argparse.Namespace) -> None:
     options = getattr(pipeline, phase.section)
     extra = {"pipeline": pipeline} if command.context else {}
     if command.per_task:
-        written = command.run(args.input, args.out, options, task=args.task, **extra)
+        written = command.load()(args.input, args.out, options, task=args.task, **extra)
     else:
         for more in command.extra_inputs:
             values = getattr(args, more.dest)
             extra[more.dest] = _pairs(values, more.flag) if more.keyed and values is not None else values
-        written = command.run(_pairs(args.inputs, command.input_flag), args.out, options, **extra)
+        written = command.load()(_pairs(args.inputs, command.input_flag), args.out, options, **extra)
     for key, path in written.items():
         print(f"{key}\t{path}")

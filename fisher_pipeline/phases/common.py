@@ -129,56 +129,6 @@ def relocate(paths: Mapping[str, Path], staging: Path, out_dir: str | os.PathLik
 
 # --- the pair phases (5 and 6) ---------------------------------------------------------------
 
-def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
-    """YAML schema of the keys every pair phase has: `min_effect_size` (the labelling rule
-    both share, `pair_stats.label`; `alignment_of` says what the alignment is a cosine of),
-    `pairs`, `sample_block`, `compute_dtype`."""
-    return f"""
-  min_effect_size:
-    type: number
-    minimum: 0
-    maximum: 1
-    default: 0.1
-    description: "smallest |alignment| labelled conflict or synergy: the cosine between {alignment_of}"
-  pairs:
-    type: [array, "null"]
-    items:
-      type: array
-      items: {{type: string}}
-      minItems: 2
-      maxItems: 2
-    default: null
-    description: {pairs_description}
-  sample_block:
-    type: integer
-    minimum: 1
-    default: 256
-    description: samples of task A read and multiplied at once (memory, not results)
-  compute_dtype:
-    enum: [float32, float64]
-    default: float32
-    description: dtype of the pair products (results are float64)
-"""
-
-
-def select_pairs(tasks: list[str], pairs, section: str, ordered: bool) -> list[tuple[str, str]]:
-    """`pairs` if given (each task checked), else every unordered (or ordered) pair of `tasks`.
-
-    Raises:
-        PhaseInputError: a listed task has no store.
-    """
-    import itertools
-
-    if pairs is None:
-        return list(itertools.permutations(tasks, 2) if ordered else itertools.combinations(tasks, 2))
-    for pair in pairs:
-        missing = [task for task in pair if task not in tasks]
-        if missing:
-            raise PhaseInputError(f"{section}.pairs lists {list(pair)}, but {missing} has no store here "
-                                  f"(tasks: {list(tasks)}): list only configured tasks")
-    return [tuple(pair) for pair in pairs]
-
-
 def warn_few_samples(log, store_a: FisherStore, store_b: FisherStore, task_a: str, task_b: str, what: str) -> None:
     """A test of a pair matrix needs 2 samples per task; say so once per pair, naming both tasks."""
     if store_a.n_samples < 2 or store_b.n_samples < 2:

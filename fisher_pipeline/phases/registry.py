@@ -1,18 +1,23 @@
-"""The analysis phases, each registered once by its own module.
+"""The analysis phases, each declared once by its own package.
 
-A phase module ends with one call::
+A phase is a subpackage of `fisher_pipeline.phases` whose `__init__.py` declares it and
+nothing heavier: its options dataclass (with `fisher_pipeline.config_schema.config_section`,
+which carries the config section's name and schema) and one call::
 
-    register_phase(MaskOptions, PhaseCommand("masks", run_masks, "phase 3: pruning masks of one task",
-                                             out_example="results/masks/{task}"))
+    register_phase(MaskOptions, PhaseCommand("masks", f"{__name__}.compute:run_masks",
+                                             "phase 3: pruning masks of one task", ...))
 
-naming its options dataclass (declared with `fisher_pipeline.config.config_section`, which
-carries the config section's name and schema) and its subcommands. Everything else reads
-the registry: the `python -m fisher_pipeline` subcommands (`phases/cli.py`), the sections
+The run function is named as `"module:function"` and imported only when the command runs,
+so that reading and checking a config never imports torch, scipy or matplotlib (a config
+mistake is reported in well under a second). Everything else reads the registry: the
+`python -m fisher_pipeline` subcommands (`phases/cli.py`), the sections
 `PipelineConfig.from_dict` parses, the assembled config schema (`config_schema()`) and the
-task names cross-task outputs reserve. Every module of the `fisher_pipeline.phases` package
-is imported on first use, so a new module registers itself without an edit anywhere else
-in the package; so are the modules another installed package names as entry points of
-group `fisher_pipeline.phases`. docs/adding_a_phase.md walks through adding a phase.
+task names cross-task outputs reserve. Every subpackage of `fisher_pipeline.phases` is
+imported on first use, so a new phase registers itself without an edit anywhere else in the
+package; so are the modules another installed package names as entry points of group
+`fisher_pipeline.phases`. docs/adding_a_phase.md walks through adding a phase.
+
+This module imports nothing of the package: the config sits above it, the phases beside it.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from ..config import CORE_SECTIONS
+#: Sections of phase 1; every other section belongs to a registered analysis phase.
+CORE_SECTIONS = ("model", "tasks", "fisher")
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,9 @@ class PhaseCommand:
     """
 
     name: str  # the subcommand, e.g. "masks" (a rule's shell command calls it)
-    run: Callable[..., Mapping[str, Any]]  # the phase's run function (see above)
+    #: the phase's run function (see above), or where it lives as "module:function", imported
+    #: when the command runs (keeps config checks free of the phase's numerics)
+    run: Callable[..., Mapping[str, Any]] | str
     help: str  # one line for --help
     per_task: bool = True  # one job per task, or one job across all tasks (inputs as TASK=PATH pairs)
     input_flag: str = ""  # the flag naming the input(s); default "--store" per task, "--stores" across tasks
@@ -71,6 +80,9 @@ class PhaseCommand:
     extra_inputs: tuple[ExtraInput, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.run, str) and not re.fullmatch(r"[\w.]+:\w+", self.run):
+            raise ValueError(f"PhaseCommand {self.name!r}: run = {self.run!r} must be a function or "
+                             "'package.module:function'")
         if not self.input_flag:
             object.__setattr__(self, "input_flag", "--store" if self.per_task else "--stores")
         if not self.input_flag.startswith("--"):
@@ -79,6 +91,13 @@ class PhaseCommand:
             raise ValueError(f"PhaseCommand {self.name!r}: only a cross-task command takes extra inputs")
         if self.per_task and self.reserves:
             raise ValueError(f"PhaseCommand {self.name!r}: only a cross-task command reserves a task name")
+
+    def load(self) -> Callable[..., Mapping[str, Any]]:
+        """The run function, imported from its module if `run` names it."""
+        if callable(self.run):
+            return self.run
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,8 @@ def register_phase(options: type, *commands: PhaseCommand) -> Phase:
     """
     section = getattr(options, "__config_section__", None)
     if section is None or not hasattr(options, "__config_schema__"):
-        raise TypeError(f"{options!r} is not declared with @config_section(name, schema) (fisher_pipeline.config)")
+        raise TypeError(f"{options!r} is not declared with @config_section(name, schema) "
+                        "(fisher_pipeline.config_schema)")
     if section in CORE_SECTIONS:
         raise ValueError(f"config section {section!r} belongs to phase 1; choose another section name")
     current = _PHASES.get(section)
@@ -153,11 +173,12 @@ ENTRY_POINT_GROUP = "fisher_pipeline.phases"
 
 
 def _discover() -> None:
-    """Import every module of the `fisher_pipeline.phases` package and of the entry points
+    """Import every subpackage of `fisher_pipeline.phases` and the modules of the entry points
     of group `fisher_pipeline.phases` (each registers itself)."""
     package = importlib.import_module(__package__)
     for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{__package__}.{module.name}")
+        if module.ispkg:
+            importlib.import_module(f"{__package__}.{module.name}")
     for entry_point in _entry_points(tuple(sys.path)):
         importlib.import_module(entry_point.module)
 

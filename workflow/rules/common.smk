@@ -8,13 +8,15 @@ from snakemake.exceptions import WorkflowError
 
 from fisher_pipeline.config import (
     BUNDLED_MODEL_PATH,
-    HELDOUT_KEYS,
     ConfigError,
     PipelineConfig,
     load_yaml_strict,
+    phase1_settings,
     validate_config,
 )
-from fisher_pipeline.shards import SHARDING_KEYS, check_sample_shards, shard_names
+from fisher_pipeline.errors import PhaseInputError
+from fisher_pipeline.phases.pair_options import select_pairs
+from fisher_pipeline.shard_plan import check_sample_shards, shard_names
 
 # Snakemake keeps the last of two equal keys in a config file silently: read each file again,
 # strictly. Nested values given with --config reach the workflow as text (Snakemake parses them
@@ -57,16 +59,12 @@ def model_input():
 
 
 def phase1_config(task, heldout=False):
-    """What phase 1 of `task` depends on (other tasks' settings are left out, so editing
-    one task reruns only that task; so is its `n_heldout`, which the analysed samples do not
-    depend on, except for the held-out store). `fisher.shards` and `fisher.param_shards` are
-    left out too: they never change a store; the shard file names carry them."""
-    fisher = {key: value for key, value in config["fisher"].items() if key not in SHARDING_KEYS}
-    spec = {key: value for key, value in config["tasks"][task].items() if heldout or key not in HELDOUT_KEYS}
-    return json.dumps(
-        {"model": config["model"], "tasks": {task: spec}, "fisher": fisher},
-        sort_keys=True,
-    )
+    """What phase 1 of `task` depends on (`phase1_settings`, the rule that also makes the
+    store's config hash): other tasks' settings are left out, so editing one task reruns only
+    that task; so are its `n_heldout` (except for the held-out store) and the `fisher` keys
+    that never change a store (`STORE_INVARIANT_KEYS`: sharding, `state_device`, `fold_kernel`)."""
+    task_spec, fisher = phase1_settings(config["tasks"][task], config["fisher"], heldout)
+    return json.dumps({"model": config["model"], "tasks": {task: task_spec}, "fisher": fisher}, sort_keys=True)
 
 
 def fisher_sharded():
@@ -106,39 +104,22 @@ def task_pairs(paths):
     return [f"{task}={path}" for task, path in paths.items()]
 
 
-def conflict_pairs():
-    """Task pairs of phase 5: `conflicts.pairs` (checked against the tasks) or every unordered pair.
-
-    None when phase 1 stores no per-sample gradients (`fisher.per_sample_params: none`):
-    phase 5 has nothing to compare then.
-    """
+def _pairs_of(section, ordered):
+    """Task pairs of pair phase `section` (`<section>.pairs`, checked against the tasks, or every
+    pair); none when phase 1 stores no per-sample gradients (`fisher.per_sample_params: none`)."""
     if config["fisher"]["per_sample_params"] in ("none", ""):
         return []
-    listed = config["conflicts"]["pairs"]
-    if listed is None:
-        return [(a, b) for i, a in enumerate(TASKS) for b in TASKS[i + 1:]]
-    for pair in listed:
-        unknown = [task for task in pair if task not in TASKS]
-        if unknown:
-            raise WorkflowError(f"conflicts.pairs lists {list(pair)}, but {unknown} is not a task of this config "
-                                f"(tasks: {TASKS}): list pairs of configured tasks.")
-    return [tuple(pair) for pair in listed]
+    try:
+        return select_pairs(TASKS, config[section]["pairs"], section, ordered, stores="is not a task of this config")
+    except PhaseInputError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def conflict_pairs():
+    """Unordered task pairs of phase 5."""
+    return _pairs_of("conflicts", ordered=False)
 
 
 def qkov_pairs():
-    """Ordered task pairs (A, B) of phase 6: `qkov.pairs` (checked) or every ordered pair.
-
-    None when phase 1 stores no per-sample gradients.
-    """
-    if config["fisher"]["per_sample_params"] in ("none", ""):
-        return []
-    listed = config["qkov"]["pairs"]
-    if listed is None:
-        return [(a, b) for a in TASKS for b in TASKS if a != b]
-    for pair in listed:
-        unknown = [task for task in pair if task not in TASKS]
-        if unknown or pair[0] == pair[1]:
-            raise WorkflowError(f"qkov.pairs lists {list(pair)}: " + (
-                f"{unknown} is not a task of this config (tasks: {TASKS})" if unknown else "a task with itself")
-                + "; list ordered pairs [A, B] of two configured tasks.")
-    return [tuple(pair) for pair in listed]
+    """Ordered task pairs (A, B) of phase 6."""
+    return _pairs_of("qkov", ordered=True)

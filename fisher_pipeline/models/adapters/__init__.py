@@ -6,7 +6,7 @@ from torch import nn
 
 from ...errors import UnsupportedArchitectureError
 from ...layout import GroupSpec, TensorSlice
-from .base import BLOCKS, ArchitectureAdapter
+from .base import ArchitectureAdapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter
@@ -15,7 +15,7 @@ from .phi3 import Phi3Adapter
 ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (LlamaAdapter, GPT2Adapter, GPTNeoXAdapter, Phi3Adapter)
 
 __all__ = [
-    "ADAPTERS", "BLOCKS", "ArchitectureAdapter", "GroupSpec", "TensorSlice", "adapter_for", "supported_model_types",
+    "ADAPTERS", "ArchitectureAdapter", "GroupSpec", "TensorSlice", "adapter_for", "supported_model_types",
 ]
 
 

@@ -21,8 +21,6 @@ from torch import nn
 from ...errors import UnsupportedArchitectureError
 from ...layout import AttentionGeometry, GroupSpec, ModelGeometry, ParamGeometry, TensorSlice
 
-BLOCKS = ("q", "k", "v", "o")
-
 
 class ArchitectureAdapter(ABC):
     """Layout knowledge of one architecture family."""

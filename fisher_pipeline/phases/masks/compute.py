@@ -56,12 +56,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import NAMED_SELECTIONS, MaskOptions
-from ..errors import ConfigError, PhaseInputError
-from ..layout import ParamGeometry, examples
-from ..pruning import MASKS_FORMAT, mask_key, sparsity_key, write_masks_file
-from ..store import FisherStore, open_store
-from .common import atomic_output_dir, read_finite, relocate, write_table
+from ...config import NAMED_SELECTIONS
+from ...errors import ConfigError, PhaseInputError
+from ...layout import ParamGeometry, examples
+from ...pruning import MASKS_FORMAT, mask_key, sparsity_key, write_masks_file
+from ...store import FisherStore, open_store
+from ..common import atomic_output_dir, read_finite, relocate, write_table
+from . import MaskOptions
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Scorer:
 
     Args:
         store: the task's phase 1 store.
-        criterion: one of `config.CRITERIA`.
+        criterion: one of `CRITERIA`.
         weights: parameter name -> value (as the store names them); needed by saliency
             (elements), magnitude and wanda.
         seed: seed of the random criterion.
@@ -466,7 +467,7 @@ def run_masks(store_path: str | os.PathLike, out_dir: str | os.PathLike,
     store = open_store(store_path)
     task = task or str(store.attrs.get("task", Path(store_path).stem))
     if weights is None and needs_weights(options) and pipeline is not None:
-        from ..models.weights import load_weights
+        from ...models.weights import load_weights
 
         weights = load_weights(pipeline.model, store)
     mask_set = compute_masks(store, options, weights)
@@ -545,10 +546,3 @@ def _layer_name(layer: int | None) -> str:
 def _total(criterion: str, sparsity: float, level: str, name: str, layer: int | None, members: list[dict]) -> dict:
     sums = {k: sum(m[k] for m in members) for k in ("n_elements", "kept_elements", "n_units", "kept_units")}
     return {"criterion": criterion, "sparsity": sparsity, "level": level, "name": name, "layer": layer, **sums}
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(MaskOptions, PhaseCommand(
-    "masks", run_masks, "phase 3: pruning masks of one task for every configured criterion and sparsity",
-    out_example="results/masks/{task}", context=("model",)))

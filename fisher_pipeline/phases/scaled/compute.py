@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import plots
-from ..config import ScaledOptions
-from ..layout import ParamGeometry
-from ..store import FisherStore, open_store
-from .common import atomic_output_dir, open_stores, read_finite, relocate, write_table
+from ... import plots
+from ...layout import ParamGeometry
+from ...store import FisherStore, open_store
+from ..common import atomic_output_dir, open_stores, read_finite, relocate, write_table
+from . import ScaledOptions
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,3 @@ def _global_matrix(table: pd.DataFrame, tasks: list[str], column: str, symmetric
         if symmetric:
             matrix.loc[row.task_b, row.task_a] = getattr(row, column)
     return matrix
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(ScaledOptions, PhaseCommand(
-    "scaled", run_scaled_task, "phase 7: mean and natural-gradient norms of one task",
-    out_example="results/scaled/{task}"), PhaseCommand(
-    "scaled-cross", run_scaled_cross, "phase 7 across tasks: natural-gradient cosines and EWC costs",
-    per_task=False, out_example="results/scaled/cross_task",
-    reserves="cross_task"))

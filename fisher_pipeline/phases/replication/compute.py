@@ -46,10 +46,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from ..config import config_section
-from ..errors import PhaseInputError
-from ..store import FisherStore
-from .common import atomic_output_dir, check_same_model, percent, relocate, write_table
+from ...errors import PhaseInputError
+from ...store import FisherStore
+from ..common import atomic_output_dir, check_same_model, percent, relocate, write_table
+from . import ReplicationOptions
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +66,6 @@ CELL_COLUMNS = ["phase", "task_a", "task_b", "cell", "layer", "block", "head", "
 SUMMARY_COLUMNS = ["phase", "task_a", "task_b", "n_cells", "discovered", "replicated", "expected_replicated",
                    "replication_rate", "sign_agreement_discovered", "sign_agreement_other", "spearman_all",
                    "spearman_p", "heldout_n_a", "heldout_n_b"]
-
-
-@config_section("replication", """
-description: held-out replication of phases 5 and 6, cell by cell (ReplicationOptions)
-properties:
-  alpha:
-    type: number
-    exclusiveMinimum: 0
-    exclusiveMaximum: 1
-    default: 0.05
-    description: level of each discovered cell's one-sided held-out test (no correction within the discovered set)
-""")
-class ReplicationOptions:
-    """Settings of the held-out replication."""
-
-    alpha: float = 0.05  # one-sided level of each discovered cell's held-out test
 
 
 def check_heldout_stores(discovery: Mapping[str, FisherStore], heldout: Mapping[str, FisherStore]) -> None:
@@ -190,8 +174,8 @@ def replicate_pair_tables(phase: str, discovery: pd.DataFrame, stores: Mapping[s
         options: the phase's options (`ConflictsOptions` / `QkovOptions`) the discovery run used.
         alpha: one-sided level.
     """
-    from .conflicts import conflict_groups, pair_conflicts
-    from .qkov import pair_qkov
+    from ..conflicts.compute import conflict_groups, pair_conflicts
+    from ..qkov.compute import pair_qkov
 
     for column in RECORDED[phase]:
         recorded = set(discovery[column].dropna().unique())
@@ -242,7 +226,7 @@ def run_replication(store_paths: Mapping[str, str | os.PathLike], out_dir: str |
         PhaseInputError: nothing to replicate, missing or wrong held-out stores, tables made
             with other settings.
     """
-    from ..store import open_store
+    from ...store import open_store
 
     options = options or ReplicationOptions()
     if pipeline is None:
@@ -373,15 +357,3 @@ def _read_table(path: str | os.PathLike, stem: str) -> pd.DataFrame:
         raise PhaseInputError(f"{file} does not exist: pass the output directory of the phase (it holds "
                               f"{stem}.parquet)")
     return pd.read_parquet(file)
-
-
-from .registry import ExtraInput, PhaseCommand, register_phase  # noqa: E402
-
-register_phase(ReplicationOptions, PhaseCommand(
-    "replication", run_replication,
-    "phases 5 and 6 on held-out samples: does every labelled cell replicate?",
-    per_task=False, input_help="phase 1 store of the analysed samples", out_example="results/replication",
-    context=("conflicts", "qkov"), extra_inputs=(
-        ExtraInput("--heldout-stores", "phase 1 store of the held-out samples (fisher --heldout)"),
-        ExtraInput("--conflicts", "phase 5 output directories", keyed=False, required=False),
-        ExtraInput("--qkov", "phase 6 output directories", keyed=False, required=False))))

@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .. import plots
-from .common import atomic_output_dir, open_stores, relocate, write_table
-from .importance import ImportanceOptions, importance_tables
+from ... import plots
+from ..common import atomic_output_dir, open_stores, relocate, write_table
+from . import ImportanceOptions
+from .compute import importance_tables
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,3 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
         return float("nan"), float("nan")  # constant or too few scores: correlation undefined
     result = stats.spearmanr(a, b)
     return float(result.statistic), float(result.pvalue)
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(ImportanceOptions, PhaseCommand(
-    "rank-agreement", run_rank_agreement, "phase 2 across tasks: Spearman rank agreement of importance between tasks",
-    per_task=False, out_example="results/importance/rank_agreement",
-    reserves="rank_agreement"))

@@ -65,11 +65,11 @@ from matplotlib.figure import Figure
 from scipy import stats
 from tqdm import tqdm
 
-from ..config import config_section
-from ..errors import PhaseInputError
-from ..layout import ParamGeometry
-from ..store import FisherStore
-from .common import atomic_output_dir, percent, read_finite, relocate, write_table
+from ...errors import PhaseInputError
+from ...layout import ParamGeometry
+from ...store import FisherStore
+from ..common import atomic_output_dir, percent, read_finite, relocate, write_table
+from . import InterventionOptions
 
 log = logging.getLogger(__name__)
 
@@ -84,66 +84,6 @@ SUMMARY_COLUMNS = ["what", "choice", "gain", "n", "n_resolved", "sign_agreement_
 #: A change counts as measured (`resolved`) when the first-order prediction exceeds this many
 #: times the task's rounding floor (`HeldoutProbe.rounding`).
 RESOLUTION = 30.0
-
-
-@config_section("intervention", """
-description: steps on the model that check phases 5, 6 and 7 on held-out samples (InterventionOptions)
-properties:
-  top_cells:
-    type: integer
-    minimum: 0
-    default: 2
-    description: most significant cells stepped per task pair and phase
-  random_cells:
-    type: integer
-    minimum: 0
-    default: 2
-    description: cells drawn at random among the others per task pair and phase (the baseline)
-  gains:
-    type: array
-    items: {type: number, exclusiveMinimum: 0}
-    minItems: 1
-    default: [0.001, 0.01]
-    description: >-
-      every step on a task T is scaled to promise T a drop of this fraction of its held-out
-      loss, to first order (cells: on B's held-out gradient; phase 7: on the analysed one);
-      the first scales the damping curve
-  dampings:
-    type: array
-    items: {type: number, minimum: 0}
-    default: [1.0e-7, 1.0e-6, 1.0e-5, 1.0e-4, 1.0e-3]
-    description: >-
-      lambdas of the natural-gradient damping curve (beside scaled.damping and the plain
-      gradient), Fisher units
-  batch_size:
-    type: integer
-    minimum: 1
-    default: 8
-    description: held-out samples per forward pass (memory, not results)
-  device:
-    enum: [cpu, cuda, auto]
-    default: cpu
-    description: where the model runs (auto = cuda when available)
-  seed:
-    type: integer
-    minimum: 0
-    default: 0
-    description: seed of the random cells
-""")
-class InterventionOptions:
-    """Settings of the intervention checks."""
-
-    top_cells: int = 2  # most significant cells stepped per pair and phase
-    random_cells: int = 2  # random cells per pair and phase (the baseline)
-    gains: tuple[float, ...] = (0.001, 0.01)  # promised drop of the stepped task / its loss
-    dampings: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3)  # damping curve of phase 7
-    batch_size: int = 8  # held-out samples per forward pass
-    device: str = "cpu"  # cpu | cuda | auto
-    seed: int = 0  # seed of the random cells
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "gains", tuple(float(g) for g in self.gains))
-        object.__setattr__(self, "dampings", tuple(float(d) for d in self.dampings))
 
 
 # --- choosing and stepping cells -----------------------------------------------------------
@@ -188,7 +128,7 @@ class HeldoutProbe:
     def __init__(self, model, samples: Mapping[str, list], pad_id: int, batch_size: int):
         import torch
 
-        from ..evaluation import heldout_losses
+        from ...evaluation import heldout_losses
 
         self.model, self.samples, self.pad_id, self.batch_size = model, samples, pad_id, batch_size
         self.params = dict(model.named_parameters())
@@ -261,7 +201,7 @@ def cell_steps(probe: HeldoutProbe, chosen: pd.DataFrame, stores: Mapping[str, F
                heldout: Mapping[str, FisherStore], options: InterventionOptions, qkov_options) -> pd.DataFrame:
     """Measured and predicted changes of A's held-out loss for every chosen cell and gain: the step
     on B through the cell is scaled so that it lowers B's held-out loss by `gain x L_B` to first order."""
-    from .qkov import pooled_fisher
+    from ..qkov.compute import pooled_fisher
 
     rows = []
     bar = tqdm(list(chosen.itertuples(index=False)), unit="cell", file=sys.stderr, mininterval=2.0, ascii=True)
@@ -527,11 +467,11 @@ def run_intervention(store_paths: Mapping[str, str | os.PathLike], out_dir: str 
         PhaseInputError: missing pipeline sections, held-out stores that do not match, a model
             other than the stores'.
     """
-    from ..data.tasks import load_heldout
-    from ..fisher import resolve_device
-    from ..models.loading import load_model
-    from ..store import open_store
-    from .replication import check_heldout_stores
+    from ...data.tasks import load_heldout
+    from ...fisher import resolve_device
+    from ...models.loading import load_model
+    from ...store import open_store
+    from ..replication.compute import check_heldout_stores
 
     options = options or InterventionOptions()
     if pipeline is None:
@@ -577,15 +517,3 @@ def run_intervention(store_paths: Mapping[str, str | os.PathLike], out_dir: str 
         paths["caption"] = staging / "caption.md"
         paths["caption"].write_text(caption(cells, natgrad, summary, pipeline.scaled.damping))
     return relocate(paths, staging, out_dir)
-
-
-from .registry import ExtraInput, PhaseCommand, register_phase  # noqa: E402
-
-register_phase(InterventionOptions, PhaseCommand(
-    "intervention", run_intervention,
-    "steps on the model as phases 5, 6 and 7 predict, measured on held-out samples",
-    per_task=False, input_help="phase 1 store of the analysed samples", out_example="results/intervention",
-    context=("model", "tasks", "qkov", "scaled"), extra_inputs=(
-        ExtraInput("--heldout-stores", "phase 1 store of the held-out samples (fisher --heldout)"),
-        ExtraInput("--replication", "the replication output directory (cells to step)", keyed=False,
-                   required=False))))

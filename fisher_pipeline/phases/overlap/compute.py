@@ -36,11 +36,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .. import plots
-from ..config import METRICS, OverlapOptions
-from ..errors import PhaseInputError
-from ..pruning import MasksFile
-from .common import atomic_output_dir, relocate, write_table
+from ... import plots
+from ...errors import PhaseInputError
+from ...pruning import MasksFile
+from ..common import atomic_output_dir, relocate, write_table
+from . import METRICS, OverlapOptions
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,3 @@ def _read_mask(file: MasksFile, criterion: str, key: str, param: str, task: str)
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(OverlapOptions, PhaseCommand(
-    "overlap", run_overlap, "phase 4: overlap of the tasks' masks, with hypergeometric expectations and p-values",
-    per_task=False, input_flag="--masks", input_help="masks.safetensors written by phase 3",
-    out_example="results/overlap"))

@@ -35,11 +35,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from .. import plots
-from ..config import config_section
-from ..errors import PhaseInputError
-from ..pruning import MasksFile
-from .common import atomic_output_dir, relocate, write_table
+from ... import plots
+from ...errors import PhaseInputError
+from ...pruning import MasksFile
+from ..common import atomic_output_dir, relocate, write_table
+from . import MaskEvalOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +47,6 @@ COLUMNS = ["criterion", "granularity", "sparsity", "mask_task", "eval_task", "ow
            "dense_loss", "pruned_loss", "delta", "delta_se", "kept_fraction"]
 #: Settings every task's masks must share to be compared.
 _MATCHING = ("weights_hash", "criteria", "sparsities", "granularity", "scope", "include")
-
-
-@config_section("mask_eval", """
-description: held-out check of every mask of phase 3 (MaskEvalOptions)
-properties:
-  batch_size:
-    type: integer
-    minimum: 1
-    default: 8
-    description: held-out samples per forward pass (memory, not results)
-  n_samples:
-    type: integer
-    minimum: 0
-    default: 0
-    description: >-
-      score only the first n held-out samples of each task (0 = all tasks.<name>.n_heldout);
-      each mask costs a forward pass over them
-  device:
-    enum: [cpu, cuda, auto]
-    default: cpu
-    description: where the model runs (auto = cuda when available)
-""")
-class MaskEvalOptions:
-    """Settings of mask_eval."""
-
-    batch_size: int = 8  # held-out samples per forward pass (memory, not results)
-    n_samples: int = 0  # first n held-out samples of each task scored (0: all)
-    device: str = "cpu"  # "cpu", "cuda" or "auto"
 
 
 def loss_change(dense: np.ndarray, pruned: np.ndarray, n_tokens: np.ndarray) -> tuple[float, float, float, float]:
@@ -107,12 +79,12 @@ def run_mask_eval(mask_paths: dict[str, str | os.PathLike], out_dir: str | os.Pa
     """
     import torch
 
-    from ..data.tasks import load_heldout
-    from ..evaluation import heldout_losses
-    from ..fisher import resolve_device
-    from ..models.loading import load_model
-    from ..pruning import apply_masks
-    from ..store import open_store
+    from ...data.tasks import load_heldout
+    from ...evaluation import heldout_losses
+    from ...fisher import resolve_device
+    from ...models.loading import load_model
+    from ...pruning import apply_masks
+    from ...store import open_store
 
     options = options or MaskEvalOptions()
     if pipeline is None:
@@ -260,11 +232,3 @@ def _open_all(mask_paths: dict[str, str | os.PathLike]) -> dict[str, MasksFile]:
                                       f"({first.metadata.get(key)!r} vs {file.metadata.get(key)!r}): rerun phase 3 "
                                       "for every task with one config")
     return files
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(MaskEvalOptions, PhaseCommand(
-    "mask-eval", run_mask_eval, "every task's masks scored on every task's held-out samples, beside the dense model",
-    per_task=False, input_flag="--masks", input_help="masks.safetensors written by phase 3",
-    out_example="results/mask_eval", context=("model", "tasks")))

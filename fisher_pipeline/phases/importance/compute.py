@@ -47,12 +47,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import plots
-from ..config import ImportanceOptions
-from ..errors import StoreContentError
-from ..layout import HEAD_BLOCKS, AttentionGeometry
-from ..store import FisherStore, open_store
-from .common import atomic_output_dir, read_finite, relocate, write_table
+from ... import plots
+from ...errors import StoreContentError
+from ...layout import HEAD_BLOCKS, AttentionGeometry
+from ...store import FisherStore, open_store
+from ..common import atomic_output_dir, read_finite, relocate, write_table
+from . import ImportanceOptions
 
 TABLES = ("tensors", "groups", "heads", "neurons", "layers")
 
@@ -227,10 +227,3 @@ def _with_gqa_columns(heads: pd.DataFrame, attention: AttentionGeometry) -> pd.D
     is_kv = heads["head_kind"] == "kv"
     heads["query_heads"] = np.where(is_kv, heads["head"].map(readers).fillna(""), heads["head"].astype(str))
     return heads
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(ImportanceOptions, PhaseCommand(
-    "importance", run_importance, "phase 2: Fisher importance tables and layer x head heatmaps of one task",
-    out_example="results/importance/{task}"))

@@ -41,21 +41,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import plots
-from ..config import config_section
-from ..errors import PhaseInputError
-from ..pair_stats import alignment, bh_qvalues, label, pair_mean_test
-from ..pairs import Group, iter_param_pairs
-from ..store import FisherStore
-from .common import (
+from ... import plots
+from ...errors import PhaseInputError
+from ...pair_stats import alignment, bh_qvalues, label, pair_mean_test
+from ...pairs import Group, iter_param_pairs
+from ...store import FisherStore
+from ..common import (
     atomic_output_dir,
     open_stores,
-    pair_phase_schema,
     relocate,
-    select_pairs,
     warn_few_samples,
     write_table,
 )
+from ..pair_options import select_pairs
+from . import QkovOptions
 
 log = logging.getLogger(__name__)
 
@@ -69,71 +68,6 @@ HEALTH_COLUMNS = ["layer", "block", "head", "param", "slice_size", "fisher_pool"
                   "fisher_max", "fraction_below_eps", "eps", "ridge_lambda"]
 TOP_COLUMNS = ["task_a", "task_b", "layer", "block", "head", "variant", "rank", "sample_a", "sample_b", "score",
                "a_alone", "b_alone", "excess"]
-
-
-@config_section("qkov", """
-description: phase 6, Q/K/V/O interference per layer, block and head (QkovOptions)
-properties:
-  variant:
-    enum: [unsigned, signed, symmetric]
-    default: unsigned
-    description: "per-pair score: unsigned g_A^2 |g_B| / Fhat, signed g_A g_B / Fhat, symmetric |g_A| |g_B| / Fhat"
-  aggregate:
-    enum: [mean, sum]
-    default: mean
-    description: mean or sum of the score over the head's slice
-  fisher_pool:
-    enum: [a, b, pooled]
-    default: a
-    description: whose Fisher normalises, A's, B's, or both pooled (sample-weighted)
-  eps:
-    type: number
-    minimum: 0
-    default: 1.0e-10
-    description: floor on the Fisher before lambda is added, in Fisher units
-  ridge_lambda:
-    type: number
-    minimum: 0
-    default: 0.0
-    description: lambda added to the floored Fisher, in Fisher units
-  alpha:
-    type: number
-    exclusiveMinimum: 0
-    exclusiveMaximum: 1
-    default: 0.05
-    description: false discovery rate of the Benjamini-Hochberg step over all cells of the run
-  top_k:
-    type: integer
-    minimum: 0
-    default: 20
-    description: sample pairs listed in top_conflicts per task pair
-  n_bootstrap:
-    type: integer
-    minimum: 0
-    default: 200
-    description: bootstrap resamples (of samples of A and of B) for the score's 95% interval; 0 skips it
-""" + pair_phase_schema("ordered task pairs [A, B]; null takes every ordered pair",
-                      "the two tasks' mean gradients in the head in the Fisher metric, "
-                      "signed_mean / sqrt(within_a_mean x within_b_mean)"))
-class QkovOptions:
-    """Settings of phase 6."""
-
-    variant: str = "unsigned"  # unsigned | signed | symmetric per-pair score
-    aggregate: str = "mean"  # mean | sum over the head's slice
-    fisher_pool: str = "a"  # a | b | pooled: whose Fisher normalises
-    eps: float = 1e-10  # floor on F before lambda, Fisher units
-    ridge_lambda: float = 0.0  # lambda added to the floored F, Fisher units
-    alpha: float = 0.05  # BH false discovery rate over the cells of the run
-    min_effect_size: float = 0.1  # smallest |alignment| (cosine of the mean gradients) labelled
-    top_k: int = 20  # sample pairs in top_conflicts per task pair
-    n_bootstrap: int = 200  # resamples of samples for the score's 95% interval
-    pairs: tuple[tuple[str, str], ...] | None = None  # ordered pairs; None: every ordered pair
-    sample_block: int = 256  # samples of A read at once (memory only)
-    compute_dtype: str = "float32"  # float32 | float64 products
-
-    def __post_init__(self) -> None:
-        if self.pairs is not None:
-            object.__setattr__(self, "pairs", tuple(tuple(pair) for pair in self.pairs))
 
 
 # --- cells -------------------------------------------------------------------------------
@@ -377,12 +311,3 @@ def run_qkov(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
             pair_cells = cells[(cells["task_a"] == task_a) & (cells["task_b"] == task_b)]
             paths[key] = plots.qkov_figure(pair_cells, task_a, task_b, options, staging / f"{key}.png")
     return relocate(paths, staging, out_dir)
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(QkovOptions, PhaseCommand(
-    "qkov", run_qkov,
-    "phase 6: Q/K/V/O interference per layer, block and head, signed alignment tested with BH",
-    per_task=False, input_help="phase 1 stores with per-sample gradients, A then B for one ordered pair",
-    out_example="results/qkov/code__prose"))

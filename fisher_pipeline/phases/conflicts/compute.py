@@ -42,22 +42,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import plots
-from ..config import config_section
-from ..errors import ConfigError, PhaseInputError
-from ..layout import ROLES, ModelGeometry
-from ..pair_stats import alignment, bh_qvalues, label, pair_mean_test
-from ..pairs import DTYPES, Group, iter_param_pairs
-from ..store import FisherStore
-from .common import (
+from ... import plots
+from ...errors import PhaseInputError
+from ...layout import ROLES, ModelGeometry
+from ...pair_stats import alignment, bh_qvalues, label, pair_mean_test
+from ...pairs import Group, iter_param_pairs
+from ...store import FisherStore
+from ..common import (
     atomic_output_dir,
     open_stores,
-    pair_phase_schema,
     relocate,
-    select_pairs,
     warn_few_samples,
     write_table,
 )
+from ..pair_options import select_pairs
+from . import ConflictsOptions
 
 log = logging.getLogger(__name__)
 
@@ -67,55 +66,6 @@ COLUMNS = ["task_a", "task_b", "layer", "module", "block", "head", "param", "sim
 TOP_COLUMNS = ["task_a", "task_b", "layer", "module", "block", "head", "rank", "sample_a", "sample_b", "similarity"]
 #: Status of a group: `ok` (tested), or why it could not be tested (then p = q = 1, label `none`).
 STATUSES = ("ok", "too_few_samples", "zero_gradients", "constant")
-
-
-@config_section("conflicts", """
-description: phase 5, cross-task gradient conflicts per layer, module and head (ConflictsOptions)
-properties:
-  similarity:
-    enum: [cosine, fisher]
-    default: cosine
-    description: cosine of per-sample gradients, or their cosine in the metric 1 / (F_pool + lambda)
-  fisher_damping:
-    type: number
-    minimum: 0
-    default: 0.01
-    description: lambda of the fisher similarity, relative to the parameter's mean pooled Fisher
-  alpha:
-    type: number
-    exclusiveMinimum: 0
-    exclusiveMaximum: 1
-    default: 0.05
-    description: false discovery rate of the Benjamini-Hochberg step over a task pair's groups
-  top_pairs:
-    type: integer
-    minimum: 0
-    default: 10
-    description: most conflicting sample pairs listed per conflicting group
-""" + pair_phase_schema("task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair",
-                      "the two tasks' mean gradient directions in the group, "
-                      "mean / sqrt(within_a_mean x within_b_mean)"))
-class ConflictsOptions:
-    """Settings of phase 5."""
-
-    similarity: str = "cosine"  # cosine | fisher (cosine in the metric 1 / (F_pool + lambda))
-    fisher_damping: float = 0.01  # lambda of `fisher`, relative to the parameter's mean pooled Fisher
-    alpha: float = 0.05  # BH false discovery rate over one task pair's groups
-    min_effect_size: float = 0.1  # smallest |alignment| (cosine of the mean directions) labelled
-    top_pairs: int = 10  # most conflicting sample pairs listed per conflicting group
-    pairs: tuple[tuple[str, str], ...] | None = None  # task pairs; None: every unordered pair
-    sample_block: int = 256  # samples of A read at once (memory only)
-    compute_dtype: str = "float32"  # float32 | float64 products
-
-    def __post_init__(self) -> None:
-        if self.pairs is not None:
-            pairs = tuple(tuple(pair) for pair in self.pairs)
-            for task_a, task_b in pairs:
-                if task_a == task_b:
-                    raise ConfigError(f"conflicts.pairs: [{task_a}, {task_b}] pairs a task with itself; "
-                                      "list two different tasks (the within-task baselines come with every pair)")
-            object.__setattr__(self, "pairs", pairs)
-        assert self.compute_dtype in DTYPES
 
 
 @dataclass
@@ -376,12 +326,3 @@ def run_conflicts(store_paths: Mapping[str, str | os.PathLike], out_dir: str | o
                 pair_table, f"Gradient {options.similarity} similarity, {task_a} vs {task_b}",
                 f"mean {options.similarity} similarity", staging / f"{key}.png")
     return relocate(paths, staging, out_dir)
-
-
-from .registry import PhaseCommand, register_phase  # noqa: E402
-
-register_phase(ConflictsOptions, PhaseCommand(
-    "conflicts", run_conflicts,
-    "phase 5: cross-task gradient conflicts per layer, module and head, with U-statistic tests and BH",
-    per_task=False, input_help="phase 1 stores with per-sample gradients (two for one pair)",
-    out_example="results/conflicts/code__prose"))

@@ -1,0 +1,60 @@
+"""Phase 5 — cross-task gradient conflicts per layer, module and head.
+
+The phase's declaration: its config section (options and schema) and its subcommands,
+imported whenever a config is read, so it imports nothing heavy. The numerics: `compute.py`.
+"""
+
+from __future__ import annotations
+
+from ...config_schema import config_section
+from ..pair_options import pair_list, pair_phase_schema
+from ..registry import PhaseCommand, register_phase
+
+
+@config_section("conflicts", """
+description: phase 5, cross-task gradient conflicts per layer, module and head (ConflictsOptions)
+properties:
+  similarity:
+    enum: [cosine, fisher]
+    default: cosine
+    description: cosine of per-sample gradients, or their cosine in the metric 1 / (F_pool + lambda)
+  fisher_damping:
+    type: number
+    minimum: 0
+    default: 0.01
+    description: lambda of the fisher similarity, relative to the parameter's mean pooled Fisher
+  alpha:
+    type: number
+    exclusiveMinimum: 0
+    exclusiveMaximum: 1
+    default: 0.05
+    description: false discovery rate of the Benjamini-Hochberg step over a task pair's groups
+  top_pairs:
+    type: integer
+    minimum: 0
+    default: 10
+    description: most conflicting sample pairs listed per conflicting group
+""" + pair_phase_schema("task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair",
+                      "the two tasks' mean gradient directions in the group, "
+                      "mean / sqrt(within_a_mean x within_b_mean)"))
+class ConflictsOptions:
+    """Settings of phase 5."""
+
+    similarity: str = "cosine"  # cosine | fisher (cosine in the metric 1 / (F_pool + lambda))
+    fisher_damping: float = 0.01  # lambda of `fisher`, relative to the parameter's mean pooled Fisher
+    alpha: float = 0.05  # BH false discovery rate over one task pair's groups
+    min_effect_size: float = 0.1  # smallest |alignment| (cosine of the mean directions) labelled
+    top_pairs: int = 10  # most conflicting sample pairs listed per conflicting group
+    pairs: tuple[tuple[str, str], ...] | None = None  # task pairs; None: every unordered pair
+    sample_block: int = 256  # samples of A read at once (memory only)
+    compute_dtype: str = "float32"  # float32 | float64 products
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs", pair_list(self.pairs, "conflicts"))
+
+
+register_phase(ConflictsOptions, PhaseCommand(
+    "conflicts", f"{__name__}.compute:run_conflicts",
+    "phase 5: cross-task gradient conflicts per layer, module and head, with U-statistic tests and BH",
+    per_task=False, input_help="phase 1 stores with per-sample gradients (two for one pair)",
+    out_example="results/conflicts/code__prose"))

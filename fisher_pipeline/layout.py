@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .roles import HEAD_BLOCKS, NAMED_SELECTIONS, ROLES  # noqa: F401 (re-exported)
+from .roles import HEAD_BLOCKS, KV_BLOCKS, NAMED_SELECTIONS, ROLES  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class AttentionGeometry:
 
     def n_heads_of(self, block: str) -> int:
         """Heads of block `block`: query heads for q and o, KV heads for k and v."""
-        return self.n_kv_heads if block in ("k", "v") else self.n_heads
+        return self.n_kv_heads if block in KV_BLOCKS else self.n_heads
 
     def query_heads(self, kv_head: int) -> list[int]:
         """The query heads that read KV head `kv_head`."""

@@ -303,3 +303,23 @@ def label(
     out[hit & (mean < 0)] = "conflict"
     out[hit & (mean > 0)] = "synergy"
     return out
+
+
+def bh_labels(mean: Float, p: Float, effect: Float, tested: np.ndarray, alpha: float = 0.05,
+              min_effect_size: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """BH q-values over the tested cells and their labels: the one labelling step of phases 5 and 6.
+
+    Args:
+        mean, p, effect: per cell, `[C]`: mean pair similarity, p-value, alignment.
+        tested: `[C]` bool, the cells whose test ran; the others get q = 1 and label `none`.
+        alpha, min_effect_size: as in `label`.
+
+    Returns:
+        (q `[C]` float64, labels `[C]` str).
+    """
+    tested = np.asarray(tested, dtype=bool)
+    q = np.ones(tested.shape)
+    q[tested] = bh_qvalues(np.asarray(p, dtype=np.float64)[tested])
+    labels = label(mean, q, effect, alpha, min_effect_size)
+    labels[~tested] = "none"
+    return q, labels

@@ -8,8 +8,10 @@ check a selection's name without importing torch.
 
 from __future__ import annotations
 
-#: The blocks an attention head has a slice of (K and V per KV head under GQA, Q and O per query head).
+#: The blocks an attention head has a slice of.
 HEAD_BLOCKS = ("q", "k", "v", "o")
+#: The blocks indexed by KV head under grouped-query attention (Q and O: by query head).
+KV_BLOCKS = ("k", "v")
 #: What a parameter is for; `qkv` is a fused Q/K/V projection.
 ROLES = ("q", "k", "v", "o", "qkv", "mlp_in", "mlp_out", "embed", "lm_head", "norm", "other")
 #: Named parameter selections -> the roles they select (None: every parameter).
@@ -20,3 +22,8 @@ NAMED_SELECTIONS: dict[str, frozenset[str] | None] = {
     "all": None,
     "none": frozenset(),
 }
+
+
+def head_axis(block: str) -> str:
+    """What the heads of `block` are: "KV head" for K and V, else "head" (axis labels, messages)."""
+    return "KV head" if block in KV_BLOCKS else "head"

@@ -26,14 +26,17 @@ ADDING_A_PHASE = ROOT / "docs" / "adding_a_phase.md"
 
 
 def documented_blocks() -> list[str]:
-    """The python code blocks of docs/adding_a_phase.md: the phase module, then its rule file."""
+    """The python code blocks of docs/adding_a_phase.md: the phase's declaration, its numerics, its rule file."""
     return re.findall(r"^```python\n(.*?)^```", ADDING_A_PHASE.read_text(), flags=re.MULTILINE | re.DOTALL)
 
 
 def documented_phase_plugin(folder: Path) -> Path:
     """The documented example phase as an installed package's entry point, in `folder` (for sys.path)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "gradnorm_example.py").write_text(documented_blocks()[0])
+    package = folder / "gradnorm_example"
+    package.mkdir(parents=True, exist_ok=True)
+    declaration, numerics, _ = documented_blocks()
+    (package / "__init__.py").write_text(declaration)
+    (package / "compute.py").write_text(numerics)
     info = folder / "gradnorm_example-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gradnorm-example\nVersion: 0.1\n")
@@ -137,6 +140,32 @@ def test_the_shell_sees_one_line_and_no_traceback(tmp_path):
         assert "Traceback" not in result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and " ERROR fisher_pipeline: " in lines[0], result.stderr
+
+
+#: Modules a config check must not import: the numerics of phase 1 and of the phases.
+HEAVY_MODULES = ("torch", "scipy", "matplotlib", "pandas", "zarr", "transformers")
+
+
+def test_a_bad_config_fails_before_torch_is_imported(tmp_path):
+    """Every subcommand reads and checks its config before it imports any numerics, so a config
+    mistake is reported at once (docs/benchmarks.md times it); the phases' declarations stay light."""
+    sections = {command.name: phase.section for phase, command in phase_commands()}
+    argvs = {command: [command, "--config-json", json.dumps({sections.get(command, "fisher"): {"no_such_key": 1}}),
+                       *argv_of(command, tmp_path)] for command in config_commands()}
+    script = textwrap.dedent(f"""
+        import json, logging, sys
+        from fisher_pipeline.__main__ import main
+        logging.disable(logging.CRITICAL)
+        results = {{command: [main(argv), [m for m in {HEAVY_MODULES!r} if m in sys.modules]]
+                   for command, argv in json.loads(sys.argv[1]).items()}}
+        print(json.dumps(results))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(results) == set(config_commands())
+    for command, (rc, heavy) in results.items():
+        assert rc == 2 and heavy == [], (command, rc, heavy)
 
 
 def test_schema_command_prints_the_assembled_schema(capsys):
@@ -246,6 +275,8 @@ def test_registry_refuses_what_would_clash(toy_phase):
         register_phase(MaskOptions, PhaseCommand("toy", print, "clash"))
     with pytest.raises(ValueError, match="only a cross-task command reserves"):
         PhaseCommand("x", print, "x", reserves="x")
+    with pytest.raises(ValueError, match="must be a function or 'package.module:function'"):
+        PhaseCommand("x", "fisher_pipeline.phases.masks.compute.run_masks", "x")
 
 
 def test_the_documented_example_phase_works_from_another_package(tmp_path, monkeypatch, capsys):

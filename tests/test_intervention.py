@@ -24,7 +24,8 @@ from fisher_pipeline.errors import PhaseInputError, StoreContentError
 from fisher_pipeline.fisher import run_fisher
 from fisher_pipeline.models.loading import load_model
 from fisher_pipeline.phases.intervention import InterventionOptions
-from fisher_pipeline.phases.intervention.compute import HeldoutProbe, cell_mask, cell_steps, choose_cells, natgrad_steps
+from fisher_pipeline.phases.intervention.compute import cell_mask, cell_steps, choose_cells, natgrad_steps
+from fisher_pipeline.phases.intervention.probe import HeldoutProbe
 from fisher_pipeline.phases.qkov import QkovOptions
 from fisher_pipeline.store import open_store
 

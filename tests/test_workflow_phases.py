@@ -18,9 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+import zarr
 
 from fisher_pipeline.__main__ import main
 from fisher_pipeline.config import validate_config
@@ -162,12 +164,14 @@ def test_completed_run_has_nothing_left_to_do(tiny_run):
     ("scaled", {"damping": 1e-3}, {"scaled": 2, "scaled_cross": 1, "intervention": 1}),
     ("replication", {"alpha": 0.1}, {"replication": 1, "intervention": 1}),
     ("intervention", {"top_cells": 1}, {"intervention": 1}),
+    # fisher keys that never change a store (config.STORE_INVARIANT_KEYS) rerun nothing
+    ("fisher", {"fold_kernel": "torch", "state_device": "cpu"}, {}),
 ])
 def test_editing_a_phase_section_reruns_only_that_phase_and_its_dependants(tiny_run, tmp_path, section, change,
                                                                            expected):
     configfile = write_config(tmp_path / "edited.yaml", tiny_run["model"], **{section: change})
     output = snakemake(tiny_run["workdir"], configfile, "-n", "--quiet", "rules")
-    assert planned_jobs(output) == {**expected, "all": 1}, output
+    assert planned_jobs(output) == ({**expected, "all": 1} if expected else {}), output
 
 
 @pytest.mark.workflow
@@ -208,7 +212,7 @@ def test_conflict_pairs_come_from_the_config(tiny_run, tmp_path):
     assert "conflicts.pairs lists ['code', 'nope'], but ['nope'] is not a task of this config" in output
     bad = write_config(tmp_path / "bad_qkov.yaml", model, qkov={"pairs": [["code", "code"]]})
     output = snakemake(tmp_path, bad, "-n", expect_failure=True)
-    assert "qkov.pairs lists ['code', 'code']: a task with itself" in output
+    assert "qkov.pairs: [code, code] pairs a task with itself" in output
     listed = write_config(tmp_path / "listed.yaml", model, conflicts={"pairs": [["prose", "code"]]},
                           qkov={"pairs": [["prose", "code"]]})
     output = snakemake(tmp_path, listed, "-n", "--quiet", "rules")
@@ -261,24 +265,30 @@ def test_default_config_analysis_sections_parse():
 
 
 @pytest.mark.workflow
-def test_a_new_phase_joins_the_workflow_without_other_edits(tmp_path):
-    """docs/adding_a_phase.md's module (as another package's entry point) and rule file, dropped
-    into a copy of the workflow: the default target now holds the new phase's jobs."""
+def test_a_new_phase_joins_the_workflow_without_other_edits(tiny_run, tmp_path):
+    """docs/adding_a_phase.md's package (as another package's entry point) and rule file, dropped
+    into a copy of the workflow, in a copy of a completed run: the default target now holds the
+    new phase's jobs and nothing else, and they run and write what the phase computes."""
     workflow = tmp_path / "workflow_copy"
     shutil.copytree(ROOT / "workflow", workflow / "workflow")
     shutil.copy(ROOT / "Snakefile", workflow / "Snakefile")
-    (workflow / "workflow" / "rules" / "gradnorm.smk").write_text(documented_blocks()[1])
+    (workflow / "workflow" / "rules" / "gradnorm.smk").write_text(documented_blocks()[2])
     plugin = documented_phase_plugin(tmp_path / "site")
-    configfile = tmp_path / "c.yaml"
-    configfile.write_text(yaml.safe_dump({"tasks": {task: {"source": f"builtin:{task}"} for task in TASKS},
-                                          "gradnorm": {"order": 1}}))
+    env = {"PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
     work = tmp_path / "work"
-    work.mkdir()
-    output = snakemake(work, configfile, "-n", "-p", snakefile=workflow / "Snakefile",
-                       env={"PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])})
-    jobs = planned_jobs(output)
-    assert jobs["gradnorm"] == len(TASKS) and jobs["fisher"] == len(TASKS) and jobs["overlap"] == 1
+    shutil.copytree(tiny_run["workdir"], work, symlinks=True)
+    configfile = write_config(tmp_path / "c.yaml", tiny_run["model"], gradnorm={"order": 1})
+    output = snakemake(work, configfile, "-n", "-p", snakefile=workflow / "Snakefile", env=env)
+    assert planned_jobs(output) == {"gradnorm": len(TASKS), "all": 1}, output
     assert "fisher_pipeline gradnorm --config-json '{\"gradnorm\": {\"order\": 1}}'" in output
+    snakemake(work, configfile, "--cores", "1", snakefile=workflow / "Snakefile", env=env)
+    for task in TASKS:
+        table = pd.read_csv(work / "results" / "gradnorm" / task / "norms.csv")
+        store = zarr.open_group(work / "results" / "fisher" / f"{task}.zarr", mode="r")
+        names = sorted(store["grad_mean"].array_keys())  # stored grad_mean arrays, read by hand
+        norms = {name: float(np.abs(np.asarray(store["grad_mean"][name])).sum()) for name in names}
+        assert sorted(table["param"]) == names and set(table["task"]) == {task}
+        assert table.set_index("param")["norm"].to_dict() == pytest.approx(norms, rel=1e-6)
 
 
 @pytest.mark.workflow

@@ -20,6 +20,7 @@ from torch import nn
 
 from ...errors import UnsupportedArchitectureError
 from ...layout import AttentionGeometry, GroupSpec, ModelGeometry, ParamGeometry, TensorSlice
+from ...roles import KV_BLOCKS
 
 
 class ArchitectureAdapter(ABC):
@@ -99,7 +100,7 @@ class ArchitectureAdapter(ABC):
         For k and v the slice is that of the KV head `kv_head(head)`. Biases are
         included where the model has them (o has none per head: its bias is shared).
         """
-        owner = self.kv_head(head) if block in ("k", "v") else head
+        owner = self.kv_head(head) if block in KV_BLOCKS else head
         geometry = self.geometry()
         return [TensorSlice(name, geometry[name].groups.dim, torch.from_numpy(geometry[name].positions(block)[owner]))
                 for name in geometry.head_params(layer, block)]

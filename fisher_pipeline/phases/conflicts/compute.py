@@ -42,21 +42,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ... import plots
 from ...errors import PhaseInputError
 from ...layout import ROLES, ModelGeometry
-from ...pair_stats import alignment, bh_qvalues, label, pair_mean_test
+from ...pair_stats import alignment, bh_labels, pair_mean_test
 from ...pairs import Group, iter_param_pairs
 from ...store import FisherStore
 from ..common import (
-    atomic_output_dir,
-    open_stores,
-    relocate,
     warn_few_samples,
     write_table,
 )
-from ..pair_options import select_pairs
+from ..pair_runner import run_pair_phase
 from . import ConflictsOptions
+from .figures import conflict_heatmaps
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +225,9 @@ def conflict_table(geometry: ModelGeometry, rows: Mapping[Group, dict], options:
                         "module": module_name(param), "block": block, "head": head, "param": param,
                         "similarity": options.similarity} | row)
     table = pd.DataFrame(records, columns=[c for c in COLUMNS if c not in ("q", "label")])
-    tested = (table["status"] == "ok").to_numpy()
-    q = np.ones(len(table))
-    q[tested] = bh_qvalues(table.loc[tested, "p"].to_numpy(dtype=float))
-    table["q"] = q
-    table["label"] = label(table["mean"].to_numpy(dtype=float), q, table["effect_size"].to_numpy(dtype=float),
-                           options.alpha, options.min_effect_size)
-    table.loc[~tested, "label"] = "none"
+    table["q"], table["label"] = bh_labels(table["mean"].to_numpy(dtype=float), table["p"].to_numpy(dtype=float),
+                                           table["effect_size"].to_numpy(dtype=float),
+                                           (table["status"] == "ok").to_numpy(), options.alpha, options.min_effect_size)
     table["layer"] = table["layer"].astype("Int64")
     table["head"] = table["head"].astype("Int64")
     table = table[COLUMNS]
@@ -288,41 +281,40 @@ def group_conflict(store_a: FisherStore, store_b: FisherStore, group: Group,
 # --- all pairs ---------------------------------------------------------------------------
 
 def run_conflicts(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
-                  options: ConflictsOptions | None = None) -> dict[str, Path]:
+                  options: ConflictsOptions | None = None,
+                  pairs: Sequence[Sequence[str]] | None = None) -> dict[str, Path]:
     """Phase 5 over task pairs: write `conflicts`, `top_pairs` (Parquet + CSV) and heatmaps.
 
-    With exactly two stores the pair is compared (whatever `options.pairs` says: the
-    workflow runs one job per pair); with more, every pair of `options.pairs` (default:
-    every unordered pair, in the order given).
+    With exactly two stores the pair is compared (the workflow runs one job per pair); with
+    more, `pairs` or `options.pairs` (default: every unordered pair, in the order given).
+    BH q-values are taken per task pair.
 
     Args:
         store_paths: task -> phase 1 store with per-sample gradients.
         out_dir: directory to (re)create, atomically.
         options: phase settings (defaults if None).
+        pairs: task pairs to compare instead of `options.pairs`.
 
     Returns:
         output key -> path: `conflicts_parquet`, `conflicts_csv`, `top_pairs_parquet`,
         `top_pairs_csv`, and `heatmap_<A>__<B>` per pair.
     """
     options = options or ConflictsOptions()
-    stores = open_stores(store_paths, per_sample=True)
-    tasks = list(stores)
-    if len(tasks) < 2:
-        raise PhaseInputError(f"phase 5 compares two tasks; got only {tasks}: pass two or more --stores")
-    pairs = [tuple(tasks)] if len(tasks) == 2 else select_pairs(tasks, options.pairs, "conflicts", ordered=False)
-    tables, tops = [], []
-    for task_a, task_b in pairs:
-        log.info("conflicts: %s vs %s", task_a, task_b)
-        table, top = pair_conflicts(stores[task_a], stores[task_b], options, task_a=task_a, task_b=task_b)
-        tables.append(table)
-        tops.append(top)
-    table = pd.concat(tables, ignore_index=True)
-    top = pd.concat(tops, ignore_index=True) if tops else pd.DataFrame(columns=TOP_COLUMNS)
-    with atomic_output_dir(out_dir) as staging:
+
+    def compute(store_a: FisherStore, store_b: FisherStore, task_a: str, task_b: str):
+        return pair_conflicts(store_a, store_b, options, task_a=task_a, task_b=task_b)
+
+    def write(chosen, results, staging: Path) -> dict[str, Path]:
+        tables = [table for table, _ in results]
+        table = pd.concat(tables, ignore_index=True)
+        top = pd.concat([top for _, top in results], ignore_index=True)
         paths = write_table(table, staging, "conflicts") | write_table(top, staging, "top_pairs")
-        for (task_a, task_b), pair_table in zip(pairs, tables, strict=True):
+        for (task_a, task_b), pair_table in zip(chosen, tables, strict=True):
             key = f"heatmap_{task_a}__{task_b}"
-            paths[key] = plots.conflict_heatmaps(
+            paths[key] = conflict_heatmaps(
                 pair_table, f"Gradient {options.similarity} similarity, {task_a} vs {task_b}",
                 f"mean {options.similarity} similarity", staging / f"{key}.png")
-    return relocate(paths, staging, out_dir)
+        return paths
+
+    return run_pair_phase(store_paths, out_dir, section="conflicts", ordered=False, listed=options.pairs,
+                          given=pairs, compute=compute, write=write)

@@ -47,12 +47,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ... import plots
 from ...errors import StoreContentError
-from ...layout import HEAD_BLOCKS, AttentionGeometry
+from ...layout import HEAD_BLOCKS, KV_BLOCKS, AttentionGeometry
 from ...store import FisherStore, open_store
 from ..common import atomic_output_dir, read_finite, relocate, write_table
 from . import ImportanceOptions
+from .figures import head_heatmaps
 
 TABLES = ("tensors", "groups", "heads", "neurons", "layers")
 
@@ -198,11 +198,11 @@ def run_importance(store_path: str | os.PathLike, out_dir: str | os.PathLike,
         paths: dict[str, Path] = {}
         for name in TABLES:
             paths |= write_table(tables[name], staging, name)
-        paths["heads_heatmap"] = plots.head_heatmaps(
+        paths["heads_heatmap"] = head_heatmaps(
             tables["heads"], "gate_fisher", f"Gate Fisher mean_i gate_i^2 per head — task {task}",
             staging / "heads_heatmap.png", log_scale=options.log_color,
         )
-        paths["heads_fisher_heatmap"] = plots.head_heatmaps(
+        paths["heads_fisher_heatmap"] = head_heatmaps(
             tables["heads"], options.score_column, f"Fisher {options.rank_by} per head — task {task}",
             staging / "heads_fisher_heatmap.png", log_scale=options.log_color,
         )
@@ -222,7 +222,7 @@ def _with_gqa_columns(heads: pd.DataFrame, attention: AttentionGeometry) -> pd.D
     The query heads of each KV head come from the GQA map the adapter stored.
     """
     heads = heads.copy()
-    heads["head_kind"] = np.where(heads["block"].isin(("k", "v")), "kv", "query")
+    heads["head_kind"] = np.where(heads["block"].isin(KV_BLOCKS), "kv", "query")
     readers = {kv: ",".join(map(str, attention.query_heads(kv))) for kv in range(attention.n_kv_heads)}
     is_kv = heads["head_kind"] == "kv"
     heads["query_heads"] = np.where(is_kv, heads["head"].map(readers).fillna(""), heads["head"].astype(str))

@@ -54,14 +54,11 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy import stats
 from tqdm import tqdm
 
@@ -70,6 +67,8 @@ from ...layout import ParamGeometry
 from ...store import FisherStore
 from ..common import atomic_output_dir, percent, read_finite, relocate, write_table
 from . import InterventionOptions
+from .figures import cells_figure, damping_figure
+from .probe import HeldoutProbe
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,6 @@ NATGRAD_COLUMNS = ["kind", "task_a", "task_b", "damping", "direction", "gain", "
                    "resolved", "n_heldout"]
 SUMMARY_COLUMNS = ["what", "choice", "gain", "n", "n_resolved", "sign_agreement_discovery",
                    "spearman_discovery", "sign_agreement_heldout", "within_10pct_heldout"]
-#: A change counts as measured (`resolved`) when the first-order prediction exceeds this many
-#: times the task's rounding floor (`HeldoutProbe.rounding`).
-RESOLUTION = 30.0
 
 
 # --- choosing and stepping cells -----------------------------------------------------------
@@ -115,68 +111,6 @@ def cell_mask(geometry: ParamGeometry, block: str | None, head: int | None) -> n
     mask = np.zeros(geometry.shape, dtype=bool)
     mask[tuple(index)] = True
     return mask
-
-
-class HeldoutProbe:
-    """The model, each task's held-out samples and their dense losses; steps are measured and undone.
-
-    `measure(task, changes)` adds `changes` (parameter name -> float32 array of its shape) to
-    the parameters, scores `task`'s held-out samples, and puts the saved parameters back
-    bit for bit before returning the mean change of the per-sample token-sum loss.
-    """
-
-    def __init__(self, model, samples: Mapping[str, list], pad_id: int, batch_size: int):
-        import torch
-
-        from ...evaluation import heldout_losses
-
-        self.model, self.samples, self.pad_id, self.batch_size = model, samples, pad_id, batch_size
-        self.params = dict(model.named_parameters())
-        self._losses = heldout_losses
-        self._torch = torch
-        self.dense = {task: heldout_losses(model, batch, pad_id, batch_size)[0].numpy()
-                      for task, batch in samples.items()}
-        self.rounding = {task: self._rounding(task) for task in samples}
-
-    def _rounding(self, task: str, draws: int = 1) -> float:
-        """The float rounding in a measured change: the largest |change| under random steps of
-        relative size 1e-7 of every weight matrix, whose true effect is far below it."""
-        rng = np.random.default_rng(0)
-        floor = 0.0
-        for _ in range(draws):
-            changes = {name: (1e-7 * p.detach().cpu().numpy() * rng.standard_normal(tuple(p.shape))).astype(np.float32)
-                       for name, p in self.params.items() if p.ndim == 2}
-            floor = max(floor, abs(self.measure(task, changes)))
-        return floor
-
-    @contextmanager
-    def stepped(self, changes: Mapping[str, np.ndarray]):
-        """Parameters + changes inside the block; the saved originals put back on leaving."""
-        torch = self._torch
-        saved = {}
-        try:
-            with torch.no_grad():
-                for name, change in changes.items():
-                    param = self.params[name]
-                    saved[name] = param.detach().clone()
-                    change = change if isinstance(change, torch.Tensor) else torch.from_numpy(
-                        np.asarray(change, dtype=np.float32))
-                    param.add_(change.to(param.device, param.dtype))
-            yield
-        finally:
-            with torch.no_grad():
-                for name, original in saved.items():
-                    self.params[name].copy_(original)
-
-    def resolved(self, task: str, predicted: float) -> bool:
-        """Whether a predicted change stands `RESOLUTION` times above the task's rounding floor."""
-        return abs(predicted) > RESOLUTION * self.rounding[task]
-
-    def measure(self, task: str, changes: Mapping[str, np.ndarray]) -> float:
-        """Mean over `task`'s held-out samples of the token-sum loss change under `changes`."""
-        with self.stepped(changes):
-            stepped = self._losses(self.model, self.samples[task], self.pad_id, self.batch_size)[0].numpy()
-        return float(np.mean(stepped - self.dense[task]))
 
 
 @dataclass
@@ -389,65 +323,6 @@ def caption(cells: pd.DataFrame, natgrad: pd.DataFrame, summary: pd.DataFrame, d
                      f"|{group['measured'].abs().median():.3g}|.")
     return "\n".join(lines) + "\n"
 
-
-def cells_figure(cells: pd.DataFrame, path: Path) -> Path:
-    """Predicted (discovery) against measured change of A's held-out loss, a panel per phase."""
-    phases = list(dict.fromkeys(cells["phase"])) or ["none"]
-    figure = Figure(figsize=(4.6 * len(phases), 4.2), layout="constrained")
-    FigureCanvasAgg(figure)
-    figure.suptitle("Steps on B through single cells: predicted vs measured change of A's held-out loss")
-    for position, phase in enumerate(phases, start=1):
-        ax = figure.add_subplot(1, len(phases), position)
-        group = cells[cells["phase"] == phase]
-        for (choice, gain), part in group.groupby(["choice", "gain"], sort=False):
-            ax.scatter(part["predicted_discovery"], part["measured"], s=20,
-                       marker="o" if choice == "top" else "x", label=f"{choice} cells, gain {gain:g}")
-        values = np.abs(group[["predicted_discovery", "measured"]].to_numpy(float))
-        scale = float(np.nanmedian(values[values > 0])) if (values > 0).any() else 1.0
-        limit = float(np.nanmax(values)) if values.size else 1.0
-        ax.plot([-limit, limit], [-limit, limit], color="grey", lw=0.8)
-        ax.set_xscale("symlog", linthresh=scale / 10)
-        ax.set_yscale("symlog", linthresh=scale / 10)
-        ax.axhline(0.0, color="grey", lw=0.5)
-        ax.axvline(0.0, color="grey", lw=0.5)
-        ax.set_title({"conflicts": "phase 5 cells, plain steps", "qkov": "phase 6 cells, Fisher steps"}.get(
-            phase, phase), fontsize="medium")
-        ax.set_xlabel("predicted from analysed samples, gbar_A . step")
-        ax.set_ylabel("measured on held-out samples")
-        if len(group):
-            ax.legend(fontsize="x-small")
-    figure.savefig(path, dpi=110)
-    return path
-
-
-def damping_figure(natgrad: pd.DataFrame, damping: float, path: Path) -> Path:
-    """Own natural-gradient steps: held-out loss change and realised fraction against lambda, per task."""
-    own = natgrad[natgrad["kind"] == "own"]
-    figure = Figure(figsize=(9.0, 3.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    figure.suptitle("Each task's own natural-gradient step, all promising the same drop (dotted: plain gradient)")
-    gain, realised = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    for task, group in own.groupby("task_a", sort=False):
-        natural = group[np.isfinite(group["damping"])].sort_values("damping")
-        line = gain.plot(natural["damping"], natural["measured"], marker="o", label=task)[0]
-        realised.plot(natural["damping"], natural["realised"], marker="o", color=line.get_color(), label=task)
-        plain = group[~np.isfinite(group["damping"])]
-        if len(plain):
-            gain.axhline(float(plain["measured"].iloc[0]), color=line.get_color(), ls=":", lw=1)
-            realised.axhline(float(plain["realised"].iloc[0]), color=line.get_color(), ls=":", lw=1)
-    for ax in (gain, realised):
-        ax.set_xscale("log")
-        ax.axvline(damping, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("damping lambda (Fisher units)")
-        ax.legend(fontsize="small")
-    gain.set_ylabel("held-out loss change per sample")
-    realised.set_ylabel("measured / predicted by analysed samples")
-    realised.axhline(1.0, color="grey", lw=0.5)
-    figure.savefig(path, dpi=110)
-    return path
-
-
-# --- the command ---------------------------------------------------------------------------------
 
 def run_intervention(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
                      options: InterventionOptions | None = None, heldout_stores: Mapping[str, str] | None = None,

@@ -58,7 +58,7 @@ import pandas as pd
 
 from ...config import NAMED_SELECTIONS
 from ...errors import ConfigError, PhaseInputError
-from ...layout import ParamGeometry, examples
+from ...layout import KV_BLOCKS, ParamGeometry, examples
 from ...pruning import MASKS_FORMAT, mask_key, sparsity_key, write_masks_file
 from ...store import FisherStore, open_store
 from ..common import atomic_output_dir, read_finite, relocate, write_table
@@ -303,7 +303,7 @@ def structured_keep(store: FisherStore, params: list[str], units: list[Structure
         if geo.layer is None or not removed[geo.layer]:
             continue
         for group, (block, index) in enumerate(geo.groups.keys):
-            if block in ("k", "v") and set(attention.query_heads(index)) <= removed[geo.layer]:
+            if block in KV_BLOCKS and set(attention.query_heads(index)) <= removed[geo.layer]:
                 flags[param][group] = False
     return flags
 
@@ -395,7 +395,7 @@ def _structured_masks(scorer: Scorer, params: list[str], options: MaskOptions, r
     store = scorer.store
     units = structured_units(store, params, options.granularity)
     touched = sorted({param for unit in units for param, _ in unit.members}
-                     | {p for p in params if set(store.geometry[p].groups.blocks) & {"k", "v"}
+                     | {p for p in params if set(store.geometry[p].groups.blocks) & set(KV_BLOCKS)
                         and options.granularity == "head"})
     scores = scorer.units(units, options.granularity)
     masks: dict[float, dict[str, np.ndarray]] = {s: {} for s in options.sparsities}

@@ -41,20 +41,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ... import plots
 from ...errors import PhaseInputError
-from ...pair_stats import alignment, bh_qvalues, label, pair_mean_test
+from ...pair_stats import alignment, bh_labels, pair_mean_test
 from ...pairs import Group, iter_param_pairs
 from ...store import FisherStore
 from ..common import (
-    atomic_output_dir,
-    open_stores,
-    relocate,
     warn_few_samples,
     write_table,
 )
-from ..pair_options import select_pairs
+from ..pair_runner import run_pair_phase
 from . import QkovOptions
+from .figures import qkov_figure
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +257,10 @@ def _top_conflicts(candidates: list[tuple], options: QkovOptions, ids_a: Sequenc
 def label_cells(table: pd.DataFrame, alpha: float, min_effect_size: float = 0.1) -> pd.DataFrame:
     """BH q-values over the tested cells of `table` and labels `conflict` / `synergy` / `none`:
     q < alpha and |alignment| >= min_effect_size (`pair_stats.label`, phase 5's rule)."""
-    tested = (table["status"] == "ok").to_numpy()
-    q = np.ones(len(table))
-    q[tested] = bh_qvalues(table.loc[tested, "signed_p"].to_numpy(dtype=float))
-    table = table.assign(signed_q=q)
-    labels = label(table["signed_mean"].to_numpy(dtype=float), q, table["effect_size"].to_numpy(dtype=float),
-                   alpha, min_effect_size)
-    table["label"] = np.where(tested, labels, "none")
+    q, labels = bh_labels(table["signed_mean"].to_numpy(dtype=float), table["signed_p"].to_numpy(dtype=float),
+                          table["effect_size"].to_numpy(dtype=float), (table["status"] == "ok").to_numpy(), alpha,
+                          min_effect_size)
+    table = table.assign(signed_q=q, label=labels)
     table["layer"] = table["layer"].astype("Int64")
     return table[CELL_COLUMNS]
 
@@ -286,28 +280,23 @@ def run_qkov(store_paths: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
         `top_conflicts_parquet`, `top_conflicts_csv`, `figure_<A>__<B>` per pair.
     """
     options = options or QkovOptions()
-    stores = open_stores(store_paths, per_sample=True)
-    tasks = list(stores)
-    if len(tasks) < 2:
-        raise PhaseInputError(f"phase 6 compares two tasks; got only {tasks}: pass two or more --stores")
-    if len(tasks) == 2 and pairs is None:
-        chosen = [tuple(tasks)]
-    else:
-        chosen = select_pairs(tasks, pairs or options.pairs, "qkov", ordered=True)
-    results = []
-    for task_a, task_b in chosen:
-        log.info("qkov: %s -> %s", task_a, task_b)
-        results.append(pair_qkov(stores[task_a], stores[task_b], options, task_a=task_a, task_b=task_b))
-    cells = label_cells(pd.concat([r["cells"] for r in results], ignore_index=True), options.alpha,
-                        options.min_effect_size)
-    health = pd.concat([r["health"].assign(task_a=a, task_b=b) for r, (a, b) in zip(results, chosen, strict=True)],
-                       ignore_index=True)
-    top = pd.concat([r["top_conflicts"] for r in results], ignore_index=True)
-    with atomic_output_dir(out_dir) as staging:
+
+    def compute(store_a: FisherStore, store_b: FisherStore, task_a: str, task_b: str):
+        return pair_qkov(store_a, store_b, options, task_a=task_a, task_b=task_b)
+
+    def write(chosen, results, staging: Path) -> dict[str, Path]:
+        cells = label_cells(pd.concat([r["cells"] for r in results], ignore_index=True), options.alpha,
+                            options.min_effect_size)
+        health = pd.concat([r["health"].assign(task_a=a, task_b=b) for r, (a, b) in zip(results, chosen, strict=True)],
+                           ignore_index=True)
+        top = pd.concat([r["top_conflicts"] for r in results], ignore_index=True)
         paths = write_table(cells, staging, "cells") | write_table(health, staging, "health")
         paths |= write_table(top, staging, "top_conflicts")
         for task_a, task_b in chosen:
             key = f"figure_{task_a}__{task_b}"
             pair_cells = cells[(cells["task_a"] == task_a) & (cells["task_b"] == task_b)]
-            paths[key] = plots.qkov_figure(pair_cells, task_a, task_b, options, staging / f"{key}.png")
-    return relocate(paths, staging, out_dir)
+            paths[key] = qkov_figure(pair_cells, task_a, task_b, options, staging / f"{key}.png")
+        return paths
+
+    return run_pair_phase(store_paths, out_dir, section="qkov", ordered=True, listed=options.pairs, given=pairs,
+                          compute=compute, write=write)

@@ -51,7 +51,7 @@ import torch
 
 from .errors import StoreMismatchError
 from .layout import HEAD_BLOCKS, ParamGeometry
-from .store import FisherStore
+from .store import FisherStore, check_same_model
 
 #: Elementwise maps applied (in the compute dtype) to one side of the product.
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -214,8 +214,6 @@ def check_groups(store_a: FisherStore, store_b: FisherStore, groups: Sequence[Gr
             group's parameter has no stored per-sample gradients.
         ValueError: a malformed group (unknown block, head out of range, head without block).
     """
-    from .phases.common import check_same_model  # here: the phases package imports this module
-
     check_same_model({"A": store_a, "B": store_b}, per_sample=True)
     stored = set(store_a.per_sample_names) & set(store_b.per_sample_names)
     for group in groups:

@@ -18,8 +18,8 @@ from fisher_pipeline.config import PipelineConfig
 from fisher_pipeline.errors import ConfigError, FisherPipelineError, StoreContentError, StoreMismatchError, TaskError
 from fisher_pipeline.fisher import resolve_device, run_fisher
 from fisher_pipeline.phases import MaskOptions, compute_masks, run_importance
-from fisher_pipeline.phases.common import check_same_model, open_stores
-from fisher_pipeline.store import open_store, partial_path
+from fisher_pipeline.phases.common import open_stores
+from fisher_pipeline.store import check_same_model, open_store, partial_path
 from store_factory import llama_layout, make_store
 
 ROOT = Path(__file__).resolve().parents[1]

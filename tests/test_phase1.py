@@ -272,7 +272,7 @@ def test_statistics_files_are_the_arrays_zarr_would_write(tmp_path, monkeypatch,
     from store_factory import llama_layout, make_store
 
     if slice_elements is not None:
-        monkeypatch.setattr("fisher_pipeline.store._STATISTICS_SLICE", slice_elements)
+        monkeypatch.setattr("fisher_pipeline.store.writer._STATISTICS_SLICE", slice_elements)
 
     names = sorted(llama_layout()[0])[:6]
     path = make_store(tmp_path / "s.zarr", n_samples=5, seed=3, per_sample=tuple(names))
@@ -305,7 +305,7 @@ def test_per_sample_shards_are_the_files_zarr_would_write(tmp_path, dtype):
     """Whole-shard micro-batches are written as shard files directly (not through zarr's
     API): each file must equal zarr's own for the same rows, byte for byte, including a
     last shard with fewer rows; a micro-batch straddling shards goes through zarr."""
-    from fisher_pipeline.store import SampleRows, _direct_shard_rows
+    from fisher_pipeline.store.rows import SampleRows, _direct_shard_rows
 
     rng = np.random.default_rng(5)
     shapes = {"w": (6, 5), "b": (7,)}

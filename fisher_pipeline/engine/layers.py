@@ -1,6 +1,6 @@
 """Per-sample parameter gradients of one layer type, from its input and output gradient.
 
-Written once per layer type and wired by `RULES` (BackPACK-style). Index letters:
+Written once per layer type and wired by `RULES` (BackPACK-style) and `NAMED_RULES`. Index letters:
 `b` sample, `s` position (all non-batch, non-feature dims flattened), `o` output
 feature, `i` input feature, `r` a range of parameter rows.
 
@@ -137,15 +137,23 @@ def affine_norm_rule(module: nn.Module, inputs: torch.Tensor, grad_out: torch.Te
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, RowGrad]]
 
 
+#: Layer type -> its per-sample rule (BackPACK-style); subclasses take their base's rule.
+RULES: dict[type[nn.Module], Rule] = {
+    nn.Linear: linear_rule,
+    Conv1D: conv1d_rule,
+    nn.Embedding: embedding_rule,
+    nn.LayerNorm: affine_norm_rule,
+}
+#: Each family defines its own RMSNorm class (LlamaRMSNorm, Qwen2RMSNorm, ...): matched by name.
+NAMED_RULES: dict[str, Rule] = {"RMSNorm": affine_norm_rule}
+
+
 def rule_for(module: nn.Module) -> Rule | None:
-    """The per-sample rule of `module`'s layer type, or None if it has none."""
-    if isinstance(module, nn.Linear):
-        return linear_rule
-    if isinstance(module, Conv1D):
-        return conv1d_rule
-    if isinstance(module, nn.Embedding):
-        return embedding_rule
-    if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
-        if getattr(module, "weight", None) is not None and module.weight.dim() == 1:
-            return affine_norm_rule
-    return None
+    """The per-sample rule of `module`'s layer type (`RULES`, then `NAMED_RULES` by class-name
+    suffix), or None if it has none. Norms count only with an elementwise affine weight."""
+    rule = next((RULES[cls] for cls in type(module).__mro__ if cls in RULES), None)
+    if rule is None:
+        rule = next((r for suffix, r in NAMED_RULES.items() if type(module).__name__.endswith(suffix)), None)
+    if rule is affine_norm_rule and not (getattr(module, "weight", None) is not None and module.weight.dim() == 1):
+        return None
+    return rule

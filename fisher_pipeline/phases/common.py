@@ -17,8 +17,8 @@ import pandas as pd
 
 from .. import atomic
 from ..atomic import staged_dir
-from ..errors import PhaseInputError, StoreContentError, StoreMismatchError
-from ..store import FisherStore, open_store
+from ..errors import PhaseInputError, StoreContentError
+from ..store import FisherStore, check_same_model, open_store
 
 #: Kinds of store arrays the analysis phases may read; `per_sample/` is deliberately absent.
 AGGREGATED_KINDS = ("fisher", "grad_mean", "group", "group_m2", "fisher_m2")
@@ -40,47 +40,6 @@ def open_stores(store_paths: Mapping[str, str | os.PathLike], per_sample: bool =
     stores = {task: open_store(path) for task, path in store_paths.items()}
     check_same_model(stores, per_sample=per_sample)
     return stores
-
-
-def check_same_model(stores: Mapping[str, FisherStore], per_sample: bool = False) -> None:
-    """Refuse stores that cannot be compared: other weights, other parameters, other Fisher kinds.
-
-    Args:
-        stores: task -> opened store.
-        per_sample: also require the same per-sample parameters and dtype (the pair phases
-            compare per-sample gradients element by element).
-
-    Raises:
-        StoreMismatchError: naming both stores, the differing attribute and the fix.
-    """
-    keys = ["weights_hash", "model_id", "fisher_kind"]
-    if per_sample:
-        keys += ["per_sample_params", "per_sample_dtype"]
-    (first_task, first), *others = stores.items()
-    for task, store in others:
-        for key in keys:
-            if store.attrs.get(key) != first.attrs.get(key):
-                raise StoreMismatchError(
-                    f"stores of tasks {first_task!r} ({first.path}) and {task!r} ({store.path}) differ in "
-                    f"{key} ({_short(first.attrs.get(key))} vs {_short(store.attrs.get(key))}): cross-task phases "
-                    "need stores made from one model with one `fisher` config; rerun phase 1 for the stale task."
-                )
-        if store.param_names != first.param_names:
-            missing = sorted(set(first.param_names) ^ set(store.param_names))[:5]
-            raise StoreMismatchError(
-                f"stores {first.path} and {store.path} hold different parameters (e.g. {missing}): "
-                "rerun phase 1 with the same model and config for every task."
-            )
-
-
-def percent(value: float | None) -> str:
-    """A share in [0, 1] as a whole percentage for captions; `n/a` for None or NaN."""
-    return "n/a" if value is None or value != value else f"{100 * value:.0f}%"
-
-
-def _short(value: object, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...]"
 
 
 def read_finite(store: FisherStore, kind: str, name: str, dtype: type = np.float64) -> np.ndarray:

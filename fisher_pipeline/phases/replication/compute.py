@@ -45,8 +45,8 @@ import pandas as pd
 from scipy import stats
 
 from ...errors import PhaseInputError
-from ...store import FisherStore
-from ..common import atomic_output_dir, check_same_model, percent, relocate, write_table
+from ...store import FisherStore, check_same_model
+from ..common import atomic_output_dir, percent, relocate, write_table
 from . import ReplicationOptions
 from .figures import replication_figure
 

@@ -71,7 +71,7 @@ def _loop(store_a, store_b, groups, n: int) -> None:
     """What a hand-rolled script does: Python loops over groups and pairs, numpy per pair."""
     import numpy as np
 
-    from fisher_pipeline.pairs import group_slice
+    from fisher_pipeline.sample_pairs import group_slice
 
     for param in dict.fromkeys(g[0] for g in groups):
         data_a, data_b = store_a.per_sample(param, rows=slice(0, n)), store_b.per_sample(param, rows=slice(0, n))
@@ -87,7 +87,7 @@ def _seed_loop(store_a, store_b, cells, n: int) -> None:
     """The seeds' phase 6: for every pair, layer, head and block, one slice product in numpy."""
     import numpy as np
 
-    from fisher_pipeline.pairs import group_slice
+    from fisher_pipeline.sample_pairs import group_slice
 
     for param in dict.fromkeys(c[0] for c in cells):
         data_a, data_b = store_a.per_sample(param, rows=slice(0, n)), store_b.per_sample(param, rows=slice(0, n))

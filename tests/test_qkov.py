@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fisher_pipeline.pairs import pair_matrices
 from fisher_pipeline.phases.qkov import QkovOptions
 from fisher_pipeline.phases.qkov.compute import CELL_COLUMNS, pair_qkov
+from fisher_pipeline.sample_pairs import pair_matrices
 from fisher_pipeline.store import FisherStore
 from store_factory import HEAD_DIM, N_HEADS, N_KV_HEADS, llama_layout, make_store
 

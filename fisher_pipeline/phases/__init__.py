@@ -5,7 +5,7 @@ section) and its subcommands, and imports nothing heavy, so that reading a confi
 imports torch; `compute.py` holds the computational cores that return numbers / tables
 (for tests and notebooks) and a `run_*` function that writes the outputs atomically into
 one directory and returns their paths. None of them imports Snakemake. Only phases 5 and 6
-read per-sample arrays (through the pair engine, `fisher_pipeline.pairs`); the others use
+read per-sample arrays (through the pair engine, `fisher_pipeline.sample_pairs`); the others use
 the aggregated Fisher, mean gradient and Welford group statistics only.
 
 | phase | function | options |

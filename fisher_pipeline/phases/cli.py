@@ -68,7 +68,7 @@ def _pipeline(args: argparse.Namespace, section: str, command: str, context: tup
     return PipelineConfig.from_dict(raw)
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def _task_paths(values: list[str], flag: str) -> dict[str, str]:
     """`["a=x.zarr", "b=y.zarr"]` -> `{"a": "x.zarr", "b": "y.zarr"}`, refusing malformed or repeated tasks."""
     pairs: dict[str, str] = {}
     for value in values:
@@ -91,7 +91,7 @@ def _run(phase: Phase, command: PhaseCommand, args: argparse.Namespace) -> None:
     else:
         for more in command.extra_inputs:
             values = getattr(args, more.dest)
-            extra[more.dest] = _pairs(values, more.flag) if more.keyed and values is not None else values
-        written = command.load()(_pairs(args.inputs, command.input_flag), args.out, options, **extra)
+            extra[more.dest] = _task_paths(values, more.flag) if more.keyed and values is not None else values
+        written = command.load()(_task_paths(args.inputs, command.input_flag), args.out, options, **extra)
     for key, path in written.items():
         print(f"{key}\t{path}")

@@ -1,8 +1,9 @@
 """What every analysis phase shares: opening stores, checked reads, names, atomic outputs.
 
-Phases read only the aggregated arrays of a phase 1 store (`fisher/`, `grad_mean/`,
-`group/`, `group_m2/`), never `per_sample/`, so they stay cheap enough to rerun in
-seconds when one of their settings changes.
+Phases 2, 3, 4 and 7 read only the aggregated arrays of a phase 1 store (`fisher/`,
+`grad_mean/`, `group/`, `group_m2/`, ...), so they rerun in seconds when one of their
+settings changes; the pair phases 5 and 6 and the held-out `replication` also read
+`per_sample/`, through the pair engine (`fisher_pipeline.sample_pairs`, `phases/pair_runner.py`).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
 """
 
 
-def select_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None, section: str, ordered: bool,
+def select_task_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None, section: str, ordered: bool,
                  stores: str = "has no store here") -> list[tuple[str, str]]:
     """`pairs` if given (each task checked), else every unordered (or ordered) pair of `tasks`.
 
@@ -60,7 +60,7 @@ def select_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None, se
     return [tuple(pair) for pair in pairs]
 
 
-def pair_list(pairs: Sequence[Sequence[str]] | None, section: str) -> tuple[tuple[str, str], ...] | None:
+def task_pair_list(pairs: Sequence[Sequence[str]] | None, section: str) -> tuple[tuple[str, str], ...] | None:
     """`section.pairs` as a tuple of 2-tuples (None stays None: every pair).
 
     Raises:

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import PhaseInputError
 from ..store import FisherStore
 from .common import atomic_output_dir, open_stores, relocate
-from .pair_options import select_pairs
+from .pair_options import select_task_pairs
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def run_pair_phase(store_paths: Mapping[str, str | os.PathLike], out_dir: str | 
     if len(tasks) == 2 and given is None:
         pairs: list[Pair] = [(tasks[0], tasks[1])]
     else:
-        pairs = select_pairs(tasks, given or listed, section, ordered=ordered)
+        pairs = select_task_pairs(tasks, given or listed, section, ordered=ordered)
     results = []
     for task_a, task_b in pairs:
         log.info("%s: %s %s %s", section, task_a, "->" if ordered else "vs", task_b)

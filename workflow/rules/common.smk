@@ -15,7 +15,7 @@ from fisher_pipeline.config import (
     validate_config,
 )
 from fisher_pipeline.errors import PhaseInputError
-from fisher_pipeline.phases.pair_options import select_pairs
+from fisher_pipeline.phases.pair_options import select_task_pairs
 from fisher_pipeline.shard_plan import check_sample_shards, shard_names
 
 # Snakemake keeps the last of two equal keys in a config file silently: read each file again,
@@ -99,27 +99,27 @@ def mask_dirs():
     return {task: f"results/masks/{task}" for task in TASKS}
 
 
-def task_pairs(paths):
+def task_path_args(paths):
     """`TASK=PATH` arguments of a cross-task phase command, from task -> path."""
     return [f"{task}={path}" for task, path in paths.items()]
 
 
-def _pairs_of(section, ordered):
+def _task_pairs_of(section, ordered):
     """Task pairs of pair phase `section` (`<section>.pairs`, checked against the tasks, or every
     pair); none when phase 1 stores no per-sample gradients (`fisher.per_sample_params: none`)."""
     if config["fisher"]["per_sample_params"] in ("none", ""):
         return []
     try:
-        return select_pairs(TASKS, config[section]["pairs"], section, ordered, stores="is not a task of this config")
+        return select_task_pairs(TASKS, config[section]["pairs"], section, ordered, stores="is not a task of this config")
     except PhaseInputError as err:
         raise WorkflowError(str(err)) from None
 
 
-def conflict_pairs():
+def conflict_task_pairs():
     """Unordered task pairs of phase 5."""
-    return _pairs_of("conflicts", ordered=False)
+    return _task_pairs_of("conflicts", ordered=False)
 
 
-def qkov_pairs():
+def qkov_task_pairs():
     """Ordered task pairs (A, B) of phase 6."""
-    return _pairs_of("qkov", ordered=True)
+    return _task_pairs_of("qkov", ordered=True)

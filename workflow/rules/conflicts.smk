@@ -1,4 +1,4 @@
-CONFLICT_PAIRS = conflict_pairs()
+CONFLICT_PAIRS = conflict_task_pairs()
 FINAL_OUTPUTS.extend(f"results/conflicts/{a}__{b}" for a, b in CONFLICT_PAIRS)
 
 

@@ -44,7 +44,7 @@ rule rank_agreement:
         ),
     params:
         config=phase_config("importance"),
-        stores=task_pairs(fisher_stores()),
+        stores=task_path_args(fisher_stores()),
     log:
         "logs/importance/rank_agreement.log",
     benchmark:

@@ -7,7 +7,7 @@ rule intervention:
     input:
         stores=list(fisher_stores().values()),
         heldout=list(heldout_stores().values()),
-        replication=["results/replication"] if conflict_pairs() or qkov_pairs() else [],
+        replication=["results/replication"] if conflict_task_pairs() or qkov_task_pairs() else [],
         model=model_input(),
     output:
         tables=report(
@@ -20,8 +20,8 @@ rule intervention:
         ),
     params:
         config=phase_config("intervention", "model", "tasks", "qkov", "scaled"),
-        stores=task_pairs(fisher_stores()),
-        heldout=task_pairs(heldout_stores()),
+        stores=task_path_args(fisher_stores()),
+        heldout=task_path_args(heldout_stores()),
         replication=lambda wildcards, input: f"--replication {shlex.quote(input.replication[0])}"
         if input.replication
         else "",

@@ -17,7 +17,7 @@ rule mask_eval:
         ),
     params:
         config=phase_config("mask_eval", "model", "tasks"),
-        masks=task_pairs({task: f"{path}/masks.safetensors" for task, path in mask_dirs().items()}),
+        masks=task_path_args({task: f"{path}/masks.safetensors" for task, path in mask_dirs().items()}),
     log:
         "logs/mask_eval.log",
     benchmark:

@@ -16,7 +16,7 @@ rule overlap:
         ),
     params:
         config=phase_config("overlap"),
-        masks=task_pairs({task: f"{path}/masks.safetensors" for task, path in mask_dirs().items()}),
+        masks=task_path_args({task: f"{path}/masks.safetensors" for task, path in mask_dirs().items()}),
     log:
         "logs/overlap.log",
     benchmark:

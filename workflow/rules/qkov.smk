@@ -1,4 +1,4 @@
-QKOV_PAIRS = qkov_pairs()
+QKOV_PAIRS = qkov_task_pairs()
 FINAL_OUTPUTS.extend(f"results/qkov/{a}__{b}" for a, b in QKOV_PAIRS)
 
 

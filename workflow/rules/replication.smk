@@ -1,6 +1,6 @@
 # Held-out replication of phases 5 and 6: every cell scored again on the held-out stores.
-REPLICATED_CONFLICTS = [f"results/conflicts/{a}__{b}" for a, b in conflict_pairs()]
-REPLICATED_QKOV = [f"results/qkov/{a}__{b}" for a, b in qkov_pairs()]
+REPLICATED_CONFLICTS = [f"results/conflicts/{a}__{b}" for a, b in conflict_task_pairs()]
+REPLICATED_QKOV = [f"results/qkov/{a}__{b}" for a, b in qkov_task_pairs()]
 
 if REPLICATED_CONFLICTS or REPLICATED_QKOV:
     FINAL_OUTPUTS.append("results/replication")
@@ -23,8 +23,8 @@ if REPLICATED_CONFLICTS or REPLICATED_QKOV:
             ),
         params:
             config=phase_config("replication", "conflicts", "qkov"),
-            stores=task_pairs(fisher_stores()),
-            heldout=task_pairs(heldout_stores()),
+            stores=task_path_args(fisher_stores()),
+            heldout=task_path_args(heldout_stores()),
             tables=" ".join(
                 f"{flag} {' '.join(shlex.quote(path) for path in paths)}"
                 for flag, paths in (("--conflicts", REPLICATED_CONFLICTS), ("--qkov", REPLICATED_QKOV))

@@ -37,7 +37,7 @@ rule scaled_cross:
         ),
     params:
         config=phase_config("scaled"),
-        stores=task_pairs(fisher_stores()),
+        stores=task_path_args(fisher_stores()),
     log:
         "logs/scaled/cross_task.log",
     benchmark:

@@ -7,7 +7,7 @@ imported whenever a config is read, so it imports nothing heavy. The numerics: `
 from __future__ import annotations
 
 from ...config_schema import config_section
-from ..pair_options import pair_list, pair_phase_schema
+from ..pair_options import pair_phase_schema, task_pair_list
 from ..registry import PhaseCommand, register_phase
 
 
@@ -50,7 +50,7 @@ class ConflictsOptions:
     compute_dtype: str = "float32"  # float32 | float64 products
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pairs", pair_list(self.pairs, "conflicts"))
+        object.__setattr__(self, "pairs", task_pair_list(self.pairs, "conflicts"))
 
 
 register_phase(ConflictsOptions, PhaseCommand(

@@ -45,7 +45,7 @@ import pandas as pd
 from ...errors import PhaseInputError
 from ...layout import ROLES, ModelGeometry
 from ...pair_stats import alignment, bh_labels, pair_mean_test
-from ...pairs import Group, iter_param_pairs
+from ...sample_pairs import Group, iter_param_pairs
 from ...store import FisherStore
 from ..common import (
     warn_few_samples,

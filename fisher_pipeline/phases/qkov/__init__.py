@@ -7,7 +7,7 @@ imported whenever a config is read, so it imports nothing heavy. The numerics: `
 from __future__ import annotations
 
 from ...config_schema import config_section
-from ..pair_options import pair_list, pair_phase_schema
+from ..pair_options import pair_phase_schema, task_pair_list
 from ..registry import PhaseCommand, register_phase
 
 
@@ -72,7 +72,7 @@ class QkovOptions:
     compute_dtype: str = "float32"  # float32 | float64 products
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pairs", pair_list(self.pairs, "qkov"))
+        object.__setattr__(self, "pairs", task_pair_list(self.pairs, "qkov"))
 
 
 register_phase(QkovOptions, PhaseCommand(

@@ -10,7 +10,7 @@ every sample pair (i of A, j of B) has the score
     M[i, j] = agg_{k in S} a(g_A,i,k) * w_k * b(g_B,j,k)       agg: mean (default) or sum
 
 `unsigned` (default): a = g^2, b = |g|; `signed`: a = b = g; `symmetric`: a = b = |g|.
-One cell is one batched matrix product over all pairs (`fisher_pipeline.pairs`).
+One cell is one batched matrix product over all pairs (`fisher_pipeline.sample_pairs`).
 
 What the averages show. With F from A and eps, lambda negligible, `mean_i g_A,i,k^2 / F_A,k
 = 1` at every k, so the mean of the unsigned M over all pairs is `agg_k mean_j |g_B,j,k|`:
@@ -43,7 +43,7 @@ import pandas as pd
 
 from ...errors import PhaseInputError
 from ...pair_stats import alignment, bh_labels, pair_mean_test
-from ...pairs import Group, iter_param_pairs
+from ...sample_pairs import Group, iter_param_pairs
 from ...store import FisherStore
 from ..common import (
     warn_few_samples,

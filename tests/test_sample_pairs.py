@@ -10,7 +10,7 @@ import pytest
 from fisher_pipeline import pairs
 from fisher_pipeline.errors import StoreMismatchError
 from fisher_pipeline.layout import GroupSpec
-from fisher_pipeline.pairs import cosine_matrix, pair_matrices, pair_matrix
+from fisher_pipeline.sample_pairs import cosine_matrix, pair_matrices, pair_matrix
 from fisher_pipeline.store import FisherStore
 from store_factory import llama_layout, make_store
 
@@ -39,7 +39,7 @@ def brute_cosine(a, b, weight=None):
 
 
 #: Agreement with float64 brute force, relative to the largest entry: float64 compute is
-#: exact to rounding; float32 compute to ~1e-6 (module docstring of `pairs`).
+#: exact to rounding; float32 compute to ~1e-6 (module docstring of `sample_pairs`).
 TOLERANCE = {"float64": 1e-12, "float32": 2e-6}
 
 

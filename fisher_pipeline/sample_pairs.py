@@ -1,4 +1,4 @@
-"""The pair engine of phases 5 (`conflicts`) and 6 (`qkov`): per-sample pair matrices.
+"""The sample-pair engine of phases 5 (`conflicts`) and 6 (`qkov`): per-sample pair matrices.
 
 For a slice S of two tasks' per-sample gradients, `a` `[N_A, S]` and `b` `[N_B, S]`,
 

@@ -70,6 +70,17 @@ def _cmd_schema(args: argparse.Namespace) -> None:
     print(json.dumps(config_schema(), indent=2))
 
 
+def _cmd_config_docs(args: argparse.Namespace) -> None:
+    from .config_docs import update
+    from .errors import ConfigError
+
+    current = update(args.path, check=args.check)
+    if args.check and not current:
+        raise ConfigError(f"{args.path} is not current with the config schema: run `python -m fisher_pipeline "
+                          f"config-docs` and commit the result")
+    print(f"{args.path}: {'current' if current else 'rewritten from the schema'}")
+
+
 def _threads(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (0: torch's default)")
@@ -123,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the config's JSON schema (every section, with defaults)")
     schema.set_defaults(func=_cmd_schema)
+
+    docs = sub.add_parser("config-docs", help="rewrite config/README.md's key tables from the config schema")
+    docs.add_argument("--path", default="config/README.md", help="the page holding the tables")
+    docs.add_argument("--check", action="store_true", help="only check that the tables are current (exit 2 if not)")
+    docs.set_defaults(func=_cmd_config_docs)
 
     from .phases.cli import add_phase_commands
 

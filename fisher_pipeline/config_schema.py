@@ -303,7 +303,7 @@ def _message(error, root: Mapping[str, Any] | None, prefix: str) -> str:
         missing = [key for key in error.validator_value if key not in value]
         if not where and missing == ["tasks"]:
             return "the config has no 'tasks': add at least one, e.g. tasks: {prose: {source: 'builtin:prose'}}"
-        described = [(key, schema.get("properties", {}).get(key, {}).get("description")) for key in missing]
+        described = [(key, _label(schema.get("properties", {}).get(key, {}))) for key in missing]
         return "; ".join(f"{_location(where, [key])} is missing" + (f" ({text})" if text else "")
                          for key, text in described)
     if kind == "minProperties" and parts == ["tasks"]:
@@ -318,11 +318,17 @@ def _message(error, root: Mapping[str, Any] | None, prefix: str) -> str:
     if kind in bounds:
         return f"{shown}: must be {bounds[kind]} {error.validator_value}"
     if kind == "minItems":
-        described = f" ({schema['description']})" if schema.get("description") else ""
+        described = f" ({_label(schema)})" if _label(schema) else ""
         return f"{shown}: must hold at least {error.validator_value} item(s){described}"
     if kind == "uniqueItems":
         return f"{shown}: holds the same item twice"
     return f"{shown}: {error.message}"
+
+
+def _label(schema: Mapping[str, Any]) -> str | None:
+    """What a key is, in a few words for a message: its `title` (its `description` is the
+    documentation, config/README.md, too long for one line)."""
+    return schema.get("title")
 
 
 def _describe(schema: Mapping[str, Any]) -> str:

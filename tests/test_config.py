@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import tomllib
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fisher_pipeline import config_docs
+from fisher_pipeline.__main__ import main
 from fisher_pipeline.config import (
     NAMED_SELECTIONS,
     SCHEMA_PATH,
@@ -259,6 +262,22 @@ def test_config_readme_documents_every_schema_key_and_no_other():
         stale = sorted(set(documented[section]) - set(keys))
         assert not missing, f"config/README.md does not document {[f'{section}.{k}' for k in missing]}"
         assert not stale, f"config/README.md documents keys the schema lacks: {[f'{section}.{k}' for k in stale]}"
+
+
+def test_config_readme_tables_are_the_schema_rendered():
+    """The one description of a key is the schema's; the page's tables are made from it."""
+    readme = ROOT / "config" / "README.md"
+    assert config_docs.update(readme, check=True), "stale: run python -m fisher_pipeline config-docs"
+    assert main(["config-docs", "--path", str(readme), "--check"]) == 0
+    # a description edited in the schema alone makes the page stale, and the check says how to fix it
+    schema = copy.deepcopy(config_schema())
+    schema["properties"]["masks"]["properties"]["seed"]["description"] = "Edited in the schema only."
+    text = readme.read_text()
+    rendered = config_docs.render(text, schema)
+    assert rendered != text and "| `seed` | `0` | Edited in the schema only. |" in rendered
+    assert config_docs.render(rendered, schema) == rendered  # idempotent
+    with pytest.raises(ConfigError, match="has no table for section"):
+        config_docs.render(text.replace("<!-- keys: scaled -->", "<!-- no keys -->"), schema)
 
 
 def test_config_readme_defaults_equal_schema_defaults():

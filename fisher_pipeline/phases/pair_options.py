@@ -6,6 +6,7 @@ imports nothing heavy.
 from __future__ import annotations
 
 import itertools
+import textwrap
 from collections.abc import Sequence
 
 from ..errors import ConfigError, PhaseInputError
@@ -13,15 +14,19 @@ from ..errors import ConfigError, PhaseInputError
 
 def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
     """YAML schema of the keys every pair phase has: `min_effect_size` (the labelling rule
-    both share, `pair_stats.label`; `alignment_of` says what the alignment is a cosine of),
-    `pairs`, `sample_block`, `compute_dtype`."""
+    both share, `pair_stats.label`; `alignment_of` says what the alignment is), `pairs`
+    (`pairs_description`), `sample_block`, `compute_dtype`."""
+    min_effect = _folded(
+        f"A cell is labelled `conflict` / `synergy` only if also its alignment, {alignment_of}, is at least this in "
+        "magnitude: a huge N cannot label a negligible mean, and a head and a whole module with the same "
+        "per-coordinate signal get the same value (docs/phases.md).")
     return f"""
   min_effect_size:
     type: number
     minimum: 0
     maximum: 1
     default: 0.1
-    description: "smallest |alignment| labelled conflict or synergy: the cosine between {alignment_of}"
+    description: {min_effect}
   pairs:
     type: [array, "null"]
     items:
@@ -30,17 +35,25 @@ def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
       minItems: 2
       maxItems: 2
     default: null
-    description: {pairs_description}
+    description: {_folded(pairs_description)}
   sample_block:
     type: integer
     minimum: 1
     default: 256
-    description: samples of task A read and multiplied at once (memory, not results)
+    description: >-
+      Samples of task A read and multiplied at once: bounds memory, never changes results.
   compute_dtype:
     enum: [float32, float64]
     default: float32
-    description: dtype of the pair products (results are float64)
+    description: >-
+      Dtype of the pair products: `float32` (error ~1e-6 relative, far below float16 storage rounding) or
+      `float64`. Results are float64.
 """
+
+
+def _folded(text: str) -> str:
+    """`text` as a YAML folded scalar for a key's value at indent 4."""
+    return ">-\n" + textwrap.indent(textwrap.fill(text, 100, break_on_hyphens=False), "      ")
 
 
 def select_task_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None, section: str, ordered: bool,

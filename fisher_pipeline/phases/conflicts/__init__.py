@@ -17,26 +17,34 @@ properties:
   similarity:
     enum: [cosine, fisher]
     default: cosine
-    description: cosine of per-sample gradients, or their cosine in the metric 1 / (F_pool + lambda)
+    description: >-
+      Similarity of two samples' gradients in a group: `cosine`, or `fisher` — the cosine after dividing each
+      element by `sqrt(F_pool + lambda)` (F pooled over both tasks, sample-weighted). Both lie in [-1, 1].
   fisher_damping:
     type: number
     minimum: 0
     default: 0.01
-    description: lambda of the fisher similarity, relative to the parameter's mean pooled Fisher
+    description: >-
+      `lambda` of `fisher`, as a fraction of the parameter's mean pooled Fisher: elements whose Fisher is below
+      about 1% of the mean stop dominating the whitened cosine.
   alpha:
     type: number
     exclusiveMinimum: 0
     exclusiveMaximum: 1
     default: 0.05
-    description: false discovery rate of the Benjamini-Hochberg step over a task pair's groups
+    description: >-
+      False discovery rate of the Benjamini-Hochberg step over all groups of one task pair.
   top_pairs:
     type: integer
     minimum: 0
     default: 10
-    description: most conflicting sample pairs listed per conflicting group
-""" + pair_phase_schema("task pairs to compare, e.g. [[code, prose]]; null compares every unordered pair",
-                      "the two tasks' mean gradient directions in the group, "
-                      "mean / sqrt(within_a_mean x within_b_mean)"))
+    description: >-
+      Most conflicting sample pairs (most negative similarity) listed per conflicting group, by sample id.
+""" + pair_phase_schema(
+    "Task pairs to compare, e.g. `[[code, prose]]`; `null` compares every unordered pair of tasks. "
+    "A listed task must be in `tasks`.",
+    "`mean / sqrt(within_a_mean x within_b_mean)` (the cosine between the two tasks' mean gradient "
+    "directions in the group, in [-1, 1])"))
 class ConflictsOptions:
     """Settings of phase 5."""
 

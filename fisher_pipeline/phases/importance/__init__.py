@@ -17,10 +17,15 @@ properties:
   rank_by:
     enum: [mean, sum]
     default: mean
-    description: rank and colour by Fisher per element (mean) or per unit (sum)
+    description: >-
+      Score that ranks units and colours the heatmaps: `mean` = Fisher per parameter element of the unit (compares
+      units of different sizes fairly), `sum` = total Fisher of the unit (favours big units). Rank agreement
+      compares this score too.
   log_color:
     type: boolean
     default: true
+    description: >-
+      Heatmap colours on a log scale (Fisher spans orders of magnitude); zero cells are grey.
 """)
 class ImportanceOptions:
     """Settings of phase 2."""

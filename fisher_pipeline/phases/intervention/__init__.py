@@ -17,42 +17,52 @@ properties:
     type: integer
     minimum: 0
     default: 2
-    description: most significant cells stepped per task pair and phase
+    description: >-
+      Cells stepped per pair and phase, most significant first (labelled cells by discovery p, then unlabelled
+      ones).
   random_cells:
     type: integer
     minimum: 0
     default: 2
-    description: cells drawn at random among the others per task pair and phase (the baseline)
+    description: >-
+      Cells drawn at random among the other tested cells of each pair and phase: the baseline a finding must beat.
   gains:
     type: array
     items: {type: number, exclusiveMinimum: 0}
     minItems: 1
     default: [0.001, 0.01]
+    title: "promised drops, as fractions of the stepped task's held-out loss"
     description: >-
-      every step on a task T is scaled to promise T a drop of this fraction of its held-out
-      loss, to first order (cells: on B's held-out gradient; phase 7: on the analysed one);
-      the first scales the damping curve
+      Every step on a task T is scaled so that it promises T a drop of this fraction of T's mean held-out loss, to
+      first order: a cell step `-eta d` along B's held-out mean gradient restricted to the cell (phase 6: times
+      its metric `1 / Fhat`) on B's held-out gradient, a phase 7 step on T's analysed one. Steps of every kind
+      then compare at the same promise. Cells and cross-task steps are taken at each gain (where first order holds
+      within 10% is counted per gain); each task's damping curve at the first.
   dampings:
     type: array
     items: {type: number, minimum: 0}
     default: [1.0e-7, 1.0e-6, 1.0e-5, 1.0e-4, 1.0e-3]
     description: >-
-      lambdas of the natural-gradient damping curve (beside scaled.damping and the plain
-      gradient), Fisher units
+      Lambdas of the damping curve: each task's own natural gradient `g / (F + lambda)` at each (and at
+      `scaled.damping`, and the plain gradient), its held-out change against its promise (docs/phases.md,
+      "Choosing the damping").
   batch_size:
     type: integer
     minimum: 1
     default: 8
-    description: held-out samples per forward pass (memory, not results)
+    description: >-
+      Held-out samples per forward pass (memory, not results).
   device:
     enum: [cpu, cuda, auto]
     default: cpu
-    description: where the model runs (auto = cuda when available)
+    description: >-
+      Where the model runs: `cpu`, `cuda` or `auto`.
   seed:
     type: integer
     minimum: 0
     default: 0
-    description: seed of the random cells
+    description: >-
+      Seed of the random cells.
 """)
 class InterventionOptions:
     """Settings of the intervention checks."""

@@ -26,44 +26,65 @@ properties:
       minimum: 0
       maximum: 1
     default: [0.25, 0.5]
-    description: fractions of units removed
+    title: fractions of units removed
+    description: >-
+      Fractions of units removed, each in [0, 1], no duplicates. Two that print alike to 6 digits count as
+      duplicates. A group of `n` competing units keeps `floor((1 - s) n + 1/2)` of them.
   criterion:
     enum: [saliency, fisher, magnitude, wanda, random]
     default: saliency
-    description: >
-      the score that ranks units (higher = kept); its masks are the ones phase 4 compares. saliency:
-      the second-order loss increase of removing the unit (elements 0.5*F*w^2, Optimal Brain Damage;
-      heads and neurons 0.5*mean_i gate_i^2, the Fisher of a gate on the unit); fisher: F alone (mean
-      Fisher of the unit); magnitude: |w| (mean over the unit); wanda: |w_ij|*||X_j||; random: seeded
+    description: >-
+      The score that ranks units (the highest kept); its masks are the ones `overlap` compares. `saliency`: the
+      loss increase of removing the unit to second order, with the Fisher as curvature: `0.5 F w^2` per element
+      (Optimal Brain Damage), `0.5 mean_i gate_i^2` per head or neuron, where `gate_i = sum over the unit's output
+      weights (o columns, down column) of g_i w` is the gradient of a multiplicative gate on the unit (its Fisher:
+      Kwon et al. 2022; Michel et al. 2019 use its mean absolute value). `fisher`: the Fisher alone (the mean over
+      a head / neuron), which ignores the weight's size: on SmolLM2 its masks cost held-out loss far beyond
+      magnitude pruning (docs/phases.md, "Masks on held-out samples"). `magnitude`: `|w|` (mean over a unit).
+      `wanda`: `|w_ij| ||X_j||` with `||X_j||^2` the mean square of input feature j over the task's labelled
+      tokens (Sun et al. 2024); a bias counts as a weight on the constant input 1. `random`: uniform, seeded.
   baselines:
     type: array
     uniqueItems: true
     items:
       enum: [saliency, fisher, magnitude, wanda, random]
     default: [fisher, magnitude, wanda, random]
-    description: further criteria whose masks are computed beside `criterion`'s (for mask_eval)
+    description: >-
+      Further criteria whose masks are computed beside `criterion`'s, so that `mask_eval` scores them side by
+      side. `[]`: only `criterion`.
   scope:
     enum: [global, per_layer, per_tensor]
     default: global
+    description: >-
+      Where units compete: `global` (whole model), `per_layer` (tensors outside layers form one extra scope) or
+      `per_tensor` (elements only: a head or neuron spans several tensors).
   granularity:
     enum: [element, head, neuron]
     default: element
+    description: >-
+      What a unit is: `element` (one parameter element); `head`: one query head of one layer, its q rows and o
+      columns (and their biases) in every selected tensor holding them, fused Q|K|V included; a KV head (its k and
+      v rows) goes exactly when every query head reading it is gone (GQA); `neuron`: one MLP neuron, its gate/up
+      rows and down column. Selected tensors with no such groups are left unmasked.
   include:
     type: [string, "null"]
     default: blocks
-    description: >
-      parameters masked: a named selection (blocks = attention and MLP projections, attention, mlp,
-      all) or a regex searched in parameter names (null = all)
+    description: >-
+      Which parameters are masked: a named selection, resolved by the architecture adapter for every family
+      (`blocks`: the attention and MLP projections of every layer, weights and biases; `attention`; `mlp`; `all`),
+      or a regex searched in parameter names; `null`: every parameter. `wanda` scores only Linear / Conv1D weights
+      and their biases: with it, select no norm or embedding.
   wanda_compare:
     enum: [row, scope]
     default: row
-    description: >
-      where wanda's element scores compete: within each output row (as the Wanda paper) or within
-      the scope, like the other criteria
+    description: >-
+      Where `wanda`'s elements compete: `row` (within each output row of a weight, with that row's bias element,
+      as the Wanda paper) or `scope` (within the scope, like the other criteria).
   seed:
     type: integer
     default: 0
-    description: seed of the random criterion
+    description: >-
+      Seed of the `random` criterion (per parameter, so the same in every task).
 """)
 class MaskOptions:
     """Settings of phase 3."""

@@ -16,6 +16,10 @@ properties:
   heatmap_metric:
     enum: [jaccard, dice, overlap_coefficient]
     default: jaccard
+    description: >-
+      Global metric drawn in the task x task heatmaps: `jaccard`, `dice` or `overlap_coefficient`. The table
+      always holds all three, their expectations under random masks of the same densities, and the hypergeometric
+      p-value.
 """)
 class OverlapOptions:
     """Settings of phase 4."""

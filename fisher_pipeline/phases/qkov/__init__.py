@@ -17,44 +17,56 @@ properties:
   variant:
     enum: [unsigned, signed, symmetric]
     default: unsigned
-    description: "per-pair score: unsigned g_A^2 |g_B| / Fhat, signed g_A g_B / Fhat, symmetric |g_A| |g_B| / Fhat"
+    description: >-
+      Per-pair score over a head's slice: `unsigned` `g_A^2 |g_B| / Fhat` (the seed metric), `signed` `g_A g_B /
+      Fhat`, `symmetric` `|g_A| |g_B| / Fhat`. The signed alignment is always computed and tested beside it.
   aggregate:
     enum: [mean, sum]
     default: mean
-    description: mean or sum of the score over the head's slice
+    description: >-
+      `mean` or `sum` of the score over the slice's elements.
   fisher_pool:
     enum: [a, b, pooled]
     default: a
-    description: whose Fisher normalises, A's, B's, or both pooled (sample-weighted)
+    description: >-
+      Whose Fisher normalises: `a` (A's), `b` (B's) or `pooled` (sample-weighted mean of both). With `a`, the mean
+      unsigned score equals the mean `|g_B|` (A cancels; docs/phases.md).
   eps:
     type: number
     minimum: 0
     default: 1.0e-10
-    description: floor on the Fisher before lambda is added, in Fisher units
+    description: >-
+      Floor on the Fisher before `ridge_lambda` is added (Fisher units of the token-sum loss). `health` reports
+      the fraction of each slice below it.
   ridge_lambda:
     type: number
     minimum: 0
     default: 0.0
-    description: lambda added to the floored Fisher, in Fisher units
+    description: >-
+      Added to the floored Fisher: `Fhat = max(F, eps) + lambda`.
   alpha:
     type: number
     exclusiveMinimum: 0
     exclusiveMaximum: 1
     default: 0.05
-    description: false discovery rate of the Benjamini-Hochberg step over all cells of the run
+    description: >-
+      Benjamini-Hochberg false discovery rate over all cells of the run (one job: one ordered pair).
   top_k:
     type: integer
     minimum: 0
     default: 20
-    description: sample pairs listed in top_conflicts per task pair
+    description: >-
+      Sample pairs listed in `top_conflicts` per ordered pair.
   n_bootstrap:
     type: integer
     minimum: 0
     default: 200
-    description: bootstrap resamples (of samples of A and of B) for the score's 95% interval; 0 skips it
-""" + pair_phase_schema("ordered task pairs [A, B]; null takes every ordered pair",
-                      "the two tasks' mean gradients in the head in the Fisher metric, "
-                      "signed_mean / sqrt(within_a_mean x within_b_mean)"))
+    description: >-
+      Resamples of the samples of A and of B for the score's 95% percentile interval; `0` skips it.
+""" + pair_phase_schema(
+    "Ordered pairs `[A, B]` to compute, e.g. `[[code, prose]]`; `null` computes every ordered pair.",
+    "`signed_mean / sqrt(within_a_mean x within_b_mean)` (the cosine between the two tasks' mean gradients "
+    "through the head, in the Fisher metric: phase 5's rule)"))
 class QkovOptions:
     """Settings of phase 6."""
 

@@ -18,7 +18,9 @@ properties:
     exclusiveMinimum: 0
     exclusiveMaximum: 1
     default: 0.05
-    description: level of each discovered cell's one-sided held-out test (no correction within the discovered set)
+    description: >-
+      Level of each labelled cell's one-sided held-out test. No correction within the labelled set: each labelled
+      cell is one claim, checked once.
 """)
 class ReplicationOptions:
     """Settings of the held-out replication."""

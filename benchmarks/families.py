@@ -55,24 +55,24 @@ def family_model(family: str):
 
 def worker(family: str, variant: str, batch: int, n: int, length: int, threads: int) -> dict:
     import torch
-    from phase1 import _floor, _ours, _samples
+    from harness import floor_pass, random_samples, run_phase1
 
     from fisher_pipeline.engine.loss import collate
 
     torch.set_num_threads(threads)
     model = family_model(family)
     vocab = model.config.vocab_size
-    warm, samples = _samples(batch, length, vocab, seed=1), _samples(n, length, vocab)
+    warm, samples = random_samples(batch, length, vocab, seed=1), random_samples(n, length, vocab)
     batches = [collate(samples[i:i + batch], 0) for i in range(0, n, batch)]
     with tempfile.TemporaryDirectory() as tmp:
         if variant == "floor":
-            _floor(model, [collate(warm, 0)])
+            floor_pass(model, [collate(warm, 0)])
             start = time.perf_counter()
-            _floor(model, batches)
+            floor_pass(model, batches)
             return {"sec_per_sample": (time.perf_counter() - start) / n}
-        _ours(model, warm, batch, Path(tmp) / "warm.zarr", "attention")
+        run_phase1(model, warm, batch, Path(tmp) / "warm.zarr", "attention")
         # steady state: the store's one-off creation and finalisation are left out here
-        return {"sec_per_sample": _ours(model, samples, batch, Path(tmp) / "bench.zarr",
+        return {"sec_per_sample": run_phase1(model, samples, batch, Path(tmp) / "bench.zarr",
                                         "attention")["steady_sec_per_sample"]}
 
 

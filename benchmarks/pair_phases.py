@@ -27,16 +27,13 @@ import itertools
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, peak_rss_mb, run_worker
 
 
 def _floor(store_a, store_b) -> None:
@@ -141,7 +138,7 @@ def worker(args: argparse.Namespace) -> None:
                 pair_qkov(small_a, small_b, QkovOptions(), groups)
         extra["groups"] = len(groups)
     elapsed = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"variant": args.worker, "seconds": elapsed, "peak_rss_mb": peak_mb, **extra}))
 
 
@@ -149,8 +146,7 @@ def _run(variant: str, pair: tuple[str, str], args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--stores", args.stores, "--task-a", pair[0],
            "--task-b", pair[1], "--threads", str(args.threads), "--loop-layers", str(args.loop_layers),
            "--loop-samples", str(args.loop_samples), "--phase", args.phase]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(cmd[1], cmd[2:])
 
 
 def main() -> None:

@@ -33,9 +33,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,19 +41,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def _samples(n: int, length: int, vocab: int, seed: int = 0):
-    import torch
-
-    from fisher_pipeline.data import TokenizedSample
-
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.ones(length, dtype=torch.bool)
-    mask[0] = False
-    return [TokenizedSample(f"b{k}", torch.randint(0, vocab, (length,), generator=gen), mask) for k in range(n)]
+from harness import ROOT, floor_pass, peak_rss_mb, random_samples, run_phase1, run_worker
 
 
 def _model(kind: str):
@@ -72,15 +58,6 @@ def _model(kind: str):
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
                                       tie_word_embeddings=True)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def _floor(model, batches) -> None:
-    from fisher_pipeline.engine.loss import per_sample_loss
-
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        per_sample_loss(logits, batch.input_ids, batch.label_mask).sum().backward()
 
 
 def _loop(model, batches, state: dict) -> None:
@@ -197,78 +174,6 @@ def _opacus(model, batches, state: dict) -> None:
             gsm.zero_grad(set_to_none=True)  # drops grad_sample before the next forward
 
 
-class _RssSampler:
-    """Largest resident set size seen between two `mark()`s, sampled every 2 ms by a thread.
-
-    ru_maxrss gives the peak of the whole run only; these per-micro-batch peaks show
-    whether memory accumulates (a trend) or only fluctuates (the run's peak is then the
-    largest of more draws the more micro-batches there are). Sampling can miss a peak
-    shorter than 2 ms: the values are lower bounds.
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peaks: list[int] = []
-        self._current = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def rss_mb() -> int:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._current = max(self._current, self.rss_mb())
-
-    def mark(self) -> None:
-        self.peaks.append(max(self._current, self.rss_mb()))
-        self._current = 0
-
-    def stop(self) -> list[int]:
-        self._stop.set()
-        self._thread.join()
-        return self.peaks
-
-
-def _ours(model, samples, batch_size: int, out: Path, per_sample: str, trace_rss: bool = False,
-          fold_kernel: str = "auto") -> dict:
-    """Phase 1 into a store; returns the steady per-sample time and the fixed costs."""
-    from fisher_pipeline.config import FisherConfig
-    from fisher_pipeline.fisher import compute_fisher, stored_selections
-    from fisher_pipeline.models.adapters import adapter_for
-    from fisher_pipeline.store import StoreWriter
-
-    start = time.perf_counter()
-    # the shipped default (config/config.yaml): M2 of g^2 for the first and last layer's attention
-    config = FisherConfig(batch_size=batch_size, per_sample_params=per_sample, fisher_m2_layers=(0, -1),
-                          fold_kernel=fold_kernel)
-    adapter = adapter_for(model)
-    geometry = adapter.geometry()
-    writer = StoreWriter(out, {"task": "bench"}, geometry, stored_selections(geometry, config)[0], "float16",
-                         len(samples), batch_size)
-    commits: list[float] = []
-    sampler = _RssSampler() if trace_rss else None
-
-    def on_commit(batch, losses, grads, gates):
-        writer.append(batch.ids, batch.n_tokens, losses, grads, gates, lent=True)  # as run_fisher does
-        commits.append(time.perf_counter())
-        if sampler is not None:
-            sampler.mark()
-
-    result = compute_fisher(model, adapter, samples, config, pad_id=0, on_commit=on_commit)
-    before_close = time.perf_counter()
-    writer.close(result.accumulator)
-    end = time.perf_counter()
-    steady = (commits[-1] - commits[0]) / (len(samples) - batch_size) if len(commits) > 1 else float("nan")
-    extra = {"batch_peak_rss_mb": sampler.stop()} if sampler is not None else {}
-    return {"steady_sec_per_sample": steady, "close_s": end - before_close,
-            "setup_s": commits[0] - start - steady * batch_size, **extra}
-
-
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -277,15 +182,15 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model = _model(args.model)
     vocab = model.config.vocab_size
-    warm = _samples(args.batch, args.length, vocab, seed=1)
-    samples = _samples(args.n, args.length, vocab)
+    warm = random_samples(args.batch, args.length, vocab, seed=1)
+    samples = random_samples(args.n, args.length, vocab)
     batches = [collate(samples[i:i + args.batch], 0) for i in range(0, len(samples), args.batch)]
     extra: dict = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         if args.worker == "floor":
-            _floor(model, [collate(warm, 0)])
+            floor_pass(model, [collate(warm, 0)])
             start = time.perf_counter()
-            _floor(model, batches)
+            floor_pass(model, batches)
         elif args.worker == "loop":
             _loop(model, [collate(warm[:1], 0)], {})
             start = time.perf_counter()
@@ -296,12 +201,12 @@ def worker(args: argparse.Namespace) -> None:
             _opacus(model, batches, {})
         else:  # ours: the compiled fold; ours-torch: the same with torch operations (fold_kernel: torch)
             fold_kernel = "torch" if args.worker == "ours-torch" else "auto"
-            _ours(model, warm, args.batch, Path(tmp) / "warm.zarr", "attention", fold_kernel=fold_kernel)
+            run_phase1(model, warm, args.batch, Path(tmp) / "warm.zarr", "attention", fold_kernel=fold_kernel)
             start = time.perf_counter()
-            extra = _ours(model, samples, args.batch, Path(tmp) / "bench.zarr", "attention", args.trace_rss,
+            extra = run_phase1(model, samples, args.batch, Path(tmp) / "bench.zarr", "attention", args.trace_rss,
                           fold_kernel)
         elapsed = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"variant": args.worker, "batch": args.batch, "n": args.n,
                       "sec_per_sample": elapsed / args.n, "peak_rss_mb": peak_mb, **extra}))
 
@@ -342,8 +247,7 @@ def _run(variant: str, batch: int, n: int, args: argparse.Namespace, trace_rss: 
            *(["--trace-rss"] if trace_rss else []),
            "--length", str(args.length), "--threads", str(args.threads), "--model", args.model,
            "--dir", str(args.dir)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(cmd[1], cmd[2:])
 
 
 def main() -> None:

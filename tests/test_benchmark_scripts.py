@@ -39,6 +39,8 @@ def _phase1_script():
     """benchmarks/phase1.py as a module (its helpers are what the benchmark runs)."""
     import importlib.util
 
+    if str(ROOT / "benchmarks") not in sys.path:  # as when the script runs: its folder first
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("phase1_benchmark", ROOT / "benchmarks" / "phase1.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

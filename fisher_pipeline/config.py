@@ -1,18 +1,23 @@
 """The workflow config: one JSON schema, and the dataclasses the code uses.
 
-The schema is the one definition of every key (type, bounds, choices, default):
+The schema is the one definition of every key (type, bounds, choices, default, meaning):
 `fisher_pipeline/schemas/config.schema.yaml` holds the top level and phase 1's sections
-(`model`, `tasks`, `fisher`); each analysis phase declares its own section next to its
-options dataclass with `@config_section(name, schema)`. `config_schema()` assembles the
-whole from the phases registered in `fisher_pipeline.phases.registry`
+(`model`, `tasks`, `fisher`); each analysis phase declares its own section in its
+package's `__init__.py` with `@config_section(name, schema)`. `config_schema()` assembles
+the whole from the phases registered in `fisher_pipeline.phases.registry`
 (`python -m fisher_pipeline schema` prints it).
+
+Layering: this module sits below the phases. It imports the registry (which imports
+nothing of the package) and, through it, only the phases' light declarations, never their
+numerics: checking a config imports neither torch nor scipy, matplotlib or pandas.
 
 Snakemake (workflow/rules/common.smk) and the Python API (`PipelineConfig.from_dict`,
 `task_config`, the CLI) both call `validate_config`: the same schema, the same defaults,
 errors that name the key. The dataclasses check their own fields against their section of
 the schema when built, and keep in `__post_init__` only what a schema cannot say (regex
-validity, duplicates as stored, finite numbers). `config/README.md` documents every key;
-tests keep schema, dataclasses and docs in step.
+validity, duplicates as stored, finite numbers). `config/README.md`'s tables are rendered
+from the schema (`fisher_pipeline.config_docs`); tests keep schema, dataclasses and docs in
+step.
 """
 
 from __future__ import annotations

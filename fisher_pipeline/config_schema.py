@@ -1,8 +1,10 @@
 """The workflow config's JSON schema: strict YAML, assembly, validation, messages.
 
 `schemas/config.schema.yaml` holds the top level and phase 1's sections (`model`,
-`tasks`, `fisher`); each analysis phase declares its own section next to its options
-dataclass with `@config_section(name, schema)`. `config_schema()` assembles the whole
+`tasks`, `fisher`); each analysis phase declares its own section in its package's
+`__init__.py` with `@config_section(name, schema)`. A key's `description` is its
+documentation (config/README.md is rendered from it); `title`, where a message needs a
+few words for the key, is that. `config_schema()` assembles the whole
 from the registered phases; `validate_config` checks a config against it, fills in the
 defaults and reads text values (from `--config`, or YAML's `1e-5`) as the types the
 schema wants. `fisher_pipeline.config` holds the dataclasses built from it.

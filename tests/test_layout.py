@@ -132,10 +132,11 @@ def test_named_selections_resolve_for_every_family(family):
 
 
 def test_config_and_layout_know_the_same_named_selections():
-    """config.py keeps its own copy (it must import without torch); the adapters resolve these."""
-    from fisher_pipeline import config, layout
+    """One definition (roles.py, which imports nothing): the config checks names against it,
+    the adapters resolve them through layout."""
+    from fisher_pipeline import config, layout, roles
 
-    assert config.NAMED_SELECTIONS == tuple(layout.NAMED_SELECTIONS)
+    assert config.NAMED_SELECTIONS is layout.NAMED_SELECTIONS is roles.NAMED_SELECTIONS
 
 
 def test_selection_matching_nothing_names_it_and_real_parameters():

@@ -4,10 +4,10 @@ The schema is the one definition of every key (type, bounds, choices, default, m
 `fisher_pipeline/schemas/config.schema.yaml` holds the top level and phase 1's sections
 (`model`, `tasks`, `fisher`); each analysis phase declares its own section in its
 package's `__init__.py` with `@config_section(name, schema)`. `config_schema()` assembles
-the whole from the phases registered in `fisher_pipeline.phases.registry`
+the whole from the phases registered in `fisher_pipeline.phase_registry`
 (`python -m fisher_pipeline schema` prints it).
 
-Layering: this module sits below the phases. It imports the registry (which imports
+Layering: this module sits below the phases. It imports the phase registry (which imports
 nothing of the package) and, through it, only the phases' light declarations, never their
 numerics: checking a config imports neither torch nor scipy, matplotlib or pandas.
 
@@ -44,7 +44,7 @@ from .config_schema import (  # noqa: F401 (re-exported: the config API in one p
     validate_config,
 )
 from .errors import ConfigError
-from .phases.registry import CORE_SECTIONS, registered_phases  # noqa: F401 (CORE_SECTIONS re-exported)
+from .phase_registry import CORE_SECTIONS, registered_phases  # noqa: F401 (CORE_SECTIONS re-exported)
 from .roles import NAMED_SELECTIONS
 
 BUNDLED_MODEL_PATH = "resources/models/SmolLM2-135M-Instruct"

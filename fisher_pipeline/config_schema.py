@@ -26,7 +26,7 @@ from typing import Any, dataclass_transform
 import yaml
 
 from .errors import ConfigError
-from .phases.registry import registered_phases, reserved_task_names
+from .phase_registry import registered_phases, reserved_task_names
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 

@@ -18,7 +18,7 @@ import fisher_pipeline.phases as phases_package
 from fisher_pipeline.__main__ import build_parser, main
 from fisher_pipeline.config import CORE_SECTIONS, PipelineConfig, config_schema
 from fisher_pipeline.errors import ConfigError
-from fisher_pipeline.phases.registry import phase_commands, registered_phases, unregister_phase
+from fisher_pipeline.phase_registry import phase_commands, registered_phases, unregister_phase
 from store_factory import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ TOY_PHASE = '''
     from pathlib import Path
 
     from fisher_pipeline.config import config_section
-    from fisher_pipeline.phases.registry import PhaseCommand, register_phase
+    from fisher_pipeline.phase_registry import PhaseCommand, register_phase
 
 
     @config_section("toy", """
@@ -263,8 +263,8 @@ def test_a_new_phase_module_registers_its_cli_and_config_section(toy_phase, tmp_
 
 def test_registry_refuses_what_would_clash(toy_phase):
     from fisher_pipeline.config import FisherConfig
+    from fisher_pipeline.phase_registry import PhaseCommand, register_phase
     from fisher_pipeline.phases.masks import MaskOptions
-    from fisher_pipeline.phases.registry import PhaseCommand, register_phase
 
     registered_phases()
     with pytest.raises(TypeError, match="not declared with @config_section"):

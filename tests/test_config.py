@@ -28,8 +28,8 @@ from fisher_pipeline.config import (
     validate_config,
 )
 from fisher_pipeline.errors import ConfigError
+from fisher_pipeline.phase_registry import registered_phases
 from fisher_pipeline.phases.masks import MaskOptions
-from fisher_pipeline.phases.registry import registered_phases
 from fisher_pipeline.phases.scaled import ScaledOptions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import functools
 from typing import Any
 
 from ..errors import ConfigError
-from .registry import Phase, PhaseCommand, phase_commands
+from ..phase_registry import Phase, PhaseCommand, phase_commands
 
 
 def add_phase_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -7,8 +7,8 @@ imported whenever a config is read, so it imports nothing heavy. The numerics: `
 from __future__ import annotations
 
 from ...config_schema import config_section
+from ...phase_registry import PhaseCommand, register_phase
 from ..pair_options import pair_phase_schema, task_pair_list
-from ..registry import PhaseCommand, register_phase
 
 
 @config_section("conflicts", """

@@ -10,8 +10,8 @@ import re
 
 from ...config_schema import config_section
 from ...errors import ConfigError
+from ...phase_registry import PhaseCommand, register_phase
 from ...roles import NAMED_SELECTIONS
-from ..registry import PhaseCommand, register_phase
 
 
 @config_section("masks", """

@@ -7,7 +7,7 @@ imported whenever a config is read, so it imports nothing heavy. The numerics: `
 from __future__ import annotations
 
 from ...config_schema import config_section
-from ..registry import PhaseCommand, register_phase
+from ...phase_registry import PhaseCommand, register_phase
 
 
 @config_section("scaled", """

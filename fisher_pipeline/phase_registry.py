@@ -17,7 +17,7 @@ imported on first use, so a new phase registers itself without an edit anywhere 
 package; so are the modules another installed package names as entry points of group
 `fisher_pipeline.phases`. docs/adding_a_phase.md walks through adding a phase.
 
-This module imports nothing of the package: the config sits above it, the phases beside it.
+This module imports nothing of the package: the config and the phases sit above it.
 """
 
 from __future__ import annotations
@@ -168,6 +168,8 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: The package whose subpackages are the phases (imported on first use: this module imports none of them).
+PHASES_PACKAGE = "fisher_pipeline.phases"
 #: Entry-point group through which another installed package adds phases (its modules register themselves).
 ENTRY_POINT_GROUP = "fisher_pipeline.phases"
 
@@ -175,10 +177,10 @@ ENTRY_POINT_GROUP = "fisher_pipeline.phases"
 def _discover() -> None:
     """Import every subpackage of `fisher_pipeline.phases` and the modules of the entry points
     of group `fisher_pipeline.phases` (each registers itself)."""
-    package = importlib.import_module(__package__)
+    package = importlib.import_module(PHASES_PACKAGE)
     for module in pkgutil.iter_modules(package.__path__):
         if module.ispkg:
-            importlib.import_module(f"{__package__}.{module.name}")
+            importlib.import_module(f"{PHASES_PACKAGE}.{module.name}")
     for entry_point in _entry_points(tuple(sys.path)):
         importlib.import_module(entry_point.module)
 

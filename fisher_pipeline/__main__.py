@@ -17,9 +17,18 @@ from .errors import FisherPipelineError
 
 
 def _load_config(args: argparse.Namespace):
-    from .config import PipelineConfig, parse_config_json, read_config_file
+    from .config import RUN_SETTING_KEYS, PipelineConfig, parse_config_json, read_config_file
+    from .errors import ConfigError
 
     raw = parse_config_json(args.config_json) if args.config_json is not None else read_config_file(args.config)
+    run_settings = getattr(args, "run_settings_json", None)
+    if run_settings is not None:
+        extra = parse_config_json(run_settings, "--run-settings-json")
+        unknown = sorted(set(extra) - set(RUN_SETTING_KEYS))
+        if unknown:
+            raise ConfigError(f"--run-settings-json takes only the fisher keys {', '.join(RUN_SETTING_KEYS)} "
+                              f"(got {', '.join(unknown)}): put other keys in the config")
+        raw = {**raw, "fisher": {**(raw.get("fisher") or {}), **extra}}
     return PipelineConfig.from_dict(raw)
 
 
@@ -110,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fisher = sub.add_parser("fisher", help="phase 1: per-sample gradients and Fisher store of one task")
     _add_config_args(fisher)
+    fisher.add_argument("--run-settings-json", metavar="JSON",
+                        help="fisher keys that say how the job runs, not what it stores (state_device, "
+                             "fold_kernel), as a JSON object over the config's: the workflow passes them apart, "
+                             "so that editing them reruns nothing")
     fisher.add_argument("--task", required=True, help="task name (a key of the config's 'tasks')")
     fisher.add_argument("--out", required=True, help="store path, e.g. results/fisher/prose.zarr")
     fisher.add_argument("--threads", type=_threads, default=0, help="torch CPU threads (0: torch default)")

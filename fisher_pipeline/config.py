@@ -50,10 +50,15 @@ from .roles import NAMED_SELECTIONS
 BUNDLED_MODEL_PATH = "resources/models/SmolLM2-135M-Instruct"
 #: Task keys phase 1 never reads (held-out samples are scored by mask_eval only): left out of its config hash.
 HELDOUT_KEYS = ("n_heldout",)
-#: `fisher` keys that never change a store, left out of its config hash and of what the workflow
-#: reruns phase 1 for: how the work is split into jobs (a merged store equals the one-job store),
-#: where the float64 sums live while accumulated, and the route that computes the same sums.
-STORE_INVARIANT_KEYS = ("shards", "param_shards", "state_device", "fold_kernel")
+#: `fisher` keys that say how phase 1's work is split into jobs (the shard flags carry them to
+#: each job; a merged store equals the one-job store).
+SHARDING_KEYS = ("shards", "param_shards")
+#: `fisher` keys that say where a job keeps its float64 sums and by which route it computes
+#: the same sums: a job needs them, its store does not depend on them.
+RUN_SETTING_KEYS = ("state_device", "fold_kernel")
+#: `fisher` keys that never change a store: left out of its config hash and of what the
+#: workflow reruns phase 1 for.
+STORE_INVARIANT_KEYS = SHARDING_KEYS + RUN_SETTING_KEYS
 
 
 @config_section("model")
@@ -165,21 +170,18 @@ class PipelineConfig:
         )
 
 
-def phase1_settings(task: Mapping[str, Any], fisher: Mapping[str, Any], heldout: bool = False) -> list[Any]:
-    """What a task's phase 1 store depends on besides the weights: `[task, fisher]` settings.
+def phase1_settings(task: Mapping[str, Any], fisher: Mapping[str, Any],
+                    heldout: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a task's phase 1 store depends on besides the weights: (task settings, `fisher` settings).
 
     `STORE_INVARIANT_KEYS` are left out of `fisher`, and `HELDOUT_KEYS` out of the task's
-    settings (the analysed samples do not depend on them). The held-out store (`heldout`)
-    is made from the samples after the analysed ones: its settings count `n_heldout` and
-    say which sample set it holds. `fisher_pipeline.fisher.phase1_config_hash` hashes this;
-    the workflow reruns phase 1 when it changes.
+    settings unless `heldout` (the held-out store is made from the samples after the
+    analysed ones; the analysed samples do not depend on how many follow).
+    `fisher_pipeline.fisher.phase1_config_hash` hashes these; the workflow reruns phase 1
+    when they change, and passes them to its jobs (with `RUN_SETTING_KEYS` beside them).
     """
-    spec = dict(task)
-    if heldout:
-        spec["sample_set"] = "heldout"
-    else:
-        spec = {key: value for key, value in spec.items() if key not in HELDOUT_KEYS}
-    return [spec, {key: value for key, value in fisher.items() if key not in STORE_INVARIANT_KEYS}]
+    spec = {key: value for key, value in task.items() if heldout or key not in HELDOUT_KEYS}
+    return spec, {key: value for key, value in fisher.items() if key not in STORE_INVARIANT_KEYS}
 
 
 def task_config(name: str, spec: Mapping[str, Any]) -> TaskConfig:

@@ -159,9 +159,11 @@ def compute_fisher(
 def phase1_config_hash(config: PipelineConfig, task: str, heldout: bool = False) -> str:
     """Hash of everything besides the weights that determines task `task`'s store
     (`config.phase1_settings`: the task's settings and phase 1's, less the keys that never
-    change a store; the held-out store's counts `n_heldout` and its sample set)."""
-    task_spec = dataclasses.asdict(config.tasks[task])
-    return config_hash(*phase1_settings(task_spec, dataclasses.asdict(config.fisher), heldout))
+    change a store; the held-out store's counts `n_heldout` and says which sample set it holds)."""
+    spec, fisher = phase1_settings(dataclasses.asdict(config.tasks[task]), dataclasses.asdict(config.fisher), heldout)
+    if heldout:
+        spec["sample_set"] = "heldout"
+    return config_hash(spec, fisher)
 
 
 @dataclass

@@ -130,6 +130,19 @@ def test_unusable_paths_and_arguments_are_named(tmp_path, caplog, capsys):
     assert "argument --threads: '-1' is not a whole number >= 0" in capsys.readouterr().err
 
 
+def test_run_settings_reach_phase1_beside_the_config(caplog):
+    """The workflow passes `fisher.fold_kernel` / `state_device` apart from the config it reruns for."""
+    from fisher_pipeline.__main__ import _load_config
+
+    args = build_parser().parse_args(["fisher", "--config-json", '{"fisher": {"batch_size": 4}}', "--task", "t",
+                                      "--out", "x", "--run-settings-json", '{"fold_kernel": "torch"}'])
+    config = _load_config(args)
+    assert config.fisher.fold_kernel == "torch" and config.fisher.batch_size == 4
+    message = run_main(["fisher", "--config-json", "{}", "--task", "t", "--out", "x", "--run-settings-json",
+                        '{"batch_size": 2}'], caplog)
+    assert message.startswith("--run-settings-json takes only the fisher keys state_device, fold_kernel")
+
+
 def test_the_shell_sees_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for argv in (["fisher", "--config-json", "{not json", *argv_of("fisher", tmp_path)],

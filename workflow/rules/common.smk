@@ -8,6 +8,7 @@ from snakemake.exceptions import WorkflowError
 
 from fisher_pipeline.config import (
     BUNDLED_MODEL_PATH,
+    RUN_SETTING_KEYS,
     ConfigError,
     PipelineConfig,
     load_yaml_strict,
@@ -62,9 +63,14 @@ def phase1_config(task, heldout=False):
     """What phase 1 of `task` depends on (`phase1_settings`, the rule that also makes the
     store's config hash): other tasks' settings are left out, so editing one task reruns only
     that task; so are its `n_heldout` (except for the held-out store) and the `fisher` keys
-    that never change a store (`STORE_INVARIANT_KEYS`: sharding, `state_device`, `fold_kernel`)."""
+    that never change a store (`STORE_INVARIANT_KEYS`; the jobs get `PHASE1_RUN_SETTINGS`)."""
     task_spec, fisher = phase1_settings(config["tasks"][task], config["fisher"], heldout)
     return json.dumps({"model": config["model"], "tasks": {task: task_spec}, "fisher": fisher}, sort_keys=True)
+
+
+#: The `fisher` keys a phase 1 job needs but its store does not depend on, passed beside the
+#: params (`--run-settings-json`) so that editing them reruns nothing.
+PHASE1_RUN_SETTINGS = json.dumps({key: config["fisher"][key] for key in RUN_SETTING_KEYS}, sort_keys=True)
 
 
 def fisher_sharded():

@@ -1,44 +1,5 @@
-"""Sharded phase 1: partial stores of sample and parameter shards, and their exact merge.
-
-`fisher.shards: K` splits a task's samples into K contiguous ranges of the task's sample
-order (sizes differ by at most one sample); `fisher.param_shards: P` splits the parameters
-into P size-balanced shares (`param_shares`). Each of the K x P jobs runs the whole
-forward/backward on its samples, folds only its share's per-sample gradients into Welford
-statistics, and writes a *partial store* (`ShardWriter`); `shard_plan` makes the split.
-`merge_shards` combines them into the store one job would have written, through the same
-writer (`store.StoreWriter`: same layout, attrs and config hash; values equal to float
-rounding): Chan's merge of the sample shards in shard index order, the union of the
-parameter shares, per-sample arrays and gates concatenated in sample order, input second
-moments weighted by their token counts.
-
-Partial store layout (zarr v3, written under `<path>.partial` and renamed into place when
-complete; `results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr` in the workflow):
-
-    attrs: shard_format_version (2),
-           shard: {sample_shard k, sample_shards K, param_shard p, param_shards P,
-                   sample_start, sample_stop (its range of the task's N samples),
-                   task_samples N, params (its share, sorted)},
-           store_attrs (exactly the attrs the merged store gets from its writer: model_id,
-                        model_type, weights_hash, task, config_hash, package_version, ...),
-           geometry (the whole model's), per_sample_params (its share of the selection),
-           per_sample_dtype, shard_samples (per-sample shard size of the merged store),
-           count (samples folded in), skipped ([{id, reason}], in task order),
-           input_sq ({param: {input_dim, tokens}} of its share's Linear / Conv1D weights)
-      samples/id, samples/n_tokens, samples/loss   [count]  the shard's samples, in task order
-      fisher_total/<param>   float64 sum of g^2 over its samples, full shape
-      fisher_m2/<param>      float64 elementwise Welford M2 of g^2 (selected parameters)
-      grad_total/<param>     float64 sum of g
-      group_total/<param>    float64 [G] sum of the per-sample group contributions
-      group_m2/<param>       float64 [G] their Welford M2
-      saliency_total/<param> float64 [G] sum of the per-sample group saliencies
-      saliency_m2/<param>    float64 [G] their Welford M2
-      input_sq_total/<param> float64 [in] sum of x_j^2 over its scored token positions
-      per_sample/<param>     [count, *shape] g_i in the stored dtype, chunk (1, *shape)
-      gate/<param>           [count, G] per-sample gates (store.GATE_DTYPE), chunk (1, G)
-
-All parameter shares of one sample shard hold the same samples (ids, token counts, losses,
-skipped samples); `<param>` arrays only for the share's parameters.
-"""
+"""Reading the partial stores of a task's shards, checking they fit together, and merging them
+exactly into the store one job would have written (`merge_shards`)."""
 
 from __future__ import annotations
 
@@ -46,8 +7,6 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -56,149 +15,13 @@ import numpy as np
 import torch
 import zarr
 
-from .atomic import clean_stale, publish, remove_path
-from .errors import StoreFormatError, StoreMismatchError, TaskError
-from .layout import ModelGeometry
-from .shard_plan import shard_name, shard_ranges
-from .store import GATE_DTYPE, SampleArrays, SampleRows, StoreWriter, partial_path
-from .welford import Welford
+from ..errors import StoreFormatError, StoreMismatchError, TaskError
+from ..layout import ModelGeometry
+from ..shard_plan import shard_name, shard_ranges
+from ..store import StoreWriter, partial_path
+from ..welford import Welford
+from .partial import INPUT_SQ_ARRAY, SHARD_FORMAT_VERSION, STATE_ARRAYS, ShardInfo
 
-#: 2: gates, group saliencies and input second moments.
-SHARD_FORMAT_VERSION = 2
-#: Welford states of a partial store: kind -> (total array group, M2 array group or None).
-STATE_ARRAYS = {"fisher": ("fisher_total", "fisher_m2"), "grad": ("grad_total", None),
-                "group": ("group_total", "group_m2"), "saliency": ("saliency_total", "saliency_m2")}
-#: The input second moments' sums (their count is the token positions, in the attrs).
-INPUT_SQ_ARRAY = "input_sq_total"
-
-
-# --- writing one shard ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardInfo:
-    """Where one job sits in the K x P grid of a task."""
-
-    sample_shard: int
-    sample_shards: int
-    param_shard: int
-    param_shards: int
-    sample_start: int
-    sample_stop: int
-    task_samples: int
-    params: tuple[str, ...]
-
-    def to_attrs(self) -> dict[str, Any]:
-        return {"sample_shard": self.sample_shard, "sample_shards": self.sample_shards,
-                "param_shard": self.param_shard, "param_shards": self.param_shards,
-                "sample_start": self.sample_start, "sample_stop": self.sample_stop,
-                "task_samples": self.task_samples, "params": list(self.params)}
-
-    @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> ShardInfo:
-        return cls(*(int(attrs[key]) for key in ("sample_shard", "sample_shards", "param_shard", "param_shards",
-                                                   "sample_start", "sample_stop", "task_samples")),
-                   tuple(str(p) for p in attrs["params"]))
-
-    @property
-    def label(self) -> str:
-        return (f"sample shard {self.sample_shard} of {self.sample_shards}, parameter share "
-                f"{self.param_shard} of {self.param_shards}")
-
-
-class ShardWriter:
-    """Writes one shard's partial store; `close()` completes it atomically.
-
-    Args:
-        path: the partial store's path.
-        store_attrs: the attrs the merged store will get (model id, hashes, task, ...).
-        geometry: the whole model's geometry.
-        shard: the job's place in the grid and its parameter share.
-        per_sample_names: parameters of the share whose per-sample gradients are stored.
-        per_sample_dtype: "float16" or "float32".
-        shard_samples: per-sample shard size of the merged store (`fisher.batch_size`).
-    """
-
-    def __init__(self, path: str | os.PathLike, store_attrs: Mapping[str, Any], geometry: ModelGeometry,
-                 shard: ShardInfo, per_sample_names: Iterable[str], per_sample_dtype: str, shard_samples: int):
-        self.path = Path(path)
-        self.partial = partial_path(path)
-        clean_stale(self.path)
-        remove_path(self.partial)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self.root = zarr.open_group(self.partial, mode="w")
-        self.store_attrs = dict(store_attrs)
-        self.geometry = geometry
-        self.shard = shard
-        self.shard_samples = shard_samples
-        self.dtype = np.dtype(per_sample_dtype)
-        rows = shard.sample_stop - shard.sample_start
-        shapes = {name: (rows, *geometry.params[name].shape) for name in sorted(per_sample_names)}
-        self.per_sample = SampleArrays(self.root, self.partial, shapes, shard_samples, self.dtype)
-        self.gates = SampleArrays(self.root, self.partial,
-                                  {name: (rows, geometry.params[name].n_groups) for name in shard.params},
-                                  shard_samples, GATE_DTYPE, group="gate")
-        self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial, gates=self.gates)
-
-    def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
-               per_sample: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor]) -> None:
-        """Record a committed micro-batch (the caller's tensors are copied at once)."""
-        self.samples.append(ids, n_tokens, losses, dict(per_sample), gates)
-
-    def abort(self) -> None:
-        """Give up: stop the background writer and remove the partial store."""
-        self.samples.abort()
-        remove_path(self.partial)
-
-    def close(self, accumulator, skipped: Sequence[tuple[str, str]]) -> Path:
-        """Write the float64 Welford states of the share, the samples and the attrs; publish.
-
-        Args:
-            accumulator: exposes `.fisher`, `.grad`, `.group`, `.saliency`, `.input_sq`
-                (name -> `Welford`), `.input_dims` and `.count`.
-            skipped: (sample id, reason) of the samples left out, in task order.
-        """
-        n = self.samples.finish(self.root)
-        if n != accumulator.count:
-            raise RuntimeError(f"{n} samples were written but {accumulator.count} folded into the statistics")
-        arrays: list[tuple[str, np.ndarray]] = []
-        for name in self.shard.params:
-            for kind, (total_key, m2_key) in STATE_ARRAYS.items():
-                state: Welford = getattr(accumulator, kind)[name]
-                if state.count != n:
-                    raise RuntimeError(f"{kind} state of {name} holds {state.count} samples, not {n}")
-                arrays.append((f"{total_key}/{name}", _float64(state.total)))
-                if m2_key is not None and state.m2 is not None:
-                    arrays.append((f"{m2_key}/{name}", _float64(state.m2)))
-        input_sq = {}
-        for name, dim in sorted(accumulator.input_dims.items()):
-            state = accumulator.input_sq[name]
-            arrays.append((f"{INPUT_SQ_ARRAY}/{name}", _float64(state.total)))
-            input_sq[name] = {"input_dim": int(dim), "tokens": int(state.count)}
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda item: self.root.create_array(
-                item[0], data=item[1], compressors=None, chunks=item[1].shape or (1,)), arrays))
-        self.root.attrs.update({
-            "shard_format_version": SHARD_FORMAT_VERSION,
-            "shard": self.shard.to_attrs(),
-            "store_attrs": self.store_attrs,
-            "geometry": self.geometry.to_attrs(),
-            "per_sample_params": sorted(self.per_sample),
-            "per_sample_dtype": str(self.dtype),
-            "shard_samples": self.shard_samples,
-            "count": n,
-            "skipped": [{"id": sample_id, "reason": reason} for sample_id, reason in skipped],
-            "input_sq": input_sq,
-        })
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            zarr.consolidate_metadata(self.partial)
-        return publish(self.partial, self.path)
-
-
-def _float64(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float64).numpy()
-
-
-# --- reading shards ------------------------------------------------------------------------------
 _RERUN = ("rerun its job (the workflow reruns only missing shards: `snakemake --cores N`; by hand: "
           "`python -m fisher_pipeline fisher --config ... --task TASK --sample-shard k/K --param-shard p/P "
           "--out PATH`)")
@@ -280,7 +103,6 @@ class Shard:
         return self.root[f"gate/{name}"][start:stop]
 
 
-# --- merging -------------------------------------------------------------------------------------
 class _MergedStates(Mapping):
     """Parameter -> Welford state merged over the sample shards (Chan, in shard index order).
 

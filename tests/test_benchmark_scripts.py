@@ -146,3 +146,12 @@ def test_phase1_benchmark_fixed_cost_table():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["state", "writer", "close", "total"]
+
+
+def test_config_check_benchmark_runs():
+    """benchmarks/config_check.py measures each of its rows (one run each, not timed here)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "config_check.py"), "--runs", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    assert len(rows) == 5 and all(float(row.split("|")[2]) > 0 for row in rows)

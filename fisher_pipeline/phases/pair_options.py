@@ -57,7 +57,7 @@ def _folded(text: str) -> str:
 
 
 def select_task_pairs(tasks: Sequence[str], pairs: Sequence[Sequence[str]] | None, section: str, ordered: bool,
-                 stores: str = "has no store here") -> list[tuple[str, str]]:
+                      stores: str = "has no store here") -> list[tuple[str, str]]:
     """`pairs` if given (each task checked), else every unordered (or ordered) pair of `tasks`.
 
     Raises:

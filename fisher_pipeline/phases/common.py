@@ -43,6 +43,11 @@ def open_stores(store_paths: Mapping[str, str | os.PathLike], per_sample: bool =
     return stores
 
 
+def percent(value: float | None) -> str:
+    """A share in [0, 1] as a whole percentage for captions; `n/a` for None or NaN."""
+    return "n/a" if value is None or value != value else f"{100 * value:.0f}%"
+
+
 def read_finite(store: FisherStore, kind: str, name: str, dtype: type = np.float64) -> np.ndarray:
     """Read aggregated array `kind/name` of `store` in full, refusing NaN or inf.
 

@@ -318,16 +318,6 @@ def check_same_model(stores: Mapping[str, FisherStore], per_sample: bool = False
             )
 
 
-def percent(value: float | None) -> str:
-    """A share in [0, 1] as a whole percentage for captions; `n/a` for None or NaN."""
-    return "n/a" if value is None or value != value else f"{100 * value:.0f}%"
-
-
-def _short(value: object, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "...]"
-
-
 def _short(value: object, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...]"

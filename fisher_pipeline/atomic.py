@@ -40,7 +40,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["clean_stale", "exchange", "publish", "relocate", "remove_path", "staged_dir"]
+from .errors import OutputPathError
+
+__all__ = ["check_output_dir", "clean_stale", "exchange", "publish", "relocate", "remove_path", "staged_dir"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -154,13 +156,28 @@ def _done(path: Path) -> None:
         _active.discard(os.path.abspath(path))
 
 
+def check_output_dir(final: str | os.PathLike) -> None:
+    """Refuse to write an output directory where something else than a directory is: a file
+    the user keeps there (or a link to one) would be replaced and deleted by the publish.
+
+    Raises:
+        OutputPathError: naming the path, what is there and the fix.
+    """
+    final = Path(final)
+    if os.path.lexists(final) and not final.is_dir():
+        what = "a link to a file" if final.is_symlink() else "a file" if final.is_file() else "not a directory"
+        raise OutputPathError(f"{final} is {what}: an output directory would replace it and delete it. Move or "
+                              "remove it, or name another output path")
+
+
 def publish(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Put the finished `staging` (directory or file) in place of `final`, atomically.
 
     At every instant `final` holds either its previous complete content or the new one:
     with renameat2 the two paths are exchanged in one step; the old content, now at the
     staging path, is then renamed to `.{name}.{pid}-{random}.old` and deleted. A file
-    replacing a file needs only `os.replace`. Without renameat2 the old content is first
+    replacing a file needs only `os.replace`; a directory never replaces anything but a
+    directory (`check_output_dir`). Without renameat2 the old content is first
     renamed aside, leaving `final` absent (never partial) for the microseconds between
     two renames. `staging` and `final` must be on one filesystem (siblings are).
 
@@ -170,6 +187,8 @@ def publish(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     staging, final = Path(staging), Path(final)
     if not os.path.lexists(staging):
         raise FileNotFoundError(f"nothing to publish: {staging} does not exist")
+    if staging.is_dir():
+        check_output_dir(final)  # checked again here: the path may have changed since the work began
     final_is_dir = final.is_dir() and not final.is_symlink()
     if not os.path.lexists(final) or (not final_is_dir and not staging.is_dir()):
         os.replace(staging, final)  # nothing there, or a file over a file: atomic by itself
@@ -211,6 +230,7 @@ def staged_dir(final: str | os.PathLike, partial: str | os.PathLike | None = Non
             (the caller owns that name; anything already there is removed).
     """
     final = Path(final)
+    check_output_dir(final)  # before any work: never after it
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(final)
     staging = Path(partial) if partial is not None else _sibling(final, "partial")

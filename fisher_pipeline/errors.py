@@ -35,3 +35,7 @@ class StoreContentError(FisherPipelineError, ValueError):
 
 class PhaseInputError(FisherPipelineError, ValueError):
     """An analysis phase was given inputs it cannot combine (no stores, masks made differently, ...)."""
+
+
+class OutputPathError(FisherPipelineError):
+    """An output path holds something an output must not replace (a user's file, ...)."""

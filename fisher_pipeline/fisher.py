@@ -244,21 +244,21 @@ def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: boo
         )
         if result.accumulator.count == 0:
             raise all_skipped_error(task, len(samples), result.skipped)
-    except BaseException:
-        writer.abort()  # no .partial store left behind
+        for sample_id, reason in _in_task_order(result.skipped, samples):
+            writer.skip(sample_id, reason)
+        return writer.close(result.accumulator)
+    except BaseException:  # a failure while closing too (a full disk): no partial store left behind
+        writer.abort()
         raise
-    for sample_id, reason in _in_task_order(result.skipped, samples):
-        writer.skip(sample_id, reason)
-    return writer.close(result.accumulator)
 
 
 def run_fisher_shard(config: PipelineConfig, task: str, out: str | Path, sample_shard: tuple[int, int] = (0, 1),
                      param_shard: tuple[int, int] = (0, 1), progress: bool = True) -> Path:
     """One job of a sharded phase 1: a range of the task's samples, a share of the parameters.
 
-    Runs the whole forward/backward on samples `shards.shard_ranges(N, K)[k]` of the task,
-    accumulates only parameter share `p` of `shards.param_shares(...)` and writes the partial
-    store `out` (layout in `fisher_pipeline/shards.py`) atomically; `shards.merge_shards`
+    Runs the whole forward/backward on samples `shard_plan.shard_ranges(N, K)[k]` of the task,
+    accumulates only parameter share `p` of `shard_plan.param_shares(...)` and writes the
+    partial store `out` (layout in `fisher_pipeline/shards/`) atomically; `shards.merge_shards`
     combines the K x P partial stores into the task's store.
 
     Args:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -315,3 +316,43 @@ def test_store_killed_during_close_holds_old_or_new_store(tmp_path):
     _write_store(str(final), seed=1, extra=0)
     assert _same(_arrays(final), new)
     assert siblings(final) == ["new.zarr", "old.zarr", "task.zarr"]
+
+
+def test_outputs_never_replace_a_file(tmp_path, caplog):
+    """An output path naming a user's file (or a link to one) is refused before any work, and
+    at publish time too (the file may appear while the output is written); the file stays."""
+    from fisher_pipeline.__main__ import main
+    from fisher_pipeline.errors import OutputPathError
+    from store_factory import make_store
+
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    with pytest.raises(OutputPathError, match=rf"^{re.escape(str(user_file))} is a file: an output directory would "
+                                              r"replace it and delete it\. Move or remove it"):
+        with staged_dir(user_file) as staging:
+            (staging / "x").write_text("new")
+    link = tmp_path / "link"
+    link.symlink_to(user_file)
+    with pytest.raises(OutputPathError, match="is a link to a file"):
+        with staged_dir(link):
+            pass
+    staging = tmp_path / "staged"
+    staging.mkdir()
+    (staging / "x").write_text("new")
+    with pytest.raises(OutputPathError):
+        publish(staging, user_file)
+    with pytest.raises(OutputPathError):  # a phase 1 store
+        make_store(user_file, n_samples=2)
+    assert user_file.read_text() == "mine" and link.read_text() == "mine" and (staging / "x").exists()
+    # the CLI: one line, exit status 2, the file intact
+    store = make_store(tmp_path / "a.zarr", n_samples=3, task="a")
+    caplog.clear()
+    assert main(["importance", "--config-json", "{}", "--store", str(store), "--out", str(user_file)]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"{user_file} is a file: an output directory would replace it and delete it. Move or remove it, or name "
+        "another output path"]
+    assert user_file.read_text() == "mine"
+    # a file over a file (the prepared model's files) is still a plain atomic replace
+    (tmp_path / "new.txt").write_text("new")
+    publish(tmp_path / "new.txt", user_file)
+    assert user_file.read_text() == "new"

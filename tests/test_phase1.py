@@ -179,6 +179,28 @@ def test_killed_rerun_keeps_the_old_store(tiny_model_dir, tmp_path):
     assert partial_path(out).exists()  # the killed run's own work, replaced by the next run
 
 
+def test_failure_while_closing_leaves_no_partial_store(tiny_model_dir, tmp_path, monkeypatch):
+    """A disk that fills while the store closes (here: the metadata write fails) leaves no
+    staging behind and the path as it was (absent)."""
+    import errno
+
+    import yaml
+
+    import fisher_pipeline.store.writer
+
+    config_file, _ = _phase1_command(tiny_model_dir, tmp_path)
+    config = PipelineConfig.from_dict(yaml.safe_load(config_file.read_text()))
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fisher_pipeline.store.writer, "consolidate", full_disk)
+    out = tmp_path / "arithmetic.zarr"
+    with pytest.raises(OSError, match="No space left on device"):
+        run_fisher(config, "arithmetic", out, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml"]  # no store, no .partial
+
+
 class _PoisonGradient(torch.autograd.Function):
     """Identity forward; backward makes the gradient of batch rows `rows` NaN."""
 

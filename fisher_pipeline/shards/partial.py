@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..atomic import clean_stale, publish, remove_path
+from ..atomic import check_output_dir, clean_stale, publish, remove_path
 from ..layout import ModelGeometry
 from ..store import GATE_DTYPE, SampleArrays, SampleRows, partial_path
 from ..welford import Welford
@@ -79,6 +79,7 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike, store_attrs: Mapping[str, Any], geometry: ModelGeometry,
                  shard: ShardInfo, per_sample_names: Iterable[str], per_sample_dtype: str, shard_samples: int):
         self.path = Path(path)
+        check_output_dir(self.path)  # before any work: a user's file there is never replaced
         self.partial = partial_path(path)
         clean_stale(self.path)
         remove_path(self.partial)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..atomic import clean_stale, publish, remove_path
+from ..atomic import check_output_dir, clean_stale, publish, remove_path
 from ..layout import ModelGeometry
 from .format import FORMAT_VERSION, GATE_DTYPE, LOSS_CONVENTION, partial_path
 from .rows import SampleArrays, SampleRows, _in_memory_array, _metadata_bytes
@@ -54,6 +54,7 @@ class StoreWriter:
         # False: no `fisher/` arrays (a held-out store: the checks read its mean gradient and
         # per-sample gradients, and the analysed store's Fisher; 0.5 GB less per SmolLM2 store)
         self.elementwise_fisher = elementwise_fisher
+        check_output_dir(self.path)  # before any work: a user's file there is never replaced
         self.partial = partial_path(path)
         clean_stale(self.path)  # old copies and staging left by interrupted runs
         _remove(self.partial)

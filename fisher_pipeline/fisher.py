@@ -233,8 +233,9 @@ def run_fisher(config: PipelineConfig, task: str, out: str | Path, progress: boo
         out, inputs.attrs, inputs.geometry, per_sample, config.fisher.per_sample_dtype, len(samples),
         shard_samples=config.fisher.batch_size, elementwise_fisher=not heldout,
     )
-    log.info("phase 1: task %s, %d %s samples, model %s on %s", task, len(samples), inputs.attrs["sample_set"],
-             loaded.model_id, inputs.device)
+    log.info("phase 1: task %s, %d %s samples, model %s on %s (fold_kernel %s, state_device %s)", task,
+             len(samples), inputs.attrs["sample_set"], loaded.model_id, inputs.device, config.fisher.fold_kernel,
+             config.fisher.state_device)
     try:
         result = compute_fisher(
             loaded.model, inputs.adapter, samples, config.fisher, loaded.tokenizer.pad_token_id,

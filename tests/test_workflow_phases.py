@@ -188,6 +188,16 @@ def test_config_on_the_command_line_reruns_the_edited_phases(tiny_run, given, ex
 
 
 @pytest.mark.workflow
+def test_phase1_jobs_get_the_settings_that_rerun_nothing(tiny_run, tmp_path):
+    """`fold_kernel` and `state_device` rerun nothing (above), yet a phase 1 job still runs with them."""
+    configfile = write_config(tmp_path / "run.yaml", tiny_run["model"],
+                              fisher={"fold_kernel": "torch", "state_device": "cpu"})
+    snakemake(tmp_path, configfile, "--cores", "1", "results/fisher/code.zarr")
+    log = (tmp_path / "logs" / "fisher" / "code.log").read_text()
+    assert "(fold_kernel torch, state_device cpu)" in log, log[-2000:]
+
+
+@pytest.mark.workflow
 def test_command_line_config_that_cannot_be_read_explains_how_to_write_it(tmp_path):
     configfile = tmp_path / "c.yaml"
     configfile.write_text(yaml.safe_dump({"tasks": {"prose": {"source": "builtin:prose"}}}))

@@ -40,8 +40,15 @@ BUNDLED_MODEL = BUNDLED_MODEL_PATH
 #: What the default target builds: each rule file adds its phase's outputs.
 FINAL_OUTPUTS = []
 
-# The rules run the package with the interpreter that runs Snakemake.
-shell.prefix(f"set -euo pipefail; FISHER_PYTHON={shlex.quote(sys.executable)}; ")
+# The rules run the package with the interpreter that runs Snakemake. The `fisher` keys a
+# phase 1 job needs but its store does not depend on (`RUN_SETTING_KEYS`) reach it the same way,
+# as $FISHER_RUN_SETTINGS (`fisher --run-settings-json`), not as params: editing them reruns nothing.
+PHASE1_RUN_SETTINGS = json.dumps({key: config["fisher"][key] for key in RUN_SETTING_KEYS}, sort_keys=True)
+shell.prefix(
+    f"set -euo pipefail; FISHER_PYTHON={shlex.quote(sys.executable)}; "
+    # braces doubled: Snakemake formats the prefix with each command
+    "FISHER_RUN_SETTINGS=" + shlex.quote(PHASE1_RUN_SETTINGS).replace("{", "{{").replace("}", "}}") + "; "
+)
 
 
 wildcard_constraints:
@@ -63,14 +70,11 @@ def phase1_config(task, heldout=False):
     """What phase 1 of `task` depends on (`phase1_settings`, the rule that also makes the
     store's config hash): other tasks' settings are left out, so editing one task reruns only
     that task; so are its `n_heldout` (except for the held-out store) and the `fisher` keys
-    that never change a store (`STORE_INVARIANT_KEYS`; the jobs get `PHASE1_RUN_SETTINGS`)."""
+    that never change a store (`STORE_INVARIANT_KEYS`; the jobs get `$FISHER_RUN_SETTINGS`)."""
     task_spec, fisher = phase1_settings(config["tasks"][task], config["fisher"], heldout)
     return json.dumps({"model": config["model"], "tasks": {task: task_spec}, "fisher": fisher}, sort_keys=True)
 
 
-#: The `fisher` keys a phase 1 job needs but its store does not depend on, passed beside the
-#: params (`--run-settings-json`) so that editing them reruns nothing.
-PHASE1_RUN_SETTINGS = json.dumps({key: config["fisher"][key] for key in RUN_SETTING_KEYS}, sort_keys=True)
 
 
 def fisher_sharded():

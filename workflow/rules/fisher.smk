@@ -21,7 +21,7 @@ if not fisher_sharded():
             runtime=60,
         shell:
             "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
-            "--run-settings-json {PHASE1_RUN_SETTINGS:q} "
+            "--run-settings-json \"$FISHER_RUN_SETTINGS\" "
             "--out {output.store} --threads {threads} 2> {log}"
 
 
@@ -52,7 +52,7 @@ else:
             runtime=60,
         shell:
             "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
-            "--run-settings-json {PHASE1_RUN_SETTINGS:q} "
+            "--run-settings-json \"$FISHER_RUN_SETTINGS\" "
             "--sample-shard {wildcards.k}/{wildcards.K} --param-shard {wildcards.p}/{wildcards.P} "
             "--out {output.store} --threads {threads} 2> {log}"
 
@@ -95,5 +95,5 @@ rule fisher_heldout:
         runtime=60,
     shell:
         "$FISHER_PYTHON -m fisher_pipeline fisher --heldout --task {wildcards.task} --config-json {params.config:q} "
-        "--run-settings-json {PHASE1_RUN_SETTINGS:q} "
+        "--run-settings-json \"$FISHER_RUN_SETTINGS\" "
         "--out {output.store} --threads {threads} 2> {log}"

@@ -253,16 +253,16 @@ def _write_store(path: str, seed: int, extra: int, ready=None) -> None:
     from store_factory import make_store
 
     if ready is not None:
-        import fisher_pipeline.store
+        import fisher_pipeline.store.writer
 
-        consolidate = fisher_pipeline.store.consolidate
+        consolidate = fisher_pipeline.store.writer.consolidate
 
         def consolidate_then_signal(*args, **kwargs):
             result = consolidate(*args, **kwargs)
             ready.send(True)
             return result
 
-        fisher_pipeline.store.consolidate = consolidate_then_signal
+        fisher_pipeline.store.writer.consolidate = consolidate_then_signal
     shapes, specs = _layout(extra)
     make_store(path, seed=seed, shapes=shapes, specs=specs, per_sample=("model.layers.0.self_attn.q_proj.weight",))
 
@@ -286,7 +286,7 @@ def test_store_killed_during_close_holds_old_or_new_store(tmp_path):
     old, new = _arrays(old_copy), _arrays(new_copy)
     assert len(old) > 500
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["store_factory", "fisher_pipeline.store", "test_atomic"])
+    context.set_forkserver_preload(["store_factory", "fisher_pipeline.store.writer", "test_atomic"])
     rng = random.Random(1)
     outcomes, state = {"old": 0, "new": 0}, "new"
     for trial in range(10):

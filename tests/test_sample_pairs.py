@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from fisher_pipeline import pairs
+from fisher_pipeline import sample_pairs
 from fisher_pipeline.errors import StoreMismatchError
 from fisher_pipeline.layout import GroupSpec
 from fisher_pipeline.sample_pairs import cosine_matrix, pair_matrices, pair_matrix
@@ -273,7 +273,7 @@ def test_iter_pair_inputs_reads_each_param_once(stores, monkeypatch):
     store_a, store_b = stores
     slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
     calls = count_reads(monkeypatch)
-    seen = {group: (a, b) for group, a, b in pairs.iter_pair_inputs(store_a, store_b, list(slices_a))}
+    seen = {group: (a, b) for group, a, b in sample_pairs.iter_pair_inputs(store_a, store_b, list(slices_a))}
     assert len(calls) == 2 * len(PER_SAMPLE)
     assert set(seen) == set(slices_a)
     for group, (a, b) in seen.items():

@@ -35,7 +35,7 @@ What is counted, per task (one phase 1 job):
 Fisher state (unless it lives in host memory) and per-sample buffers, and compares with
 the device's memory. Parameter shards (`fisher.param_shards: P`) give each job a share
 of whole tensors; the share is computed with a greedy largest-first split of the real
-tensors (as `fisher_pipeline.shards.param_shares` does), so the largest tensor (the
+tensors (as `fisher_pipeline.shard_plan.param_shares` does), so the largest tensor (the
 embedding) bounds how far P helps.
 """
 

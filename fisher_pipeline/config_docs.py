@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config_schema import config_schema
+from .config_schema import config_schema, yaml_flow
 from .errors import ConfigError
 
 #: The page the tables are written into, relative to the repository root.
@@ -33,29 +33,12 @@ def key_table(keys: Mapping[str, Mapping[str, Any]]) -> str:
     """The markdown table `| key | default | meaning |` of one section's keys, in schema order."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, spec in keys.items():
-        default = f"`{_yaml(spec['default'])}`" if "default" in spec else "(required)"
+        default = f"`{yaml_flow(spec['default'])}`" if "default" in spec else "(required)"
         meaning = " ".join(str(spec.get("description", "")).split()).replace("|", "\\|")
         if not meaning:
             raise ConfigError(f"config key {key!r} has no description in the schema: describe it there")
         rows.append(f"| `{key}` | {default} | {meaning} |")
     return "\n".join(rows) + "\n"
-
-
-def _yaml(value: Any) -> str:
-    """`value` in YAML flow style as a person writes it: `1.0e-8` (which YAML reads as a number), `0.01`."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        if value != 0 and abs(value) < 1e-3:
-            mantissa, _, exponent = f"{value:e}".partition("e")
-            mantissa = mantissa.rstrip("0")
-            return f"{mantissa}{'0' if mantissa.endswith('.') else ''}e{int(exponent)}"
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_yaml(item) for item in value) + "]"
-    return str(value)
 
 
 def render(text: str, schema: Mapping[str, Any] | None = None) -> str:

@@ -354,7 +354,7 @@ def _hint(root: Mapping[str, Any] | None, parts: list, quoted: bool) -> str:
     example = (schema.get("examples") or [schema.get("default")])[0]
     if example is None:
         return ""
-    flow = _flow(example)
+    flow = yaml_flow(example)
     nested = flow
     for key in reversed(keys[1:]):
         nested = f"{{{key}: {nested}}}"
@@ -373,8 +373,9 @@ def _subschema(root: Mapping[str, Any], keys: list[str]) -> Mapping[str, Any] | 
     return schema
 
 
-def _flow(value: Any) -> str:
-    """`value` in YAML flow style, numbers as YAML reads them as numbers (1.0e-05, not 1e-05)."""
+def yaml_flow(value: Any) -> str:
+    """`value` in YAML flow style, numbers as YAML reads them as numbers (1.0e-05, not 1e-05):
+    the examples of messages and the defaults of config/README.md."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -382,7 +383,7 @@ def _flow(value: Any) -> str:
         mantissa, e, exponent = text.partition("e")
         return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_flow(item) for item in value) + "]"
+        return "[" + ", ".join(yaml_flow(item) for item in value) + "]"
     if value is None:
         return "null"
     return str(value)

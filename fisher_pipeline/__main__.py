@@ -90,6 +90,32 @@ def _cmd_config_docs(args: argparse.Namespace) -> None:
     print(f"{args.path}: {'current' if current else 'rewritten from the schema'}")
 
 
+def _cmd_verify(args: argparse.Namespace) -> None:
+    import time
+
+    from .errors import StoreFormatError
+    from .store import verify_store
+
+    damaged = []
+    for path in args.paths:
+        started = time.perf_counter()
+        report = verify_store(path, threads=args.threads)
+        seconds = time.perf_counter() - started
+        if report.ok:
+            print(f"{path}: ok ({report.files:,} files, {report.bytes / 1e9:.2f} GB checked in {seconds:.1f} s)")
+            continue
+        damaged.append(str(path))
+        print(f"{path}: DAMAGED, {len(report.problems)} problem(s):")
+        for problem in report.problems[:20]:
+            print(f"  {problem}")
+        if len(report.problems) > 20:
+            print(f"  ... and {len(report.problems) - 20} more")
+    if damaged:
+        raise StoreFormatError(f"{len(damaged)} of {len(args.paths)} store(s) damaged ({', '.join(damaged)}): "
+                               "rerun phase 1 for their tasks (remove each damaged store; the workflow writes "
+                               "it again)")
+
+
 def _threads(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (0: torch's default)")
@@ -144,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the partial stores of every shard of the task (any order)")
     merge.add_argument("--out", required=True, help="store path, e.g. results/fisher/prose.zarr")
     merge.set_defaults(func=_cmd_fisher_merge)
+
+    verify = sub.add_parser("verify", help="check every file of phase 1 stores (or shards) against their "
+                                           "integrity record")
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="store folders, e.g. results/fisher/*.zarr")
+    verify.add_argument("--threads", type=_threads, default=2, help="files checked at once (default 2)")
+    verify.set_defaults(func=_cmd_verify)
 
     schema = sub.add_parser("schema", help="print the config's JSON schema (every section, with defaults)")
     schema.set_defaults(func=_cmd_schema)

@@ -15,34 +15,48 @@ network filesystems) it falls back to renaming the old output aside and the new 
 place: two atomic renames with a window of a few microseconds in which the path does not
 exist, but never one in which it holds a partial output.
 
-Names of our own siblings of `final` (both carry the writing process's id, so that
-`clean_stale` can tell leftovers of dead processes from work in progress):
+Every writer of the package (phase 1 stores, shards, merges, phase outputs, the prepared
+model) stages through one `Staging` object: it first *claims* the path (`Claim`, an
+exclusive `flock` on a lock file next to it, released by the kernel when the process
+dies), so that two processes writing one output never mix: the second fails at once,
+naming the path and the first process, and the first publishes whole.
 
-    .{name}.{pid}-{random}.partial    staging directory being written (`staged_dir`)
+Names of our own siblings of `final` (the staging and old copies carry the writing
+process's id, so that `clean_stale` can tell leftovers of dead processes from work in
+progress):
+
+    .{name}.lock                      the claim of the process writing `final` now
+    .{name}.{pid}-{random}.partial    staging directory being written (`Staging`)
     .{name}.{pid}-{random}.old        previous output being deleted after a publish
 
-Processes are judged alive or dead on this machine (their pid namespace): one output
-path must not be written by processes on two machines at once, which Snakemake ensures.
+Processes are judged alive or dead on this machine (their pid namespace); the claim holds
+across machines only where the filesystem supports `flock` across them (most local ones,
+NFS v4 by emulation). Snakemake never runs two jobs of one output.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import json
 import os
 import platform
 import re
 import secrets
 import shutil
+import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputPathError
+from .errors import DiskFullError, OutputBusyError, OutputPathError
 
-__all__ = ["check_output_dir", "clean_stale", "exchange", "publish", "relocate", "remove_path", "staged_dir"]
+__all__ = ["Claim", "Staging", "check_output_dir", "claim_holder", "clean_stale", "disk_full_error", "exchange",
+           "publish", "relocate", "remove_path", "staged_dir", "staging_siblings"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -215,38 +229,237 @@ def publish(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
         _done(staging)
 
 
-@contextmanager
-def staged_dir(final: str | os.PathLike, partial: str | os.PathLike | None = None) -> Iterator[Path]:
-    """Yield an empty staging directory next to `final`; publish it on success.
+class Claim:
+    """This process's exclusive claim of output path `final`, for as long as it writes it.
 
-    On an exception (KeyboardInterrupt included) the staging directory is removed and
-    `final` is left as it was; a killed process leaves its staging directory, named with
-    its pid, for the next `clean_stale`. Leftovers of earlier interrupted runs are removed first
-    (`clean_stale`).
+    An `flock` on `.{name}.lock` next to `final`, holding the claimant's pid, host and start
+    time for the message another claimant gets. The kernel drops the lock when the process
+    dies, however it dies, so a claim is never stale; `release` deletes the file.
+
+    Raises:
+        OutputBusyError: another process (or another writer in this one) holds the claim.
+    """
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.path = self.final.with_name(f".{self.final.name}.lock")
+        self._fd: int | None = None
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        tries = 0
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                tries += 1
+                if tries < 4:  # a `claim_holder` look lasts microseconds: not a claimant
+                    time.sleep(0.02)
+                    continue
+                raise OutputBusyError(f"{self.final} is being written by another process ({holder}): wait for it "
+                                      "to finish, or stop it, before writing it again") from None
+            except OSError as err:  # a filesystem without locks: write unclaimed, as before claims existed
+                if err.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    os.close(fd)
+                    raise
+            # The previous holder may have deleted the file between our open and our lock:
+            # then we hold a lock nobody else can see; start again on the file now there.
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                os.close(fd)
+                continue
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "command": " ".join(sys.argv)[:300]}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder).encode())
+            self._fd = fd
+
+    def release(self) -> None:
+        """Give the path up (deleting the lock file while still holding it, then closing it)."""
+        if self._fd is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+
+def claim_holder(final: str | os.PathLike) -> str | None:
+    """Who holds the claim of `final` now, in words (None: nobody). Takes nothing."""
+    lock = Path(final).with_name(f".{Path(final).name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted unless someone holds the claim
+    except BlockingIOError:
+        return _read_holder(fd)
+    except OSError:  # no locks on this filesystem
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+def _read_holder(fd: int) -> str:
+    """The claimant recorded in a lock file, in words."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}: {holder['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet recorded itself"
+
+
+class Staging:
+    """The one way the package writes an output: claim `final`, write into a fresh staging
+    directory next to it, then `publish` it whole, or `abort`.
+
+    Leftovers of earlier interrupted runs are removed first (`clean_stale`); another live
+    process's staging directory is never touched (it carries that process's id).
 
     Args:
         final: the output directory.
-        partial: a fixed staging path to use instead of a fresh `.{name}.{pid}-{random}.partial`
-            (the caller owns that name; anything already there is removed).
+
+    Attributes:
+        path: the staging directory (`.{name}.{pid}-{random}.partial`), empty at first.
+
+    Raises:
+        OutputPathError: `final` is a file (`check_output_dir`).
+        OutputBusyError: another process is writing `final`.
     """
-    final = Path(final)
-    check_output_dir(final)  # before any work: never after it
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(final)
-    staging = Path(partial) if partial is not None else _sibling(final, "partial")
-    _use(staging)
-    try:
-        if partial is not None:
-            remove_path(staging)
-        staging.mkdir()
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        check_output_dir(self.final)  # before any work: never after it
+        self.claim = Claim(self.final)
         try:
-            yield staging
-            publish(staging, final)
+            clean_stale(self.final)
+            self.path = _sibling(self.final, "partial")
+            _use(self.path)
+            self.path.mkdir()
         except BaseException:
-            remove_path(staging)  # the unpublished output (or, if publish failed late, the old one)
+            self.claim.release()
             raise
-    finally:
-        _done(staging)
+        self._open = True
+
+    def publish(self) -> Path:
+        """Put the staging directory in place of `final` (`publish`); returns `final`."""
+        try:
+            return publish(self.path, self.final)
+        except BaseException:
+            remove_path(self.path)  # the unpublished output (or, if publish failed late, the old one)
+            raise
+        finally:
+            self._end()
+
+    def abort(self) -> None:
+        """Give up: remove the staging directory and release the claim; `final` stays as it was."""
+        if self._open:
+            try:
+                remove_path(self.path)
+            finally:
+                self._end()
+
+    def written_bytes(self) -> int:
+        """Bytes written into the staging directory so far."""
+        return sum(entry.stat().st_size for entry in _files(self.path))
+
+    def _end(self) -> None:
+        if self._open:
+            self._open = False
+            _done(self.path)
+            self.claim.release()
+
+
+def _files(folder: Path) -> Iterator[os.DirEntry]:
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _files(Path(entry.path))
+        else:
+            yield entry
+
+
+@contextmanager
+def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory next to `final` (`Staging`); publish it on success.
+
+    On an exception (KeyboardInterrupt included) the staging directory is removed and
+    `final` is left as it was (a full disk is reported by `disk_full_error`); a killed process leaves its staging
+    directory, named with its pid, for the next `clean_stale`.
+    """
+    staging = Staging(final)
+    try:
+        yield staging.path
+    except BaseException as err:
+        full = disk_full_error(err, staging.final, staging)
+        staging.abort()
+        if full is not None:
+            raise full from err
+        raise
+    staging.publish()
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a full disk or quota."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def disk_full_error(error: BaseException, final: str | os.PathLike, staging: Staging | None = None,
+                    needed_bytes: int | None = None) -> DiskFullError | None:
+    """A `DiskFullError` naming `final`, the filesystem's free space and the size needed, if
+    `error` is a full disk or quota (None otherwise). Call it before the staging is removed:
+    the bytes written so far go into the message."""
+    if isinstance(error, DiskFullError) or not _is_disk_full(error):
+        return None
+    final = Path(final)
+    folder = final.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    usage = shutil.disk_usage(folder)
+    written = staging.written_bytes() if staging is not None else None
+    parts = [f"{_size(usage.free)} free of {_size(usage.total)} on the filesystem of {folder}"]
+    if written is not None:
+        parts.append(f"{_size(written)} had been written")
+    if needed_bytes is not None:
+        parts.append(f"the output needs about {_size(needed_bytes)}")
+    return DiskFullError(f"no space left on device writing {final} ({'; '.join(parts)}): nothing "
+                         "was published and its staging was removed; free space there or write the results "
+                         "to a larger disk, then rerun")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def staging_siblings(final: str | os.PathLike) -> list[Path]:
+    """The staging directories (`.{name}.{pid}-{random}.partial`) next to `final`, live or left by a dead process."""
+    final = Path(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.\d+-[0-9a-f]+\.partial")
+    try:
+        return sorted(Path(entry.path) for entry in os.scandir(final.parent) if pattern.fullmatch(entry.name))
+    except FileNotFoundError:
+        return []
 
 
 def _pid_alive(pid: int) -> bool:
@@ -278,6 +491,10 @@ def clean_stale(final: str | os.PathLike) -> list[Path]:
     except FileNotFoundError:
         return removed
     for entry in entries:
+        if entry.name == f".{final.name}.lock":
+            if _remove_unheld_lock(Path(entry.path)):
+                removed.append(Path(entry.path))
+            continue
         match = pattern.fullmatch(entry.name)
         if match is None:
             continue
@@ -289,6 +506,28 @@ def clean_stale(final: str | os.PathLike) -> list[Path]:
         remove_path(entry.path)
         removed.append(Path(entry.path))
     return removed
+
+
+def _remove_unheld_lock(path: Path) -> bool:
+    """Delete a claim's lock file that no process holds (its claimant died); True if deleted.
+
+    The same protocol as `Claim.release`: lock it, check it is still the file at `path`,
+    delete it while holding it. A lock held by anyone, this process included, is left.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            return False
+        path.unlink()
+        return True
+    except OSError:  # held (BlockingIOError), gone meanwhile, or no locks on this filesystem
+        return False
+    finally:
+        os.close(fd)
 
 
 def relocate(paths: Mapping[str, Path], staging: str | os.PathLike, final: str | os.PathLike) -> dict[str, Path]:

@@ -39,3 +39,11 @@ class PhaseInputError(FisherPipelineError, ValueError):
 
 class OutputPathError(FisherPipelineError):
     """An output path holds something an output must not replace (a user's file, ...)."""
+
+
+class OutputBusyError(OutputPathError):
+    """Another live process is writing the same output path."""
+
+
+class DiskFullError(FisherPipelineError):
+    """The filesystem of an output filled (or its quota was reached) while the output was written."""

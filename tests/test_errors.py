@@ -14,12 +14,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from fisher_pipeline.__main__ import main
+from fisher_pipeline.atomic import staging_siblings
 from fisher_pipeline.config import PipelineConfig
 from fisher_pipeline.errors import ConfigError, FisherPipelineError, StoreContentError, StoreMismatchError, TaskError
 from fisher_pipeline.fisher import resolve_device, run_fisher
 from fisher_pipeline.phases import MaskOptions, compute_masks, run_importance
 from fisher_pipeline.phases.common import open_stores
-from fisher_pipeline.store import check_same_model, open_store, partial_path
+from fisher_pipeline.store import check_same_model, open_store
 from store_factory import llama_layout, make_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_every_sample_skipped_leaves_no_partial_store(tiny_model_dir, tmp_path):
     out = tmp_path / "prose.zarr"
     with pytest.raises(TaskError, match=r"task 'prose': all 4 samples were skipped \(non-finite.*prose:"):
         run_fisher(config_for(broken), "prose", out, progress=False)
-    assert not out.exists() and not partial_path(out).exists()
+    assert not out.exists() and not staging_siblings(out)
 
 
 def test_per_sample_selection_matching_nothing_is_named(tiny_model_dir, tmp_path):
@@ -62,7 +63,7 @@ def test_per_sample_selection_matching_nothing_is_named(tiny_model_dir, tmp_path
                                           r"model\.layers\.0\."):
         run_fisher(config_for(tiny_model_dir("llama"), per_sample_params=r"attention\.q_proj"), "prose", out,
                    progress=False)
-    assert not partial_path(out).exists()
+    assert not staging_siblings(out)
     with pytest.raises(ConfigError, match=r"fisher.fisher_m2_layers = \[5\]: layer\(s\) \[5\] out of range; the model"):
         run_fisher(config_for(tiny_model_dir("llama"), fisher_m2_layers=[5]), "prose", out, progress=False)
 

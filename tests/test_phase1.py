@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,13 +15,14 @@ import pytest
 import torch
 import zarr
 
+from fisher_pipeline.atomic import staging_siblings
 from fisher_pipeline.config import ModelConfig, PipelineConfig
 from fisher_pipeline.data import load_task
-from fisher_pipeline.errors import ModelLoadError, StoreFormatError, StoreMismatchError
+from fisher_pipeline.errors import DiskFullError, ModelLoadError, StoreFormatError, StoreMismatchError
 from fisher_pipeline.fisher import compute_fisher, run_fisher
 from fisher_pipeline.models.adapters import adapter_for
 from fisher_pipeline.models.loading import load_model
-from fisher_pipeline.store import open_store, partial_path
+from fisher_pipeline.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,8 +119,9 @@ def _phase1_command(tiny_model_dir, tmp_path):
 
 
 def _shard_files(out: Path) -> list[Path]:
-    """Per-sample shard files (data, not just directories) in the partial store of `out`."""
-    return [p for p in partial_path(out).glob("per_sample/*/c/**/*") if p.is_file() and p.stat().st_size > 0]
+    """Per-sample shard files (data, not just directories) in the staging directories of `out`."""
+    return [p for staging in staging_siblings(out) for p in staging.glob("per_sample/*/c/**/*")
+            if p.is_file() and p.stat().st_size > 0]
 
 
 def _kill_while_writing(cmd: list[str], out: Path) -> list[Path]:
@@ -176,12 +179,13 @@ def test_killed_rerun_keeps_the_old_store(tiny_model_dir, tmp_path):
     before = _store_contents(out)
     _kill_while_writing(command(out), out)
     _assert_same_store(out, before)  # the complete old store, intact and readable
-    assert partial_path(out).exists()  # the killed run's own work, replaced by the next run
+    assert staging_siblings(out)  # the killed run's own work, removed by the next run
 
 
 def test_failure_while_closing_leaves_no_partial_store(tiny_model_dir, tmp_path, monkeypatch):
     """A disk that fills while the store closes (here: the metadata write fails) leaves no
-    staging behind and the path as it was (absent)."""
+    staging behind and the path as it was (absent), and the error names the path, the free
+    space and the size needed. (`tests/test_faults.py` fills a real filesystem.)"""
     import errno
 
     import yaml
@@ -196,7 +200,9 @@ def test_failure_while_closing_leaves_no_partial_store(tiny_model_dir, tmp_path,
 
     monkeypatch.setattr(fisher_pipeline.store.writer, "consolidate", full_disk)
     out = tmp_path / "arithmetic.zarr"
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(DiskFullError, match=rf"no space left on device writing {re.escape(str(out))} \(.* free of "
+                                            r".* on the filesystem of .*; .* had been written; the output needs "
+                                            r"about .*\): nothing was published and its staging was removed"):
         run_fisher(config, "arithmetic", out, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["config.yaml"]  # no store, no .partial
 

@@ -172,9 +172,29 @@ def check_workstation_profile(command: str, tmp_path: Path, **_) -> None:
     assert planned(output)["fisher"] == 3 and "threads: 2" in output
 
 
+def check_verify(command: str, tmp_path: Path, **_) -> None:
+    """`verify` on the stores the command's glob finds: ok lines, then exit 2 naming a damaged one."""
+    from store_factory import make_store
+
+    work = tmp_path / "work"
+    for task in ("code", "prose"):
+        make_store(work / "results" / "fisher" / f"{task}.zarr", n_samples=3, task=task)
+    argv = executable(shlex.split(command.replace(".venv/bin/python", sys.executable)))
+    output = run(["bash", "-c", shlex.join(argv[:-1]) + " " + argv[-1]], cwd=work)
+    assert re.fullmatch(r"(results/fisher/(code|prose)\.zarr: ok \(\d+ files, [\d.]+ GB checked in [\d.]+ s\)\n){2}",
+                        output), output
+    chunk = next(p for p in (work / "results/fisher/prose.zarr/grad_mean").rglob("*")
+                 if p.is_file() and "/c/" in str(p))
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    result = subprocess.run(["bash", "-c", shlex.join(argv[:-1]) + " " + argv[-1]], cwd=work, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "results/fisher/prose.zarr: DAMAGED, 1 problem(s):" in result.stdout, result
+
+
 CHECKS: dict[str, Callable[..., None]] = {
     "make run": check_make_run,
     "make test": check_make_test,
+    ".venv/bin/python -m fisher_pipeline verify results/fisher/*.zarr": check_verify,
     ".venv/bin/snakemake --cores 8 --configfile my_config.yaml": check_own_config,
     ".venv/bin/snakemake --cores 2 --config masks='{sparsities: [0.3]}'": check_partial_rerun,
     ".venv/bin/snakemake --profile profiles/slurm": check_slurm_profile,
@@ -183,7 +203,8 @@ CHECKS: dict[str, Callable[..., None]] = {
     ".venv/bin/snakemake --cores 2 --config fisher='{batch_size: 8}' scaled='{damping: 1.0e-4}'":
         check_config_overrides,
 }
-CHEAP = {"make test"}  # no Snakemake run, no download
+# no Snakemake run, no download
+CHEAP = {"make test", ".venv/bin/python -m fisher_pipeline verify results/fisher/*.zarr"}
 
 
 def test_every_readme_command_has_a_check():

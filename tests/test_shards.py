@@ -28,6 +28,7 @@ import zarr
 
 import fisher_pipeline.fisher as fisher_module
 from fisher_pipeline.__main__ import main
+from fisher_pipeline.atomic import staging_siblings
 from fisher_pipeline.config import HELDOUT_KEYS, STORE_INVARIANT_KEYS, PipelineConfig, config_hash
 from fisher_pipeline.data import TokenizedSample
 from fisher_pipeline.errors import ConfigError, StoreFormatError, StoreMismatchError
@@ -35,7 +36,8 @@ from fisher_pipeline.fisher import phase1_config_hash, run_fisher, run_fisher_sh
 from fisher_pipeline.layout import AttentionGeometry, GroupSpec, ModelGeometry, ParamGeometry
 from fisher_pipeline.shard_plan import check_sample_shards, param_shares, shard_name, shard_ranges, share_weight
 from fisher_pipeline.shards import merge_shards, merged_statistics, open_shards
-from fisher_pipeline.store import open_store, partial_path
+from fisher_pipeline.store import open_store
+from fisher_pipeline.store.integrity import write_manifest
 from test_phase1 import _PoisonGradient
 from test_workflow_phases import planned_jobs, snakemake, write_config
 
@@ -350,6 +352,7 @@ def forge(source: Path, target: Path, **changes) -> Path:
     with warnings.catch_warnings():  # consolidated metadata is a zarr-python extension to v3
         warnings.simplefilter("ignore", UserWarning)
         zarr.consolidate_metadata(target)
+    write_manifest(target)  # forged consistently: only the merge's own checks can refuse it
     return target
 
 
@@ -360,7 +363,7 @@ def open_store_attrs(path: Path) -> dict:
 def merge_error(paths, out: Path, **expect) -> str:
     with pytest.raises((StoreFormatError, StoreMismatchError)) as error:
         merge_shards(paths, out, **expect)
-    assert not out.exists() and not partial_path(out).exists()
+    assert not out.exists() and not staging_siblings(out)
     return str(error.value)
 
 
@@ -372,12 +375,14 @@ def test_incomplete_sets_of_shards_are_refused_by_name(phase1, tmp_path):
     assert "--sample-shard k/K" in message and "snakemake" in message
     gone = tmp_path / shard_name(1, 3, 0, 1)
     assert f"shard {gone} does not exist" in merge_error([paths[0], gone, paths[2]], out)
-    # a failed or killed job leaves only its .partial store
-    shutil.copytree(paths[1], partial_path(gone))
+    # a failed or killed job leaves only its staging directory
+    left = gone.with_name(f".{gone.name}.12345-0a1b2c3d.partial")
+    shutil.copytree(paths[1], left)
     message = merge_error([paths[0], gone, paths[2]], out)
-    assert f"shard {gone} is incomplete: its job failed or was interrupted (it left {gone.name}.partial)" in message
-    message = merge_error([paths[0], partial_path(gone), paths[2]], out)
-    assert f"shard {partial_path(gone)} is a partial shard (the unfinished output of a failed" in message
+    assert f"shard {gone} is incomplete: its job failed or was interrupted (it left {left.name})" in message
+    message = merge_error([paths[0], left, paths[2]], out)
+    assert f"shard {left} is a partial shard (the unfinished output of a failed" in message
+    assert f"pass {gone} once its job has finished" in message
     store = phase1["reference"]()
     assert f"{store} is a finished Fisher store, not a shard" in merge_error([store], out)
     # an earlier complete store at `out` survives a failed merge
@@ -500,7 +505,7 @@ def test_sharded_workflow_resumes_and_matches_the_unsharded_run(tiny_run, tmp_pa
     assert "rule fisher_shard" in output
     shards = workdir / "results" / "fisher" / "shards"
     done, failed = shards / TASK / "s0of2-p0of1.zarr", shards / TASK / "s1of2-p0of1.zarr"
-    assert done.is_dir() and not failed.exists() and not partial_path(failed).exists()
+    assert done.is_dir() and not failed.exists() and not staging_siblings(failed)
     assert "planted failure" in (workdir / "logs/fisher/shards/prose/s1of2-p0of1.log").read_text()
     assert (workdir / "results/fisher/code.zarr").is_dir()
     assert not list((shards / "code").glob("*.zarr"))  # merged: its temp shards are gone

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
+from ..atomic import staging_siblings
 from ..errors import StoreFormatError, StoreMismatchError, TaskError
 from ..layout import ModelGeometry
 from ..shard_plan import shard_name, shard_ranges
-from ..store import StoreWriter, partial_path
+from ..store import StoreWriter
+from ..store.integrity import open_checked, unrecorded_store
 from ..welford import Welford
 from .partial import INPUT_SQ_ARRAY, SHARD_FORMAT_VERSION, STATE_ARRAYS, ShardInfo
 
@@ -33,26 +34,30 @@ class Shard:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if self.path.name.endswith(".partial"):
+            staged = re.fullmatch(r"\.(.+)\.\d+-[0-9a-f]+\.partial", self.path.name)
+            final = self.path.with_name(staged.group(1)) if staged else "the shard's own path"
             raise StoreFormatError(
                 f"shard {self.path} is a partial shard (the unfinished output of a failed or interrupted job), "
-                f"not a complete one: pass {self.path.with_name(self.path.name[:-len('.partial')])} once its job "
-                f"has finished; {_RERUN}"
+                f"not a complete one: pass {final} once its job has finished; {_RERUN}"
             )
         if not self.path.exists():
-            if partial_path(self.path).exists():
+            left = staging_siblings(self.path)
+            if left:
                 raise StoreFormatError(
                     f"shard {self.path} is incomplete: its job failed or was interrupted (it left "
-                    f"{partial_path(self.path).name}); {_RERUN}"
+                    f"{left[0].name}); {_RERUN}"
                 )
             raise StoreFormatError(f"shard {self.path} does not exist: {_RERUN}")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.root = zarr.open_consolidated(self.path, mode="r")
+            self.root, checked = open_checked(self.path, _RERUN)
+        except StoreFormatError:
+            raise
         except Exception as err:
             raise StoreFormatError(f"{self.path} is not a phase 1 shard ({err}); {_RERUN}") from None
         self.attrs = dict(self.root.attrs)
         version = self.attrs.get("shard_format_version")
+        if version == SHARD_FORMAT_VERSION and checked is None:
+            unrecorded_store(self.path, _RERUN, recorded=True)
         if version != SHARD_FORMAT_VERSION:
             what = "a finished Fisher store, not a shard" if "format_version" in self.attrs else "not a phase 1 shard"
             raise StoreFormatError(

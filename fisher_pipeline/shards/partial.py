@@ -14,13 +14,15 @@ import numpy as np
 import torch
 import zarr
 
-from ..atomic import check_output_dir, clean_stale, publish, remove_path
+from ..atomic import Staging, disk_full_error
 from ..layout import ModelGeometry
-from ..store import GATE_DTYPE, SampleArrays, SampleRows, partial_path
+from ..store import GATE_DTYPE, SampleArrays, SampleRows
+from ..store.integrity import write_manifest
 from ..welford import Welford
 
 #: 2: gates, group saliencies and input second moments.
-SHARD_FORMAT_VERSION = 2
+#: 3: `integrity.json` (`store.integrity`), checked when the shard is read.
+SHARD_FORMAT_VERSION = 3
 
 
 #: Welford states of a partial store: kind -> (total array group, M2 array group or None).
@@ -79,11 +81,15 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike, store_attrs: Mapping[str, Any], geometry: ModelGeometry,
                  shard: ShardInfo, per_sample_names: Iterable[str], per_sample_dtype: str, shard_samples: int):
         self.path = Path(path)
-        check_output_dir(self.path)  # before any work: a user's file there is never replaced
-        self.partial = partial_path(path)
-        clean_stale(self.path)
-        remove_path(self.partial)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Staging(self.path)  # claims the path, refuses a user's file, cleans leftovers
+        self.partial = self.staging.path
+        try:
+            self._open(store_attrs, geometry, shard, per_sample_names, per_sample_dtype, shard_samples)
+        except BaseException:
+            self.staging.abort()
+            raise
+
+    def _open(self, store_attrs, geometry, shard, per_sample_names, per_sample_dtype, shard_samples) -> None:
         self.root = zarr.open_group(self.partial, mode="w")
         self.store_attrs = dict(store_attrs)
         self.geometry = geometry
@@ -101,12 +107,20 @@ class ShardWriter:
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
                per_sample: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor]) -> None:
         """Record a committed micro-batch (the caller's tensors are copied at once)."""
-        self.samples.append(ids, n_tokens, losses, dict(per_sample), gates)
+        try:
+            self.samples.append(ids, n_tokens, losses, dict(per_sample), gates)
+        except BaseException as err:
+            full = disk_full_error(err, self.path, self.staging)
+            if full is not None:
+                raise full from err
+            raise
 
     def abort(self) -> None:
-        """Give up: stop the background writer and remove the partial store."""
-        self.samples.abort()
-        remove_path(self.partial)
+        """Give up: stop the background writer, remove the staging directory, release the path."""
+        try:
+            self.samples.abort()
+        finally:
+            self.staging.abort()
 
     def close(self, accumulator, skipped: Sequence[tuple[str, str]]) -> Path:
         """Write the float64 Welford states of the share, the samples and the attrs; publish.
@@ -115,7 +129,20 @@ class ShardWriter:
             accumulator: exposes `.fisher`, `.grad`, `.group`, `.saliency`, `.input_sq`
                 (name -> `Welford`), `.input_dims` and `.count`.
             skipped: (sample id, reason) of the samples left out, in task order.
+
+        On any failure the staging directory is removed and the path keeps what it held.
         """
+        try:
+            self._complete(accumulator, skipped)
+        except BaseException as err:
+            full = disk_full_error(err, self.path, self.staging)
+            self.abort()
+            if full is not None:
+                raise full from err
+            raise
+        return self.staging.publish()
+
+    def _complete(self, accumulator, skipped: Sequence[tuple[str, str]]) -> None:
         n = self.samples.finish(self.root)
         if n != accumulator.count:
             raise RuntimeError(f"{n} samples were written but {accumulator.count} folded into the statistics")
@@ -151,7 +178,7 @@ class ShardWriter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             zarr.consolidate_metadata(self.partial)
-        return publish(self.partial, self.path)
+        write_manifest(self.partial)
 
 
 def _float64(tensor: torch.Tensor) -> np.ndarray:

@@ -23,16 +23,22 @@ Layout (a contract; README "Store layout" documents it for users):
       input_sq/<param>     mean over scored token positions of x_j^2 at the layer's input,
                            [in_features] float64 (Linear / Conv1D weights used by one module;
                            attrs `input_sq`: {param: {input_dim, tokens}})
+      integrity.json       size and CRC-32 of every other file (`integrity`): checked
+                           when the store is opened (names, sizes) and read (CRCs)
 
-The store is written under `<path>.partial` and renamed to `<path>` only once every
-array and attribute is in place: an interrupted run never leaves a finished-looking
-store, and a rerun starts the partial store afresh.
+The store is written in a staging directory of its writer's own
+(`.{name}.{pid}-{random}.partial`, `atomic.Staging`, which first claims the path) and
+published only once every array, attribute and the integrity record are in place: an
+interrupted run never leaves a finished-looking store, and a missing or damaged file of a
+published one is an error, never a zero.
 """
 
-from .format import FORMAT_VERSION, GATE_DTYPE, LOSS_CONVENTION, READABLE_VERSIONS, partial_path
+from .format import FORMAT_VERSION, GATE_DTYPE, LOSS_CONVENTION, READABLE_VERSIONS
+from .integrity import VerifyReport, verify_store
 from .reader import FisherStore, check_same_model, open_store
 from .rows import SampleArrays, SampleRows
 from .writer import StoreWriter, consolidate
 
 __all__ = ["FORMAT_VERSION", "GATE_DTYPE", "LOSS_CONVENTION", "READABLE_VERSIONS", "FisherStore", "SampleArrays",
-           "SampleRows", "StoreWriter", "check_same_model", "consolidate", "open_store", "partial_path"]
+           "SampleRows", "StoreWriter", "VerifyReport", "check_same_model", "consolidate", "open_store",
+           "verify_store"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -12,9 +11,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..atomic import staging_siblings
 from ..errors import StoreContentError, StoreFormatError, StoreMismatchError
 from ..layout import GroupSpec, ModelGeometry, TensorSlice
-from .format import FORMAT_VERSION, READABLE_VERSIONS, partial_path
+from .format import FORMAT_VERSION, READABLE_VERSIONS, RECORDED_VERSION
+from .integrity import open_checked, unrecorded_store
 
 
 class FisherStore:
@@ -28,12 +29,14 @@ class FisherStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            hint = " (an interrupted run left a .partial store: rerun phase 1)" if partial_path(path).exists() else ""
+            hint = (" (an interrupted run left a staging directory: rerun phase 1)"
+                    if staging_siblings(self.path) else "")
             raise StoreFormatError(f"no Fisher store at {self.path}{hint}")
+        remedy = f"rerun phase 1 for this task (remove {self.path}; the workflow writes it again)"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                self.root = zarr.open_consolidated(self.path, mode="r")
+            self.root, self._checked = open_checked(self.path, remedy)
+        except StoreFormatError:
+            raise
         except Exception as err:
             raise StoreFormatError(f"{self.path} is not a Fisher store ({err})") from None
         self.attrs = dict(self.root.attrs)
@@ -41,9 +44,14 @@ class FisherStore:
         if version not in READABLE_VERSIONS:
             raise StoreFormatError(
                 f"{self.path} has store format version {version!r}; this fisher_pipeline reads "
-                f"version {FORMAT_VERSION} (and version 2, which lacks the gates, group saliencies and input "
-                "second moments). Rerun phase 1 to rewrite it."
+                f"version {FORMAT_VERSION} (and versions 2 and 3: version 2 lacks the gates, group saliencies and "
+                "input second moments, neither has an integrity record). Rerun phase 1 to rewrite it."
             )
+        if self._checked is None:
+            unrecorded_store(self.path, "rerun phase 1 for this task", recorded=version >= RECORDED_VERSION)
+        elif self.attrs.get("task"):
+            self._checked.remedy = (f"rerun phase 1 for task {self.attrs['task']!r} (remove {self.path}; the "
+                                    "workflow writes it again)")
         self._index: dict[str, int] | None = None
 
     # --- samples -----------------------------------------------------------------
@@ -141,7 +149,7 @@ class FisherStore:
         key = f"{kind}/{name}"
         if key in self.root:
             return self.root[key]
-        if f"fisher/{name}" in self.root and self.attrs.get("format_version") != FORMAT_VERSION:
+        if f"fisher/{name}" in self.root and self.attrs.get("format_version") == 2:
             raise StoreFormatError(
                 f"{self.path} has no {key}: it was written by an older phase 1 (store format version "
                 f"{self.attrs.get('format_version')!r}) that did not store it; rerun phase 1 for this task.")

@@ -1,4 +1,4 @@
-"""Writes one task's store under `<path>.partial` and publishes it whole (`StoreWriter`)."""
+"""Writes one task's store in a staging directory and publishes it whole (`StoreWriter`)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,11 @@ import numpy as np
 import torch
 import zarr
 
-from ..atomic import check_output_dir, clean_stale, publish, remove_path
+from ..atomic import Staging, disk_full_error
 from ..layout import ModelGeometry
-from .format import FORMAT_VERSION, GATE_DTYPE, LOSS_CONVENTION, partial_path
+from .format import FORMAT_VERSION, GATE_DTYPE, LOSS_CONVENTION
+from .integrity import write_manifest
 from .rows import SampleArrays, SampleRows, _in_memory_array, _metadata_bytes
-
-
-def _remove(path: Path) -> None:
-    remove_path(path)
 
 
 class StoreWriter:
@@ -54,11 +51,17 @@ class StoreWriter:
         # False: no `fisher/` arrays (a held-out store: the checks read its mean gradient and
         # per-sample gradients, and the analysed store's Fisher; 0.5 GB less per SmolLM2 store)
         self.elementwise_fisher = elementwise_fisher
-        check_output_dir(self.path)  # before any work: a user's file there is never replaced
-        self.partial = partial_path(path)
-        clean_stale(self.path)  # old copies and staging left by interrupted runs
-        _remove(self.partial)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        # Claims the path (another process writing it fails here, naming it), refuses a user's
+        # file there, removes what interrupted runs left, and gives this writer its own staging.
+        self.staging = Staging(self.path)
+        self.partial = self.staging.path
+        try:
+            self._open(attrs, geometry, per_sample_names, per_sample_dtype, max_samples, shard_samples)
+        except BaseException:
+            self.staging.abort()
+            raise
+
+    def _open(self, attrs, geometry, per_sample_names, per_sample_dtype, max_samples, shard_samples) -> None:
         self.root = zarr.open_group(self.partial, mode="w")
         self.attrs = dict(attrs)
         self.geometry = geometry
@@ -73,18 +76,42 @@ class StoreWriter:
                                   shard_samples, GATE_DTYPE, group="gate")
         self.samples = SampleRows(self.per_sample, per_sample_dtype, self.partial, gates=self.gates)
         self.skipped: list[dict[str, str]] = []
+        self.needed_bytes = self._needed_bytes(max_samples)
+
+    def _needed_bytes(self, n_samples: int) -> int:
+        """About how many bytes the complete store takes (for a disk-full message): the
+        float32 statistics (two full-shape arrays per parameter, the Fisher and the mean
+        gradient), the per-sample rows and gates of `n_samples` samples, and ~1 KB of
+        metadata for each of the ~8 arrays per parameter."""
+        elements = sum(int(np.prod(shape)) for shape in self.shapes.values())
+        statistics = 4 * elements * (2 if self.elementwise_fisher else 1)
+        rows = sum(int(np.prod(self.shapes[name])) for name in self.per_sample) * self.dtype.itemsize
+        gates = sum(geo.n_groups for geo in self.geometry.params.values()) * GATE_DTYPE.itemsize
+        return statistics + n_samples * (rows + gates) + 8 * 1024 * len(self.shapes)
 
     def append(self, ids: list[str], n_tokens: torch.Tensor, losses: torch.Tensor,
                per_sample: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor],
                lent: bool = False) -> None:
         """Record a committed micro-batch: sample ids `[b]`, token counts, losses, g_i, and
         the gates `[b, G]` of every parameter (see `SampleRows.append`)."""
-        self.samples.append(ids, n_tokens, losses, per_sample, gates, lent)
+        try:
+            self.samples.append(ids, n_tokens, losses, per_sample, gates, lent)
+        except BaseException as err:
+            self._raise_disk_full(err)
+            raise
+
+    def _raise_disk_full(self, error: BaseException) -> None:
+        """Raise a `DiskFullError` (path, free space, size needed) if `error` is a full disk."""
+        full = disk_full_error(error, self.path, self.staging, self.needed_bytes)
+        if full is not None:
+            raise full from error
 
     def abort(self) -> None:
-        """Give up: stop the background writer and remove the partial store."""
-        self.samples.abort()
-        _remove(self.partial)
+        """Give up: stop the background writer, remove the staging directory, release the path."""
+        try:
+            self.samples.abort()
+        finally:
+            self.staging.abort()
 
     def skip(self, sample_id: str, reason: str) -> None:
         """Record a sample left out of the statistics, and why."""
@@ -152,7 +179,22 @@ class StoreWriter:
             list(pool.map(write, self.shapes))
 
     def close(self, accumulator) -> Path:
-        """Write the statistics and metadata, then rename the store into place."""
+        """Write the statistics, metadata and integrity record, then publish the store.
+
+        On any failure the staging directory is removed (a full disk raises `DiskFullError`)
+        and the path keeps what it held.
+        """
+        try:
+            self._complete(accumulator)
+        except BaseException as err:
+            try:
+                self._raise_disk_full(err)
+                raise
+            finally:
+                self.abort()
+        return self.staging.publish()  # the path holds the old or the new store, never neither
+
+    def _complete(self, accumulator) -> None:
         n = self.samples.finish(self.root)
         self._write_statistics(accumulator)
         input_sq = {name: {"input_dim": int(dim), "tokens": int(accumulator.input_sq[name].count)}
@@ -170,8 +212,7 @@ class StoreWriter:
             "elementwise_fisher": self.elementwise_fisher,
         })
         consolidate(self.partial)
-        publish(self.partial, self.path)  # the path holds the old or the new store, never neither
-        return self.path
+        write_manifest(self.partial)
 
 
 def consolidate(path: Path) -> None:

@@ -15,7 +15,8 @@ from fisher_pipeline.config import (
     phase1_settings,
     validate_config,
 )
-from fisher_pipeline.errors import PhaseInputError
+from fisher_pipeline import workflow_lock
+from fisher_pipeline.errors import OutputBusyError, PhaseInputError
 from fisher_pipeline.phases.pair_options import select_task_pairs
 from fisher_pipeline.shard_plan import check_sample_shards, shard_names
 
@@ -34,6 +35,24 @@ except ConfigError as err:
     raise WorkflowError(f"invalid workflow config: {err}") from None
 config.clear()
 config.update(_checked)
+
+# One run at a time in this folder (fisher_pipeline.workflow_lock): a second snakemake started
+# while one runs stops here, naming it, before Snakemake would call the first run's outputs
+# incomplete. The run claims the folder when it starts (onstart: dry runs never claim it).
+# Job processes (cluster, subprocess) read the Snakefile again and check nothing.
+if workflow.is_main_process:
+    try:
+        workflow_lock.check()
+    except OutputBusyError as err:
+        raise WorkflowError(str(err)) from None
+
+
+onstart:
+    try:
+        workflow_lock.hold()
+    except OutputBusyError as err:
+        raise WorkflowError(str(err)) from None
+
 
 TASKS = sorted(config["tasks"])
 BUNDLED_MODEL = BUNDLED_MODEL_PATH

@@ -244,15 +244,21 @@ class Claim:
         self.final = Path(final)
         self.path = self.final.with_name(f".{self.final.name}.lock")
         self._fd: int | None = None
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         tries = 0
-        while self._fd is None:
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:  # named by the output, not by our lock file's hidden name
+            raise OSError(err.errno, err.strerror, str(self.final)) from None
+        while self._fd is None:
+            if fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
+                fd = None
                 tries += 1
                 if tries < 4:  # a `claim_holder` look lasts microseconds: not a claimant
                     time.sleep(0.02)
@@ -271,6 +277,7 @@ class Claim:
                 current = None
             if current != os.fstat(fd).st_ino:
                 os.close(fd)
+                fd = None
                 continue
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "command": " ".join(sys.argv)[:300]}

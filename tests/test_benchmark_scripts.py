@@ -155,3 +155,19 @@ def test_config_check_benchmark_runs():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert len(rows) == 5 and all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_integrity_benchmark_runs(tmp_path):
+    """benchmarks/integrity.py measures a store with a record, and gives one to a store without (--record)."""
+    recorded = make_store(tmp_path / "prose.zarr", n_samples=3, task="prose")
+    older = make_store(tmp_path / "code.zarr", n_samples=3, task="code")
+    (older / "integrity.json").unlink()
+    script = [sys.executable, str(ROOT / "benchmarks" / "integrity.py"), "--runs", "1"]
+    refused = subprocess.run([*script, str(older)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "pass --record" in refused.stderr
+    result = subprocess.run([*script, "--record", str(recorded), str(older)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and ".zarr" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| prose.zarr", "| code.zarr"]
+    assert (older / "integrity.json").exists()

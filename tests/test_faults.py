@@ -182,6 +182,17 @@ def test_disk_full_in_a_phase_output(small_fs):
     assert sorted(os.listdir(final.parent)) == ["prose"]
 
 
+def test_a_read_only_results_folder_is_named(store, small_fs, caplog):
+    """Outputs on a read-only filesystem: one line naming the output and the cause."""
+    fs = small_fs(4)
+    subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+    out = fs / "importance" / "prose"
+    caplog.clear()
+    assert main(["importance", "--config-json", "{}", "--store", str(store), "--out", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"cannot create or open {out}: Read-only file system"], errors
+
+
 # --- damaged stores ---------------------------------------------------------------------------
 def _chunk(store: Path, array: str) -> Path:
     files = sorted(p for p in (store / array / "c").rglob("*") if p.is_file())
@@ -212,7 +223,10 @@ def test_missing_truncated_or_foreign_files_are_refused_on_open(store):
                                                rf"array fisher/{re.escape(Q)}"):
         open_store(store)
     chunk.write_bytes(data)
-    open_store(store)
+    (store / ".snakemake_timestamp").write_text("")  # Snakemake marks a finished directory output so
+    (store / "fisher" / ".DS_Store").write_text("")  # hidden names: never zarr's, never checked
+    open_store(store).fisher(Q)
+    assert verify_store(store).ok
     extra = store / "per_sample" / Q / "c" / "9" / "0" / "0"
     extra.parent.mkdir(parents=True)
     extra.write_bytes(b"x")

@@ -41,6 +41,7 @@ from fisher_pipeline.phases import (
 )
 from fisher_pipeline.pruning import MasksFile
 from fisher_pipeline.store import FisherStore, open_store
+from fisher_pipeline.store.integrity import write_manifest
 from store_factory import HEAD_DIM, N_HEADS, N_KV_HEADS, WIDTH, llama_layout, make_store, random_gradients
 
 N = 7
@@ -618,6 +619,7 @@ def nan_store(tmp_path):
     path = make_store(tmp_path / "nan.zarr", n_samples=N, task="nan", grads=random_gradients(SHAPES, N, 3))
     for kind, index in (("fisher", (4, 1)), ("grad_mean", (4, 1)), ("group", 4), ("group_m2", 4)):
         zarr.open_array(path / kind / "model.layers.1.mlp.up_proj.weight", mode="r+")[index] = np.nan
+    write_manifest(path)  # as if phase 1 had written the NaNs: the phases' own check must refuse them
     return path
 
 

@@ -367,6 +367,20 @@ def merge_error(paths, out: Path, **expect) -> str:
     return str(error.value)
 
 
+def test_a_damaged_shard_is_refused_by_name(phase1, tmp_path):
+    """A shard whose bytes changed after its job (integrity record) stops the merge, naming it."""
+    paths = phase1["shards"](2, 1)
+    damaged = tmp_path / "copy" / paths[1].name
+    shutil.copytree(paths[1], damaged)
+    chunk = sorted(p for p in (damaged / "fisher_total").rglob("*") if p.is_file() and "/c/" in p.as_posix())[0]
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    message = merge_error([paths[0], damaged], tmp_path / f"{TASK}.zarr")
+    assert f"store {damaged} is damaged: chunk" in message and "of array fisher_total/" in message, message
+    assert "does not hold the bytes that were written" in message and "--sample-shard k/K" in message
+
+
 def test_incomplete_sets_of_shards_are_refused_by_name(phase1, tmp_path):
     paths = phase1["shards"](3, 1)
     out = tmp_path / f"{TASK}.zarr"

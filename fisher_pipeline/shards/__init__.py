@@ -11,10 +11,11 @@ rounding): Chan's merge of the sample shards in shard index order, the union of 
 parameter shares, per-sample arrays and gates concatenated in sample order, input second
 moments weighted by their token counts.
 
-Partial store layout (zarr v3, written under `<path>.partial` and renamed into place when
-complete; `results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr` in the workflow):
+Partial store layout (zarr v3, staged and published whole like a store, `atomic.Staging`,
+with its `integrity.json`; `results/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.zarr` in the
+workflow):
 
-    attrs: shard_format_version (2),
+    attrs: shard_format_version (3),
            shard: {sample_shard k, sample_shards K, param_shard p, param_shards P,
                    sample_start, sample_stop (its range of the task's N samples),
                    task_samples N, params (its share, sorted)},

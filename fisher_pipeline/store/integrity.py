@@ -49,12 +49,21 @@ def _crc32_file(path: Path) -> tuple[int, int]:
     return size, crc
 
 
+def _hidden(key: str) -> bool:
+    """Whether store key `key` is a hidden name no zarr reader asks for (Snakemake's
+    `.snakemake_timestamp` in a directory output, a desktop's `.DS_Store`): not recorded, not checked."""
+    return any(part.startswith(".") for part in key.split("/"))
+
+
 def _store_files(folder: Path) -> dict[str, Path]:
-    """Every file under `folder` but the record itself, keyed by its path relative to `folder` (posix)."""
+    """Every file under `folder` but the record itself and hidden names, keyed by its path
+    relative to `folder` (posix)."""
     files = {}
     stack = [folder]
     while stack:
         for entry in os.scandir(stack.pop()):
+            if entry.name.startswith("."):
+                continue
             if entry.is_dir(follow_symlinks=False):
                 stack.append(Path(entry.path))
             else:
@@ -142,7 +151,7 @@ class CheckedStore(LocalStore):
         expected = self.manifest.get(key)
         if expected is None:
             value = await super().get(key, prototype, byte_range)
-            if value is not None and key != MANIFEST:
+            if value is not None and key != MANIFEST and not _hidden(key):
                 raise self.damage(key, "is not in the store's integrity record (a file its writer never wrote)")
             return value
         if key not in self._checked:

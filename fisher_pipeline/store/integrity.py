@@ -39,7 +39,7 @@ MANIFEST_VERSION = 1
 _READ_BLOCK = 16 << 20
 
 
-def _crc32_file(path: Path) -> tuple[int, int]:
+def _crc32_file(path: str | os.PathLike) -> tuple[int, int]:
     """(size, CRC-32) of the file at `path`, read in 16 MB blocks (zlib releases the GIL)."""
     crc, size = 0, 0
     with open(path, "rb") as file:
@@ -55,19 +55,21 @@ def _hidden(key: str) -> bool:
     return any(part.startswith(".") for part in key.split("/"))
 
 
-def _store_files(folder: Path) -> dict[str, Path]:
+def _store_files(folder: Path) -> dict[str, os.DirEntry]:
     """Every file under `folder` but the record itself and hidden names, keyed by its path
-    relative to `folder` (posix)."""
+    relative to `folder` (posix). Plain strings, not `Path`s: a store has thousands of files."""
     files = {}
-    stack = [folder]
+    stack = [("", os.fspath(folder))]
     while stack:
-        for entry in os.scandir(stack.pop()):
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            else:
-                files[Path(entry.path).relative_to(folder).as_posix()] = Path(entry.path)
+        prefix, directory = stack.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((f"{prefix}{entry.name}/", entry.path))
+                else:
+                    files[prefix + entry.name] = entry
     files.pop(MANIFEST, None)
     return files
 
@@ -84,7 +86,7 @@ def write_manifest(folder: str | os.PathLike, threads: int = 4) -> dict[str, lis
     files = _store_files(folder)
     keys = sorted(files)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        sums = list(pool.map(lambda key: _crc32_file(files[key]), keys))
+        sums = list(pool.map(lambda key: _crc32_file(files[key].path), keys))
     record = {key: [size, crc] for key, (size, crc) in zip(keys, sums, strict=True)}
     document = {"version": MANIFEST_VERSION, "checksum": "crc32", "files": record}
     (folder / MANIFEST).write_text(json.dumps(document, separators=(",", ":")))
@@ -196,8 +198,8 @@ def check_presence(folder: Path, manifest: dict[str, tuple[int, int]], remedy: s
     """
     on_disk = _store_files(folder)
     missing = sorted(set(manifest) - set(on_disk))
-    resized = sorted(key for key, path in on_disk.items()
-                     if key in manifest and path.stat().st_size != manifest[key][0])
+    resized = sorted(key for key, entry in on_disk.items()
+                     if key in manifest and entry.stat(follow_symlinks=False).st_size != manifest[key][0])
     extra = sorted(set(on_disk) - set(manifest))
     problems = []
     for keys, what in ((missing, "missing"), (resized, "of another size than written"),
@@ -276,7 +278,7 @@ def verify_store(path: str | os.PathLike, threads: int = 2) -> VerifyReport:
         report.problems.append(f"{describe_key(key)} is not in the record (never written by its writer)")
     present = sorted(set(manifest) & set(on_disk))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        sums = list(pool.map(lambda key: _crc32_file(on_disk[key]), present))
+        sums = list(pool.map(lambda key: _crc32_file(on_disk[key].path), present))
     for key, (size, crc) in zip(present, sums, strict=True):
         report.files += 1
         report.bytes += size

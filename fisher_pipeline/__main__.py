@@ -90,6 +90,15 @@ def _cmd_config_docs(args: argparse.Namespace) -> None:
     print(f"{args.path}: {'current' if current else 'rewritten from the schema'}")
 
 
+def _cmd_download_model(args: argparse.Namespace) -> None:
+    from .errors import ModelLoadError
+    from .models.hub import is_hub_id, resolve
+
+    if not is_hub_id(args.repo_id):
+        raise ModelLoadError(f"{args.repo_id!r} is not a hub id org/name (or it is a local path already)")
+    print(resolve(args.repo_id, args.revision, download=True))
+
+
 def _cmd_verify(args: argparse.Namespace) -> None:
     import time
 
@@ -170,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the partial stores of every shard of the task (any order)")
     merge.add_argument("--out", required=True, help="store path, e.g. results/fisher/prose.zarr")
     merge.set_defaults(func=_cmd_fisher_merge)
+
+    download = sub.add_parser("download-model", help="fill the HuggingFace cache with a hub model's safetensors "
+                                                     "weights, configs and tokenizer (the one online step)")
+    download.add_argument("repo_id", metavar="ORG/NAME", help="hub id, e.g. Qwen/Qwen2.5-0.5B")
+    download.add_argument("--revision", help="branch, tag or commit (default: main)")
+    download.set_defaults(func=_cmd_download_model)
 
     verify = sub.add_parser("verify", help="check every file of phase 1 stores (or shards) against their "
                                            "integrity record")

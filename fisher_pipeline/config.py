@@ -65,7 +65,8 @@ STORE_INVARIANT_KEYS = SHARDING_KEYS + RUN_SETTING_KEYS
 class ModelConfig:
     """Which model to analyse and how to load it."""
 
-    path: str = BUNDLED_MODEL_PATH  # local HuggingFace folder (safetensors) or a .gguf file
+    path: str = BUNDLED_MODEL_PATH  # local HuggingFace folder (safetensors), a .gguf file, or a hub id org/name
+    revision: str | None = None  # a hub id's branch, tag or commit (default: main)
     trust_remote_code: bool = False  # run code shipped with the model folder (off: safer)
     attn_implementation: str = "sdpa"  # "sdpa" or "eager"; gradients are the same
 

@@ -1,4 +1,4 @@
-"""Loading models safely: local safetensors folders or GGUF files, float32, offline.
+"""Loading models safely: local safetensors folders, GGUF files or hub ids, float32, offline.
 
 No pickle: folders must hold `*.safetensors` weights; `trust_remote_code` is off unless
 the config turns it on. The bundled SmolLM2-135M-Instruct ships as a GGUF file inside
@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ..atomic import staged_dir  # noqa: E402
 from ..config import ModelConfig  # noqa: E402
 from ..errors import ModelLoadError  # noqa: E402
+from .hub import is_hub_id, resolve, snapshot_revision  # noqa: E402
 
 
 @dataclass
@@ -53,12 +54,21 @@ def weights_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_source(config: ModelConfig) -> tuple[Path, str]:
+    """Where the model of `config` is on disk, and its readable name: a hub id resolves to
+    its cached snapshot (`hub.resolve`; offline unless HF_HUB_OFFLINE=0), named `org/name@commit`."""
+    if is_hub_id(config.path):
+        folder = resolve(config.path, config.revision)
+        return folder, f"{config.path}@{snapshot_revision(folder)[:12]}"
+    return Path(config.path), Path(config.path).name
+
+
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(
             f"model path {str(path)!r} does not exist (config key model.path). Point it at a local "
-            "HuggingFace folder with *.safetensors weights or a .gguf file; the bundled model is "
-            "prepared by `make model` (or any `snakemake` run with the default config)."
+            "HuggingFace folder with *.safetensors weights, a .gguf file or a hub id org/name; the bundled "
+            "model is prepared by `make model` (or any `snakemake` run with the default config)."
         )
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -74,7 +84,7 @@ def _check_path(path: Path) -> None:
 
 def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> LoadedModel:
     """Load the model and tokenizer named by `config` (float32, eval mode)."""
-    path = Path(config.path)
+    path, name = model_source(config)
     _check_path(path)
     common = {"trust_remote_code": config.trust_remote_code}
     if path.is_file():
@@ -93,7 +103,7 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> Loade
     if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
     model.eval().to(device)
-    return LoadedModel(model, tokenizer, f"{path.name} ({type(model).__name__})", weights_hash(path))
+    return LoadedModel(model, tokenizer, f"{name} ({type(model).__name__})", weights_hash(path))
 
 
 def bundled_gguf() -> Path:

@@ -7,7 +7,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import StoreMismatchError
 from ..store import FisherStore
-from .loading import load_model, weights_hash
+from .loading import load_model, model_source, weights_hash
 
 
 def load_weights(config: ModelConfig, store: FisherStore) -> dict[str, np.ndarray]:
@@ -18,7 +18,7 @@ def load_weights(config: ModelConfig, store: FisherStore) -> dict[str, np.ndarra
         ModelLoadError: the model cannot be loaded.
     """
     expected = store.attrs.get("weights_hash")
-    found = weights_hash(config.path)
+    found = weights_hash(model_source(config)[0])
     if expected is not None and found != expected:
         raise StoreMismatchError(
             f"model {config.path} (weights {found}) is not the model store {store.path} was made from (weights "

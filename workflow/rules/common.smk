@@ -16,7 +16,8 @@ from fisher_pipeline.config import (
     validate_config,
 )
 from fisher_pipeline import workflow_lock
-from fisher_pipeline.errors import OutputBusyError, PhaseInputError
+from fisher_pipeline.errors import ModelLoadError, OutputBusyError, PhaseInputError
+from fisher_pipeline.models.hub import is_hub_id, resolve as resolve_hub_model
 from fisher_pipeline.phases.pair_options import select_task_pairs
 from fisher_pipeline.shard_plan import check_sample_shards, shard_names
 
@@ -75,14 +76,21 @@ wildcard_constraints:
 
 
 def model_input():
-    """The model path phase 1 reads; the bundled model is built by rule bundled_model."""
+    """The model path phase 1 reads; the bundled model is built by rule bundled_model, a hub
+    id is its cached snapshot folder (offline: a missing one stops the workflow here, naming
+    the command that fills the cache)."""
     path = config["model"]["path"]
-    if path != BUNDLED_MODEL and not Path(path).exists():
-        raise WorkflowError(
-            f"model.path {path!r} does not exist. Point it at a local HuggingFace folder "
-            f"(safetensors) or a .gguf file, or leave the default {BUNDLED_MODEL!r}."
-        )
-    return path
+    if path == BUNDLED_MODEL or Path(path).exists():
+        return path
+    if is_hub_id(path):
+        try:
+            return str(resolve_hub_model(path, config["model"].get("revision")))
+        except ModelLoadError as err:
+            raise WorkflowError(str(err)) from None
+    raise WorkflowError(
+        f"model.path {path!r} does not exist. Point it at a local HuggingFace folder "
+        f"(safetensors), a .gguf file or a hub id org/name, or leave the default {BUNDLED_MODEL!r}."
+    )
 
 
 def phase1_config(task, heldout=False):

@@ -114,7 +114,9 @@ class FisherAccumulator:
         self.group = {n: Welford.zeros((len(self.specs[n].keys),), True, self.state_device) for n in shapes}
         self.saliency = {n: Welford.zeros((len(self.specs[n].keys),), True, self.state_device) for n in shapes}
         # contiguous (a no-op for a model's parameters): the kernel reads rows of them
-        self.weights = {n: weights[n].detach().to(self.device).contiguous() for n in shapes}
+        # float32 values of a half-precision model's weights: the gates are float32 products
+        self.weights = {n: weights[n].detach().to(self.device, _float32_at_least(weights[n].dtype)).contiguous()
+                        for n in shapes}
         for name, weight in self.weights.items():
             if tuple(weight.shape) != tuple(shapes[name]):
                 raise ValueError(f"weights of {name} have shape {tuple(weight.shape)}, not {tuple(shapes[name])}")
@@ -351,3 +353,7 @@ class FisherAccumulator:
     def count(self) -> int:
         """Samples folded in so far."""
         return next(iter(self.fisher.values())).count if self.fisher else 0
+
+
+def _float32_at_least(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype

@@ -67,6 +67,7 @@ class ModelConfig:
 
     path: str = BUNDLED_MODEL_PATH  # local HuggingFace folder (safetensors), a .gguf file, or a hub id org/name
     revision: str | None = None  # a hub id's branch, tag or commit (default: main)
+    dtype: str = "float32"  # weights and activations: float32, bfloat16, float16, or auto (the checkpoint's)
     trust_remote_code: bool = False  # run code shipped with the model folder (off: safer)
     attn_implementation: str = "sdpa"  # "sdpa" or "eager"; gradients are the same
 

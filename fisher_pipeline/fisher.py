@@ -26,6 +26,7 @@ from .config import FisherConfig, PipelineConfig, TaskConfig, config_hash, phase
 from .data import TokenizedSample, load_task
 from .data.tasks import load_heldout
 from .engine.engines import HookEngine, LoopEngine
+from .engine.hooks import compute_dtype
 from .engine.inputs import input_features
 from .engine.loss import Batch, collate
 from .errors import ConfigError
@@ -100,7 +101,8 @@ def compute_fisher(
     """Fold every sample's gradient into Fisher statistics (phase 1 without the store).
 
     Args:
-        model: causal LM (float32, eval mode) on its device.
+        model: causal LM (float32, or bfloat16 / float16 with float32 per-sample products;
+            eval mode) on its device.
         adapter: its architecture adapter (group partitions).
         samples: tokenized samples, processed in order.
         config: phase 1 options (engine, labels, batch size, selections).
@@ -124,7 +126,7 @@ def compute_fisher(
         m2 & set(params),
         per_sample & set(params),
         device,
-        first.dtype,
+        compute_dtype(first.dtype),  # float32 per-sample products for a half-precision model
         per_sample_dtype=getattr(torch, config.per_sample_dtype),
         state_device=config.state_device,
         fold_kernel=config.fold_kernel,
@@ -193,6 +195,7 @@ def _load_inputs(config: PipelineConfig, task: str, heldout: bool = False) -> _P
     attrs = {
         "model_id": loaded.model_id,
         "model_type": loaded.model.config.model_type,
+        "model_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "weights_hash": loaded.weights_hash,
         "task": task,
         "fisher_kind": config.fisher.labels,

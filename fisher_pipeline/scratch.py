@@ -16,10 +16,11 @@ class Scratch:
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
 
-    def view(self, *shape: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """An uninitialised tensor of `shape` with `like`'s dtype and device (default float32, CPU)."""
+    def view(self, *shape: int, like: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialised tensor of `shape` with `like`'s device and dtype (default float32, CPU;
+        `dtype` overrides `like`'s)."""
         device = like.device if like is not None else torch.device("cpu")
-        dtype = like.dtype if like is not None else torch.float32
+        dtype = dtype or (like.dtype if like is not None else torch.float32)
         numel = math.prod(shape)
         buffer = self._buffer
         if buffer is None or buffer.numel() < numel or buffer.device != device or buffer.dtype != dtype:

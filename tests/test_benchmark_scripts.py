@@ -171,3 +171,20 @@ def test_integrity_benchmark_runs(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and ".zarr" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| prose.zarr", "| code.zarr"]
     assert (older / "integrity.json").exists()
+
+
+def test_dtype_benchmark_runs(tiny_model_dir, tmp_path):
+    """benchmarks/dtype.py on a tiny config: a table row per dtype, bfloat16 within the rounding bound."""
+    import yaml
+
+    configfile = tmp_path / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_model_dir("llama"))},
+        "tasks": {"prose": {"source": "builtin:prose", "max_length": 24}},
+        "fisher": {"batch_size": 2, "per_sample_params": "attention"}}))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dtype.py"), "--runs", "1", "--samples", "4",
+                             "--configfile", str(configfile)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert rows["| float32"][4:] == ["0.00%", "0.00%", "0.00% |"], rows
+    assert 0 < float(rows["| bfloat16"][5].rstrip("%")) < 100 * 8 * 2.0**-8, rows

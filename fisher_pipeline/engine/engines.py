@@ -13,7 +13,7 @@ from torch import nn
 
 from ..accumulate import FisherAccumulator
 from ..config import FisherConfig
-from .hooks import PerSampleGradients
+from .hooks import PerSampleGradients, compute_dtype
 from .inputs import InputMoments
 from .loss import Batch, per_sample_loss, sample_labels, scored_positions
 
@@ -101,7 +101,8 @@ class LoopEngine(Engine):
         loss.sum().backward()
         for name, p in params.items():
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            self.accumulator.add(name, 0, p.shape[0], grad[None].clone())
+            # a half-precision model's gradient, folded as float32 like the hooks engine's
+            self.accumulator.add(name, 0, p.shape[0], grad[None].to(compute_dtype(grad.dtype), copy=True))
             p.grad = None
         return loss.detach(), _gradient_failures(self.accumulator)
 

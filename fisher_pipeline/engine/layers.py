@@ -122,9 +122,11 @@ def affine_norm_rule(module: nn.Module, inputs: torch.Tensor, grad_out: torch.Te
     `n(x)` is recomputed by the module itself with unit weight and zero bias, so any
     variant of the normalisation (epsilon placement, float32 upcast) is matched exactly.
     """
-    overrides = {"weight": torch.ones_like(module.weight)}
+    # unit weight and zero bias in the input's dtype: a half-precision model's inputs reach the
+    # rules in float32 (`hooks.compute_dtype`), and LayerNorm wants one dtype throughout
+    overrides = {"weight": torch.ones_like(module.weight, dtype=inputs.dtype)}
     if getattr(module, "bias", None) is not None:
-        overrides["bias"] = torch.zeros_like(module.bias)
+        overrides["bias"] = torch.zeros_like(module.bias, dtype=inputs.dtype)
     with torch.no_grad():
         normalized = functional_call(module, overrides, (inputs,))
     go = _flat(grad_out)

@@ -1,4 +1,4 @@
-"""Loading models safely: local safetensors folders, GGUF files or hub ids, float32, offline.
+"""Loading models safely: local safetensors folders, GGUF files or hub ids, in `model.dtype`, offline.
 
 No pickle: folders must hold `*.safetensors` weights; `trust_remote_code` is off unless
 the config turns it on. The bundled SmolLM2-135M-Instruct ships as a GGUF file inside
@@ -29,7 +29,7 @@ class LoadedModel:
     """A model ready for phase 1.
 
     Attributes:
-        model: float32 causal LM in eval mode.
+        model: causal LM in eval mode, in `model.dtype` (float32 by default).
         tokenizer: its tokenizer (a pad token is always set).
         model_id: readable identity (path / architecture name).
         weights_hash: sha256 of the weight file(s), first 16 hex digits.
@@ -83,7 +83,7 @@ def _check_path(path: Path) -> None:
 
 
 def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load the model and tokenizer named by `config` (float32, eval mode)."""
+    """Load the model and tokenizer named by `config` (in `config.dtype`, eval mode)."""
     path, name = model_source(config)
     _check_path(path)
     common = {"trust_remote_code": config.trust_remote_code}
@@ -93,7 +93,7 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> Loade
         source, extra = str(path), {"use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, attn_implementation=config.attn_implementation, **common, **extra
+            source, dtype=_dtype(config.dtype), attn_implementation=config.attn_implementation, **common, **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(
             source, **common, **({"gguf_file": path.name} if path.is_file() else {})
@@ -104,6 +104,12 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu") -> Loade
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
     model.eval().to(device)
     return LoadedModel(model, tokenizer, f"{name} ({type(model).__name__})", weights_hash(path))
+
+
+def _dtype(name: str) -> torch.dtype | str:
+    """`model.dtype` as `from_pretrained` takes it; `auto` falls back to float32 where the
+    checkpoint names no dtype (transformers' own fallback would be its default dtype)."""
+    return "auto" if name == "auto" else getattr(torch, name)
 
 
 def bundled_gguf() -> Path:

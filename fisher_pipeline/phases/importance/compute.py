@@ -32,6 +32,10 @@ Criteria of pruning (phase 3), with the same units:
                      is the second-order loss increase of removing the unit
     gate_fisher_se   sd_i(gate_i^2) / sqrt(N)
 
+Precision table (`precision`): per unit kind (head, neuron), the relative standard error of
+the stored groups' Fisher (median, 90th percentile) and the samples a target relative
+standard error (10%, 5%, 3%, 1%) would need (`precision.py`).
+
 Head table (`heads`): one row per (layer, block, head) for blocks q, k, v, o. It is
 GQA-aware: K and V rows are per KV head, as stored (`head_kind == "kv"`), and
 `query_heads` lists the query heads that read each KV head. Its heatmap
@@ -53,8 +57,9 @@ from ...store import FisherStore, open_store
 from ..common import atomic_output_dir, read_finite, relocate, write_table
 from . import ImportanceOptions
 from .figures import head_heatmaps
+from .precision import precision_table
 
-TABLES = ("tensors", "groups", "heads", "neurons", "layers")
+TABLES = ("tensors", "groups", "heads", "neurons", "layers", "precision")
 
 
 def group_table(store: FisherStore, task: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -94,7 +99,8 @@ def group_table(store: FisherStore, task: str) -> tuple[pd.DataFrame, np.ndarray
 
 
 def importance_tables(store: FisherStore, task: str, options: ImportanceOptions) -> dict[str, pd.DataFrame]:
-    """Every phase 2 table of one task: tensors, groups, heads, neurons, layers.
+    """Every phase 2 table of one task: tensors, groups, heads, neurons, layers, and the
+    precision of its head and neuron Fisher (`precision.precision_table`).
 
     Raises:
         StoreContentError: the Fisher is zero for the whole model (shares undefined), or a
@@ -120,6 +126,7 @@ def importance_tables(store: FisherStore, task: str, options: ImportanceOptions)
     }
     n_tensors = groups.groupby("layer", dropna=False)["param"].nunique().rename("n_tensors").reset_index()
     tables["layers"] = tables["layers"].merge(n_tensors, on="layer", how="left")
+    tables["precision"] = precision_table(groups, store.n_samples, task)
     return tables
 
 
@@ -187,7 +194,7 @@ def run_importance(store_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     Returns:
         output key -> path: `<table>_parquet` / `<table>_csv` for tables tensors, groups,
-        heads, neurons, layers, `heads_heatmap` (PNG, gate Fisher) and `heads_fisher_heatmap`
+        heads, neurons, layers, precision, `heads_heatmap` (PNG, gate Fisher) and `heads_fisher_heatmap`
         (PNG, Fisher).
     """
     options = options or ImportanceOptions()

@@ -546,7 +546,10 @@ def test_sharded_workflow_resumes_and_matches_the_unsharded_run(tiny_run, tmp_pa
         for key, values in want_arrays.items():
             assert_same_within_rounding(f"{task}: {key}", got_arrays[key], values)
     tables = sorted(p.relative_to(workdir) for p in (workdir / "results").rglob("*.parquet"))
-    assert len(tables) == 14, tables  # importance 5 x 2 tables, masks 1 x 2, conflicts 2
+    assert len(tables) == 16, tables  # importance 6 x 2 tables, masks 1 x 2, conflicts 2
     for table in tables:
         want, got = pd.read_parquet(unsharded / table), pd.read_parquet(workdir / table)
+        if table.name == "precision.parquet":  # sample counts: ceilings of the compared rel. SEs, may flip by 1
+            want, got = (frame.drop(columns=[c for c in frame if c.startswith("samples_for_")])
+                         for frame in (want, got))
         pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-4, atol=1e-9, obj=str(table))

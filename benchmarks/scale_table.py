@@ -7,7 +7,9 @@ Each model is built on PyTorch's `meta` device (shapes only, no memory) and desc
 our own architecture adapter (`adapter_for(model).geometry()`), so the parameter
 selections are exactly those phase 1 resolves from `fisher.per_sample_params`,
 `fisher.per_sample_layers` and `fisher.fisher_m2_*`. Everything below is arithmetic on
-those shapes; bytes are decimal (1 GB = 1e9 bytes).
+those shapes, done by `fisher_pipeline.planner` (which `python -m fisher_pipeline plan` and
+the workflow's resources use); this script lays it out for the selections compared below.
+Bytes are decimal (1 GB = 1e9 bytes).
 
 What is counted, per task (one phase 1 job):
 
@@ -42,9 +44,7 @@ embedding) bounds how far P helps.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -55,23 +55,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fisher_pipeline import planner  # noqa: E402
+from fisher_pipeline.planner import (  # noqa: E402 (the arithmetic, shared with the planner)
+    F32,
+    GROUP_BYTES,
+    M2_BYTES,
+    STATE_BYTES,
+    TensorShape,
+    fmt_bytes,
+    largest_share,
+    meta_model,
+    table,
+)
+
 SMOLLM2_DIR = ROOT / "resources" / "models" / "SmolLM2-135M-Instruct"
 
 #: Published configs (config.json of each checkpoint), the keys that fix parameter shapes.
-CONFIGS: dict[str, dict] = {
-    # HuggingFaceTB/SmolLM2-135M-Instruct; the bundled copy is used when present.
-    "SmolLM2-135M": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                         tie_word_embeddings=True, max_position_embeddings=8192),
-    # Qwen/Qwen2.5-1.5B: q/k/v projections carry biases (Qwen2 architecture).
-    "Qwen2.5-1.5B": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                         tie_word_embeddings=True, max_position_embeddings=131072),
-    # meta-llama/Llama-3.1-8B
-    "Llama-3.1-8B": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         tie_word_embeddings=False, max_position_embeddings=131072),
-}
+CONFIGS: dict[str, dict] = planner.PUBLISHED_CONFIGS
 
 N_SAMPLES = (32, 256, 1024)
 DEVICES_GB = (24, 80)
@@ -86,20 +86,9 @@ def published_config(name: str) -> dict:
     return dict(CONFIGS[name])
 
 
-def meta_model(config: dict):
-    """A causal LM of `config` (a dict with `model_type`) on the meta device: shapes, no weights."""
-    import torch
-    import transformers
-
-    config = dict(config)
-    hf_config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(hf_config)
-
-
 @dataclass(frozen=True)
 class Tensor:
-    """One parameter as phase 1 sees it."""
+    """One parameter as phase 1 sees it, with the selections the tables compare."""
 
     name: str
     numel: int
@@ -147,29 +136,27 @@ class ModelSizes:
         """Head / neuron / whole-tensor groups over all parameters."""
         return sum(t.groups for t in self.tensors)
 
+    def shapes(self) -> tuple[TensorShape, ...]:
+        return tuple(TensorShape(t.name, t.numel, t.rows, t.groups) for t in self.tensors)
+
+    def names(self, selection: str) -> set[str]:
+        """Parameters stored per sample under `selection`."""
+        return {t.name for t in self.tensors if t.stored(selection)}
+
     def largest_chunk(self, batch_size: int, chunk_elements: int) -> int:
         """Per-sample elements materialised at once for the largest parameter chunk (engine/hooks.py)."""
-        largest = 0
-        for t in self.tensors:
-            cols = t.numel // t.rows
-            per_row = batch_size * cols
-            step = max(1, chunk_elements // max(per_row, 1))
-            largest = max(largest, batch_size * min(step, t.rows) * cols)
-        return largest
+        return planner.largest_chunk(self.shapes(), batch_size, chunk_elements)
 
 
 def model_sizes(name: str, model) -> ModelSizes:
     """Describe `model` through our architecture adapter (works on meta tensors)."""
-    from fisher_pipeline.models.adapters import adapter_for
-
-    geometry = adapter_for(model).geometry()
+    geometry = planner.model_geometry(model)
     per_sample = set(geometry.select("attention"))
     first_last = set(geometry.select("attention", FIRST_LAST))
     tensors = tuple(
-        Tensor(name=param, numel=math.prod(geo.shape), rows=geo.shape[0] if geo.shape else 1, groups=geo.n_groups,
-               per_sample=param in per_sample, per_sample_first_last=param in first_last,
-               m2=param in first_last, m2_all=param in per_sample)
-        for param, geo in sorted(geometry.params.items())
+        Tensor(name=t.name, numel=t.numel, rows=t.rows, groups=t.groups, per_sample=t.name in per_sample,
+               per_sample_first_last=t.name in first_last, m2=t.name in first_last, m2_all=t.name in per_sample)
+        for t in planner.tensor_shapes(geometry)
     )
     config = model.config
     return ModelSizes(name, geometry.attention.n_layers, geometry.attention.n_heads, geometry.attention.n_kv_heads,
@@ -177,84 +164,49 @@ def model_sizes(name: str, model) -> ModelSizes:
                       bool(getattr(config, "tie_word_embeddings", False)), tensors)
 
 
-# --- bytes ------------------------------------------------------------------------------
-
-STATE_BYTES = 16  # float64 Welford totals of g^2 and g
-M2_BYTES = 8  # float64 elementwise M2 of g^2
-GROUP_BYTES = 16  # float64 total and M2 per group
-F32 = 4
-
+# --- bytes: fisher_pipeline.planner's arithmetic on the selections compared -----------------
 
 def fisher_state(sizes: ModelSizes, m2_all_layers: bool = False) -> int:
     """Bytes of the Fisher state: 16 B/param + 8 B per M2 element + group statistics."""
-    return STATE_BYTES * sizes.params + M2_BYTES * sizes.m2(m2_all_layers) + GROUP_BYTES * sizes.groups
+    return planner.fisher_state_bytes(sizes.params, sizes.m2(m2_all_layers), sizes.groups)
 
 
 def store_statistics(sizes: ModelSizes) -> int:
     """Bytes of a store's statistics on disk before compression: fisher, grad_mean, fisher_m2, groups (float32)."""
-    return 2 * F32 * sizes.params + F32 * sizes.m2() + 2 * F32 * sizes.groups
+    return planner.store_statistics_bytes(sizes.params, sizes.m2(), sizes.groups)
 
 
 def per_sample_buffer(sizes: ModelSizes, batch_size: int, selection: str = "every", width: int = 2) -> int:
-    """Bytes of the accumulator's per-sample buffers on the model's device.
-
-    Two sets of `B x S` in the stored dtype (`width` bytes, float16 by default), used in
-    turn: the set one commit hands to the store writer stays valid while the next
-    micro-batch fills the other.
-    """
-    return 2 * width * batch_size * sizes.per_sample(selection)
+    """Bytes of the accumulator's two sets of `B x S` per-sample buffers in the stored dtype."""
+    return planner.per_sample_buffer_bytes(batch_size, sizes.per_sample(selection), width)
 
 
 def writer_copies(sizes: ModelSizes, batch_size: int, selection: str = "every", width: int = 2) -> int:
     """Host bytes of the store writer: a micro-batch being written and the next one's copy."""
-    return 2 * width * batch_size * sizes.per_sample(selection)
+    return planner.per_sample_buffer_bytes(batch_size, sizes.per_sample(selection), width)
 
 
 def logits_bytes(sizes: ModelSizes, batch_size: int, seq_len: int) -> int:
     """About three `[B, T, V]` float32 tensors at the start of the backward."""
-    return 3 * F32 * batch_size * seq_len * sizes.vocab
+    return planner.logits_bytes(batch_size, seq_len, sizes.vocab)
 
 
 def activation_bytes(sizes: ModelSizes, batch_size: int, seq_len: int) -> int:
     """Rough float32 activations kept for the backward: `B T L (8 D + 4 I)` values (Llama family)."""
-    return F32 * batch_size * seq_len * sizes.n_layers * (8 * sizes.hidden + 4 * sizes.intermediate)
-
-
-@dataclass(frozen=True)
-class JobMemory:
-    """Memory of one phase 1 job (one task, no shards), by part."""
-
-    weights: int
-    activations: int
-    logits: int
-    chunk: int
-    state: int  # Fisher state: 16 B/param + M2 + groups
-    buffer: int  # per-sample buffers
-
-    @property
-    def fixed(self) -> int:
-        """What every parameter shard pays in full on the device (weights and the forward/backward)."""
-        return self.weights + self.activations + self.logits + self.chunk
-
-    def device(self, state_on_host: bool = False) -> int:
-        """Device bytes of the job, with the Fisher state on the device or in host memory."""
-        return self.fixed + self.buffer + (0 if state_on_host else self.state)
+    return planner.activation_bytes(batch_size, seq_len, sizes.n_layers, sizes.hidden, sizes.intermediate)
 
 
 def job_memory(sizes: ModelSizes, batch_size: int, seq_len: int, chunk_elements: int,
-               selection: str = "every") -> JobMemory:
-    return JobMemory(
-        weights=F32 * sizes.params,
-        activations=activation_bytes(sizes, batch_size, seq_len),
-        logits=logits_bytes(sizes, batch_size, seq_len),
-        chunk=F32 * sizes.largest_chunk(batch_size, chunk_elements),
-        state=fisher_state(sizes),
-        buffer=per_sample_buffer(sizes, batch_size, selection),
-    )
+               selection: str = "every") -> planner.Phase1Memory:
+    """One phase 1 job (float32 model, `fisher_m2` on layers [0, -1]), by part."""
+    return planner.phase1_memory(sizes.shapes(), n_layers=sizes.n_layers, hidden=sizes.hidden,
+                                 intermediate=sizes.intermediate, vocab=sizes.vocab,
+                                 per_sample=sizes.names(selection), m2={t.name for t in sizes.tensors if t.m2},
+                                 batch_size=batch_size, seq_len=seq_len, chunk_elements=chunk_elements)
 
 
 def host_memory(sizes: ModelSizes, batch_size: int, selection: str = "every", state_on_host: bool = False) -> int:
-    """Host bytes of one job (no shards) after loading: the writer's copies while running, then
+    """Host bytes of one job on a GPU (no shards) after loading: the writer's copies while running, then
     the float32 statistics `StoreWriter.close` builds; plus the Fisher state if it lives there."""
     during = max(writer_copies(sizes, batch_size, selection), store_statistics(sizes))
     return during + (fisher_state(sizes) if state_on_host else 0)
@@ -263,17 +215,8 @@ def host_memory(sizes: ModelSizes, batch_size: int, selection: str = "every", st
 def tensor_costs(sizes: ModelSizes, batch_size: int, selection: str = "every",
                  state_on_host: bool = False) -> list[int]:
     """Per tensor: the device bytes a parameter shard holds for it (state unless on the host, buffers)."""
-    width = 2
-    return [(0 if state_on_host else STATE_BYTES * t.numel + M2_BYTES * t.numel * t.m2 + GROUP_BYTES * t.groups)
-            + 2 * width * batch_size * t.numel * t.stored(selection) for t in sizes.tensors]
-
-
-def largest_share(costs: Sequence[int], shards: int) -> int:
-    """The largest shard when whole tensors are split over `shards` jobs, largest first."""
-    bins = [0] * shards
-    for cost in sorted(costs, reverse=True):
-        heapq.heapreplace(bins, bins[0] + cost)
-    return max(bins)
+    return planner.tensor_costs(sizes.shapes(), sizes.names(selection), {t.name for t in sizes.tensors if t.m2},
+                                batch_size, state_on_host=state_on_host)
 
 
 def min_param_shards(sizes: ModelSizes, capacity: int, batch_size: int, seq_len: int, chunk_elements: int,
@@ -289,23 +232,8 @@ def min_param_shards(sizes: ModelSizes, capacity: int, batch_size: int, seq_len:
 
 # --- tables -----------------------------------------------------------------------------
 
-def fmt_bytes(n: float) -> str:
-    """Decimal units, 3 significant digits: 1.77 MB, 53.1 MB, 2.68 GB."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
-    return f"{n:.0f} B"
-
-
 def fmt_count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 #: Per-sample selections compared: key -> label (`fisher.per_sample_params` / `per_sample_layers`).

@@ -125,6 +125,36 @@ def _cmd_verify(args: argparse.Namespace) -> None:
                                "it again)")
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .config import PipelineConfig, read_config_file
+    from .planner import plan_run, precision_tables, render_plan, samples_needed_rows, table, this_machine
+
+    config = PipelineConfig.from_dict(read_config_file(args.configfile))
+    plan = plan_run(config)
+    print(render_plan(config, plan, this_machine(plan.on_gpu, config.plan)))
+    print(f"\nsamples per task for a relative standard error of {args.target:g} of the head / neuron Fisher:")
+    tables = precision_tables(args.results, config.tasks)
+    if not tables:
+        print(f"  no precision table under {args.results}/importance/*/precision.csv yet: run phase 2 on a first "
+              "run's stores (`snakemake --cores 2 results/importance/TASK`), then ask again")
+        return
+    print(table(["task", "unit", "N", "relative SE, median", "p90", "samples needed, median", "p90"],
+                samples_needed_rows(tables, args.target)))
+    missing = sorted(set(config.tasks) - set(tables))
+    if missing:
+        print(f"(no precision table yet for: {', '.join(missing)})")
+
+
+def _target(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a relative standard error between 0 and 1 (e.g. 0.05)")
+    return value
+
+
 def _threads(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0 (0: torch's default)")
@@ -191,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("paths", nargs="+", metavar="PATH", help="store folders, e.g. results/fisher/*.zarr")
     verify.add_argument("--threads", type=_threads, default=2, help="files checked at once (default 2)")
     verify.set_defaults(func=_cmd_verify)
+
+    plan = sub.add_parser("plan", help="what each job of a run needs (memory, disk, time, shards), from the "
+                                       "model's shapes; and samples per task for a target precision")
+    plan.add_argument("--configfile", default="config/config.yaml",
+                      help="workflow config YAML, as snakemake takes it (default: config/config.yaml)")
+    plan.add_argument("--target", type=_target, default=0.05,
+                      help="relative standard error of the head / neuron Fisher to size samples for (default 0.05)")
+    plan.add_argument("--results", default="results", help="the run's results folder (phase 2's precision tables)")
+    plan.set_defaults(func=_cmd_plan)
 
     schema = sub.add_parser("schema", help="print the config's JSON schema (every section, with defaults)")
     schema.set_defaults(func=_cmd_schema)

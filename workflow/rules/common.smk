@@ -19,6 +19,7 @@ from fisher_pipeline import workflow_lock
 from fisher_pipeline.errors import ModelLoadError, OutputBusyError, PhaseInputError
 from fisher_pipeline.models.hub import is_hub_id, resolve as resolve_hub_model
 from fisher_pipeline.phases.pair_options import select_task_pairs
+from fisher_pipeline.planner import check_fit, plan_run
 from fisher_pipeline.shard_plan import check_sample_shards, shard_names
 
 # Snakemake keeps the last of two equal keys in a config file silently: read each file again,
@@ -37,6 +38,15 @@ except ConfigError as err:
 config.clear()
 config.update(_checked)
 
+# Every rule's mem_mb, disk_mb and runtime come from the planner (fisher_pipeline.planner): the
+# model's shapes (a meta-device build, cached) and this config. Snakemake applies a profile's
+# set-resources (and --set-resources) after a rule's own resources, so those still override them.
+try:
+    PLAN = plan_run(_parsed)
+except (ConfigError, ModelLoadError) as err:
+    raise WorkflowError(str(err)) from None
+PLANNED_RESOURCES = PLAN.resources()
+
 # One run at a time in this folder (fisher_pipeline.workflow_lock): a second snakemake started
 # while one runs stops here, naming it, before Snakemake would call the first run's outputs
 # incomplete. The run claims the folder when it starts (onstart: dry runs never claim it).
@@ -48,7 +58,18 @@ if workflow.is_main_process:
         raise WorkflowError(str(err)) from None
 
 
+# Before the first job (phase 1 included) of a run whose jobs run on this machine: a phase 1 job
+# the machine's memory cannot hold stops the run, with the plan and the settings that would fit.
+# Here rather than at parse: only now is the executor known (a cluster executor's jobs get the
+# plan's mem_mb and the cluster judges them), and job processes, which parse again, skip it.
+# Dry runs skip it too: `python -m fisher_pipeline plan` answers the same question. plan.check:
+# false skips it; plan.host_memory_mb / plan.device_memory_mb replace what is read from the machine.
 onstart:
+    try:
+        if workflow.local_exec and config["plan"]["check"]:
+            check_fit(_parsed, PLAN)
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
     try:
         workflow_lock.hold()
     except OutputBusyError as err:
@@ -102,6 +123,11 @@ def phase1_config(task, heldout=False):
     return json.dumps({"model": config["model"], "tasks": {task: task_spec}, "fisher": fisher}, sort_keys=True)
 
 
+
+
+def planned(rule, resource):
+    """The planner's `resource` (mem_mb, disk_mb or runtime in minutes) of one job of `rule`."""
+    return PLANNED_RESOURCES[rule][resource]
 
 
 def fisher_sharded():

@@ -29,8 +29,9 @@ rule conflicts:
     # block): declaring one lets two pairs run at once on a 2-core machine
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=planned("conflicts", "mem_mb"),
+        disk_mb=planned("conflicts", "disk_mb"),
+        runtime=planned("conflicts", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline conflicts --config-json {params.config:q} "
         "--stores {wildcards.task_a}={input.store_a:q} {wildcards.task_b}={input.store_b:q} "

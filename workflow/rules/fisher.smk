@@ -17,8 +17,9 @@ if not fisher_sharded():
             "logs/benchmarks/fisher/{task}.tsv"
         threads: 2
         resources:
-            mem_mb=12000,
-            runtime=60,
+            mem_mb=planned("fisher", "mem_mb"),
+            disk_mb=planned("fisher", "disk_mb"),
+            runtime=planned("fisher", "runtime"),
         shell:
             "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
             "--run-settings-json \"$FISHER_RUN_SETTINGS\" "
@@ -48,8 +49,9 @@ else:
             "logs/benchmarks/fisher/shards/{task}/s{k}of{K}-p{p}of{P}.tsv"
         threads: 2
         resources:
-            mem_mb=12000,
-            runtime=60,
+            mem_mb=planned("fisher_shard", "mem_mb"),
+            disk_mb=planned("fisher_shard", "disk_mb"),
+            runtime=planned("fisher_shard", "runtime"),
         shell:
             "$FISHER_PYTHON -m fisher_pipeline fisher --task {wildcards.task} --config-json {params.config:q} "
             "--run-settings-json \"$FISHER_RUN_SETTINGS\" "
@@ -70,8 +72,9 @@ else:
             "logs/benchmarks/fisher/{task}.merge.tsv"
         threads: 1
         resources:
-            mem_mb=8000,
-            runtime=30,
+            mem_mb=planned("fisher_merge", "mem_mb"),
+            disk_mb=planned("fisher_merge", "disk_mb"),
+            runtime=planned("fisher_merge", "runtime"),
         shell:
             "$FISHER_PYTHON -m fisher_pipeline fisher-merge --task {wildcards.task} --config-json {params.config:q} "
             "--shards {input.shards:q} --out {output.store} 2> {log}"
@@ -91,8 +94,9 @@ rule fisher_heldout:
         "logs/benchmarks/fisher_heldout/{task}.tsv"
     threads: 2
     resources:
-        mem_mb=12000,
-        runtime=60,
+        mem_mb=planned("fisher_heldout", "mem_mb"),
+        disk_mb=planned("fisher_heldout", "disk_mb"),
+        runtime=planned("fisher_heldout", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline fisher --heldout --task {wildcards.task} --config-json {params.config:q} "
         "--run-settings-json \"$FISHER_RUN_SETTINGS\" "

@@ -22,8 +22,9 @@ rule importance:
         "logs/benchmarks/importance/{task}.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=planned("importance", "mem_mb"),
+        disk_mb=planned("importance", "disk_mb"),
+        runtime=planned("importance", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline importance --config-json {params.config:q} --store {input.store:q} "
         "--task {wildcards.task} --out {output.tables:q} > {log} 2>&1"
@@ -51,8 +52,9 @@ rule rank_agreement:
         "logs/benchmarks/importance/rank_agreement.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=planned("rank_agreement", "mem_mb"),
+        disk_mb=planned("rank_agreement", "disk_mb"),
+        runtime=planned("rank_agreement", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline rank-agreement --config-json {params.config:q} --stores {params.stores:q} "
         "--out {output.tables:q} > {log} 2>&1"

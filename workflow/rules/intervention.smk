@@ -31,8 +31,9 @@ rule intervention:
         "logs/benchmarks/intervention.tsv"
     threads: 2
     resources:
-        mem_mb=10000,
-        runtime=60,
+        mem_mb=planned("intervention", "mem_mb"),
+        disk_mb=planned("intervention", "disk_mb"),
+        runtime=planned("intervention", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline intervention --config-json {params.config:q} "
         "--stores {params.stores:q} --heldout-stores {params.heldout:q} {params.replication} "

@@ -24,8 +24,9 @@ rule mask_eval:
         "logs/benchmarks/mask_eval.tsv"
     threads: 2
     resources:
-        mem_mb=6000,
-        runtime=60,
+        mem_mb=planned("mask_eval", "mem_mb"),
+        disk_mb=planned("mask_eval", "disk_mb"),
+        runtime=planned("mask_eval", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline mask-eval --config-json {params.config:q} --masks {params.masks:q} "
         "--out {output.tables:q} > {log} 2>&1"

@@ -23,8 +23,9 @@ rule masks:
         "logs/benchmarks/masks/{task}.tsv"
     threads: 1
     resources:
-        mem_mb=6000,
-        runtime=20,
+        mem_mb=planned("masks", "mem_mb"),
+        disk_mb=planned("masks", "disk_mb"),
+        runtime=planned("masks", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline masks --config-json {params.config:q} --store {input.store:q} "
         "--task {wildcards.task} --out {output.masks:q} > {log} 2>&1"

@@ -8,7 +8,8 @@ rule bundled_model:
         "logs/benchmarks/bundled_model.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=10,
+        mem_mb=planned("bundled_model", "mem_mb"),
+        disk_mb=planned("bundled_model", "disk_mb"),
+        runtime=planned("bundled_model", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline prepare-model --out {output} 2> {log}"

@@ -23,8 +23,9 @@ rule overlap:
         "logs/benchmarks/overlap.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=planned("overlap", "mem_mb"),
+        disk_mb=planned("overlap", "disk_mb"),
+        runtime=planned("overlap", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline overlap --config-json {params.config:q} --masks {params.masks:q} "
         "--out {output.tables:q} > {log} 2>&1"

@@ -29,8 +29,9 @@ rule qkov:
     # block): declaring one lets two pairs run at once on a 2-core machine
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=planned("qkov", "mem_mb"),
+        disk_mb=planned("qkov", "disk_mb"),
+        runtime=planned("qkov", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline qkov --config-json {params.config:q} "
         "--stores {wildcards.task_a}={input.store_a:q} {wildcards.task_b}={input.store_b:q} "

@@ -36,8 +36,9 @@ if REPLICATED_CONFLICTS or REPLICATED_QKOV:
             "logs/benchmarks/replication.tsv"
         threads: 1
         resources:
-            mem_mb=4000,
-            runtime=30,
+            mem_mb=planned("replication", "mem_mb"),
+            disk_mb=planned("replication", "disk_mb"),
+            runtime=planned("replication", "runtime"),
         shell:
             "$FISHER_PYTHON -m fisher_pipeline replication --config-json {params.config:q} "
             "--stores {params.stores:q} --heldout-stores {params.heldout:q} {params.tables} "

@@ -15,8 +15,9 @@ rule scaled:
         "logs/benchmarks/scaled/{task}.tsv"
     threads: 1
     resources:
-        mem_mb=3000,
-        runtime=20,
+        mem_mb=planned("scaled", "mem_mb"),
+        disk_mb=planned("scaled", "disk_mb"),
+        runtime=planned("scaled", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline scaled --config-json {params.config:q} --store {input.store:q} "
         "--task {wildcards.task} --out {output.tables:q} > {log} 2>&1"
@@ -44,8 +45,9 @@ rule scaled_cross:
         "logs/benchmarks/scaled/cross_task.tsv"
     threads: 1
     resources:
-        mem_mb=6000,
-        runtime=30,
+        mem_mb=planned("scaled_cross", "mem_mb"),
+        disk_mb=planned("scaled_cross", "disk_mb"),
+        runtime=planned("scaled_cross", "runtime"),
     shell:
         "$FISHER_PYTHON -m fisher_pipeline scaled-cross --config-json {params.config:q} --stores {params.stores:q} "
         "--out {output.tables:q} > {log} 2>&1"

@@ -17,12 +17,13 @@ properties:
     type: boolean
     default: true
     description: >-
-      Before the first job of a run (not in a dry run: `python -m fisher_pipeline plan` shows the same), compare the planner's host memory (and, with `fisher.device` cuda or auto on a
-      machine with a GPU, device memory) of every phase 1 job with this machine, and stop the run when one
-      does not fit, printing the plan and the settings that would fit (`model.dtype: bfloat16`, a smaller
-      `fisher.batch_size`, `fisher.state_device: cpu`, more `fisher.param_shards`). Checked only where jobs run
-      on this machine (not with a cluster executor, whose jobs get the plan's `mem_mb`). `false` runs anyway:
-      for a plan you know to be pessimistic (docs/scaling.md).
+      Before the first job of a run (not in a dry run: `python -m fisher_pipeline plan` shows the same), compare
+      the planner's host memory (and, with `fisher.device` cuda or auto on a machine with a GPU, device memory)
+      of every phase 1 job with this machine, and stop the run when one does not fit, printing the plan and the
+      settings that would fit (`model.dtype: bfloat16`, a smaller `fisher.batch_size`, `fisher.state_device:
+      cpu`, more `fisher.param_shards`). Checked only where jobs run on this machine (not with a cluster
+      executor, whose jobs get the plan's `mem_mb`). `false` runs anyway: for a plan you know to be pessimistic
+      (docs/scaling.md).
   host_memory_mb:
     type: [integer, "null"]
     minimum: 1

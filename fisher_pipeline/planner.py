@@ -412,6 +412,8 @@ def plan_run(config, model: ModelShape | None = None) -> RunPlan:
     Returns:
         The plan: one `JobPlan` per rule, for the largest task where tasks differ.
     """
+    from .config import BUNDLED_MODEL_PATH
+
     fisher = config.fisher
     if model is None:
         raw, name = read_model_config(config.model)
@@ -471,8 +473,12 @@ def plan_run(config, model: ModelShape | None = None) -> RunPlan:
 
     store_read = memory.statistics + n * model.per_sample_elements * ps_width
     largest = max((t.numel for t in model.tensors), default=0)
-    # two tasks' per-sample rows of a few of the largest stored tensors in float32, and the N x N matrices
-    pair_rows = 4 * 2 * n * model.per_sample_largest * F32 + 8 * 8 * n * n
+    def pair_memory(section: str) -> int:
+        """Both tasks' per-sample rows of a block of samples (`<section>.sample_block`) of the largest stored
+        tensor, float32, about two copies of each operand, and the float64 N x N matrices."""
+        block = min(n, getattr(getattr(config, section), "sample_block", n))
+        return RUNTIME_BYTES + 2 * 2 * block * model.per_sample_largest * F32 + 4 * F64 * n * n
+
     light = RUNTIME_BYTES + 4 * F32 * largest + 2 * F32 * sum(t.groups for t in model.tensors)
     weights32 = F32 * model.params
     sparsities = len(getattr(config.masks, "sparsities", ()) or ()) or 1
@@ -505,14 +511,17 @@ def plan_run(config, model: ModelShape | None = None) -> RunPlan:
         JobPlan("intervention", pairs, RUNTIME_BYTES + 2 * width * model.params + 2 * F32 * model.params * n_tasks
                 + logits_bytes(eval_batch, seq, model.vocab, width), 0, 100_000_000,
                 read_minutes(n_tasks * memory.statistics), "the model and every task's Fisher and mean gradient"),
-        JobPlan("conflicts", pair_jobs, RUNTIME_BYTES + pair_rows, 0, 100_000_000, read_minutes(2 * store_read),
+        JobPlan("conflicts", pair_jobs, pair_memory("conflicts"), 0, 100_000_000, read_minutes(2 * store_read),
                 "two tasks' per-sample slices"),
-        JobPlan("qkov", 2 * pair_jobs, RUNTIME_BYTES + pair_rows, 0, 100_000_000, read_minutes(2 * store_read),
+        JobPlan("qkov", 2 * pair_jobs, pair_memory("qkov"), 0, 100_000_000, read_minutes(2 * store_read),
                 "two tasks' per-sample slices"),
-        JobPlan("replication", 2 * pair_jobs, RUNTIME_BYTES + pair_rows, 0, 100_000_000,
+        JobPlan("replication", 2 * pair_jobs, pair_memory("qkov"), 0, 100_000_000,
                 read_minutes(2 * store_read), "held-out per-sample slices"),
     ]
-    jobs.append(JobPlan("bundled_model", 1, RUNTIME_BYTES + 3 * weights32, 0, weights32, FIXED_MINUTES + 5,
+    # the bundled SmolLM2, dequantised once in float32 (float32 GGUF read, model, saved copy)
+    bundled = config.model.path == BUNDLED_MODEL_PATH
+    smollm2 = 134_515_008 * F32
+    jobs.append(JobPlan("bundled_model", int(bundled), RUNTIME_BYTES + 3 * smollm2, 0, smollm2, FIXED_MINUTES + 5,
                         "the bundled model, dequantised once"))
     return RunPlan(model, on_gpu, dtype, tuple(jobs))
 
@@ -600,20 +609,34 @@ def settings_that_fit(config, model: ModelShape, machine: Machine) -> list[str]:
     for shards in (2, 4, 8, 16, 32):
         if shards > fisher.param_shards:
             candidates.append((f"fisher.param_shards: {shards}", {}, {"param_shards": shards}))
-    found, settled = [], set()
-    for label, model_changes, fisher_changes in candidates:
-        key = label.split(":")[0]
-        if key in settled:  # the largest batch, the fewest shards that fit: the others fit too
-            continue
+    def fits(*changes: tuple[str, dict, dict]) -> bool:
+        model_changes = {k: v for c in changes for k, v in c[1].items()}
+        fisher_changes = {k: v for c in changes for k, v in c[2].items()}
         changed = dataclasses.replace(config, model=dataclasses.replace(config.model, **model_changes),
                                       fisher=dataclasses.replace(fisher, **fisher_changes))
-        if not fit_problems(plan_run(changed, model), machine):
-            found.append(label)
-            settled.add(key)
+        return not fit_problems(plan_run(changed, model), machine)
+
+    def key(candidate: tuple[str, dict, dict]) -> str:
+        return candidate[0].split(":")[0]
+
+    found, settled = [], set()
+    for candidate in candidates:  # one setting alone: the largest batch, the fewest shards that fit
+        if key(candidate) not in settled and fits(candidate):
+            found.append(candidate[0])
+            settled.add(key(candidate))
+    if not found:  # two settings together, the first few that fit
+        for i, first in enumerate(candidates):
+            for second in candidates[i + 1:]:
+                pair = f"{first[0]} with {second[0]}"
+                if key(first) != key(second) and (key(first), key(second)) not in settled and fits(first, second):
+                    found.append(pair)
+                    settled.add((key(first), key(second)))
+            if len(found) >= 3:
+                break
     if not found:
         found.append("none of model.dtype: bfloat16, a smaller fisher.batch_size, fisher.state_device: cpu or "
-                     "fisher.param_shards up to 32 alone: combine them, store fewer layers "
-                     "(fisher.per_sample_layers), or use a machine with more memory")
+                     "fisher.param_shards up to 32, alone or two together: combine more of them, or use a "
+                     "machine with more memory")
     return found
 
 
@@ -685,10 +708,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def render_jobs(jobs: Sequence[JobPlan], on_gpu: bool) -> str:
-    """The jobs as a table: rule, jobs, host and device memory, disk, runtime, note."""
+    """The jobs as a table: rule, jobs, host and device memory, disk, runtime, note (rules without jobs left out)."""
     return table(["rule", "jobs", "host memory", "GPU memory", "disk", "runtime", "note"],
-                 [[j.rule, j.count, fmt_bytes(j.host), fmt_bytes(j.device) if on_gpu else "-", fmt_bytes(j.disk),
-                   f"{j.runtime} min", j.note] for j in jobs])
+                 [[j.rule, j.count, fmt_bytes(j.host), fmt_bytes(j.device) if on_gpu and j.device else "-",
+                   fmt_bytes(j.disk), f"{j.runtime} min", j.note] for j in jobs if j.count])
 
 
 def render_plan(config, plan: RunPlan, machine: Machine | None = None) -> str:

@@ -191,10 +191,18 @@ def check_verify(command: str, tmp_path: Path, **_) -> None:
     assert result.returncode == 2 and "results/fisher/prose.zarr: DAMAGED, 1 problem(s):" in result.stdout, result
 
 
+def check_plan(command: str, tmp_path: Path, **_) -> None:
+    """`plan` on the default config in a fresh folder (the bundled model's published shapes until it is built)."""
+    output = run(executable(shlex.split(command)), cwd=default_run_folder(tmp_path), stdout_only=True)
+    assert "| fisher | 3 |" in output and "134.5 M parameters" in output, output
+    assert "phase 1 fits this machine" in output and "no precision table under results" in output, output
+
+
 CHECKS: dict[str, Callable[..., None]] = {
     "make run": check_make_run,
     "make test": check_make_test,
     ".venv/bin/python -m fisher_pipeline verify results/fisher/*.zarr": check_verify,
+    ".venv/bin/python -m fisher_pipeline plan": check_plan,
     ".venv/bin/snakemake --cores 8 --configfile my_config.yaml": check_own_config,
     ".venv/bin/snakemake --cores 2 --config masks='{sparsities: [0.3]}'": check_partial_rerun,
     ".venv/bin/snakemake --profile profiles/slurm": check_slurm_profile,
@@ -204,7 +212,8 @@ CHECKS: dict[str, Callable[..., None]] = {
         check_config_overrides,
 }
 # no Snakemake run, no download
-CHEAP = {"make test", ".venv/bin/python -m fisher_pipeline verify results/fisher/*.zarr"}
+CHEAP = {"make test", ".venv/bin/python -m fisher_pipeline verify results/fisher/*.zarr",
+         ".venv/bin/python -m fisher_pipeline plan"}
 
 
 def test_every_readme_command_has_a_check():

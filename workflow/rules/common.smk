@@ -38,9 +38,10 @@ except ConfigError as err:
 config.clear()
 config.update(_checked)
 
-# Every rule's mem_mb, disk_mb and runtime come from the planner (fisher_pipeline.planner): the
-# model's shapes (a meta-device build, cached) and this config. Snakemake applies a profile's
-# set-resources (and --set-resources) after a rule's own resources, so those still override them.
+# Every rule takes mem_mb, disk_mb and runtime from the planner (fisher_pipeline.planner), made
+# from the model shapes (a meta-device build, cached) and this config. Snakemake applies the
+# set-resources of a profile (and --set-resources) after the resources a rule declares, so
+# those still override them.
 try:
     PLAN = plan_run(_parsed)
 except (ConfigError, ModelLoadError) as err:
@@ -59,11 +60,12 @@ if workflow.is_main_process:
 
 
 # Before the first job (phase 1 included) of a run whose jobs run on this machine: a phase 1 job
-# the machine's memory cannot hold stops the run, with the plan and the settings that would fit.
-# Here rather than at parse: only now is the executor known (a cluster executor's jobs get the
-# plan's mem_mb and the cluster judges them), and job processes, which parse again, skip it.
-# Dry runs skip it too: `python -m fisher_pipeline plan` answers the same question. plan.check:
-# false skips it; plan.host_memory_mb / plan.device_memory_mb replace what is read from the machine.
+# that the memory of the machine cannot hold stops the run, with the plan and the settings that
+# would fit. Here rather than at parse: only now is the executor known (the jobs of a cluster
+# executor get the planned mem_mb and the cluster judges them), and job processes, which parse
+# again, skip it. Dry runs skip it too: `python -m fisher_pipeline plan` answers the same
+# question. plan.check false skips it; plan.host_memory_mb and plan.device_memory_mb replace
+# what is read from the machine.
 onstart:
     try:
         if workflow.local_exec and config["plan"]["check"]:

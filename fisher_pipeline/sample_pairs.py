@@ -40,7 +40,6 @@ one parameter at a time so a caller can reduce and drop them. Within-task baseli
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import StoreMismatchError
+from .errors import ConfigError, StoreMismatchError
 from .layout import HEAD_BLOCKS, ParamGeometry
 from .store import FisherStore, check_same_model
 
@@ -86,6 +85,23 @@ def _dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown compute dtype {name!r}; use one of {sorted(DTYPES)}") from None
 
 
+def pair_device(name: str, key: str = "device") -> torch.device:
+    """The torch device of a pair phase's `device` setting (`cpu`, `cuda`, `auto`).
+
+    Raises:
+        ConfigError: `cuda` where no CUDA device is visible, or an unknown name.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} = cuda, but no CUDA device is visible to this process (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}): set {key} to cpu or auto, "
+                          "or run on a GPU node")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"{key} = {name!r}: use cpu, cuda or auto")
+    return torch.device(name)
+
+
 def _as_2d(x: np.ndarray | Sequence, what: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
@@ -116,7 +132,7 @@ def _tensor(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 def _bmm(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
     """`[H, n, S] x [H, m, S] -> float64 [H, n, m]`."""
-    return torch.bmm(left, right.transpose(1, 2)).double().numpy()
+    return torch.bmm(left, right.transpose(1, 2)).double().cpu().numpy()
 
 
 def pair_matrix(a: np.ndarray, b: np.ndarray, f: str = "identity", h: str = "identity",
@@ -271,12 +287,16 @@ class PairMatrices:
         within_b: group -> the same for B.
         products: name -> group -> `[N_A, N_B]` of each extra product asked for
             (`products={name: (f, h)}`, same weight), from the same reads.
+        marginals: name -> group -> `(row_sums [N_A], col_sums [N_B])` of a pair matrix
+            never formed (`marginals={name: (f, h)}`, same weight): `sum_j M[i, j] =
+            f(a_i) w . sum_j h(b_j)`, O(N S) where the matrix costs O(N_A N_B S).
     """
 
     cross: dict[Group, np.ndarray] = field(default_factory=dict)
     within_a: dict[Group, float] = field(default_factory=dict)
     within_b: dict[Group, float] = field(default_factory=dict)
     products: dict[str, dict[Group, np.ndarray]] = field(default_factory=dict)
+    marginals: dict[str, dict[Group, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
     def __getitem__(self, group: Group) -> np.ndarray:
         return self.cross[group]
@@ -299,6 +319,8 @@ class PairMatrices:
         self.within_b.update(other.within_b)
         for name, matrices in other.products.items():
             self.products.setdefault(name, {}).update(matrices)
+        for name, sums in other.marginals.items():
+            self.marginals.setdefault(name, {}).update(sums)
 
 
 def heads_partition(geometry: ParamGeometry) -> bool:
@@ -356,6 +378,10 @@ class _Units:
         out.copy_(view)
         return out.view(out.shape[0], out.shape[1], -1)
 
+    def n_heads(self, unit: str | None) -> int:
+        """H of a unit: its block's heads, 1 for the whole parameter."""
+        return 1 if unit is None else int(self.geometry.positions(unit).shape[0])
+
     def whole(self, per_unit: Mapping[str | None, np.ndarray]) -> np.ndarray:
         """The whole parameter's value from per-unit stacks `[H, ...]`."""
         if self.whole_from_heads:
@@ -377,13 +403,14 @@ class _Scratch:
     handful of buffers serves the whole model.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = (slot, shape, dtype)
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=dtype)
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.device)
         return self._buffers[key]
 
 
@@ -391,17 +418,24 @@ def _from_numpy(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x if x.flags.writeable else np.array(x))
 
 
-def _reads(store_a: FisherStore, store_b: FisherStore, params: Sequence[str],
-           sample_block: int) -> Iterator[tuple[str, int | None, np.ndarray]]:
-    """`(param, None, B's rows)` then `(param, lo, A's rows lo..)` per sample block, per parameter."""
-    for param in params:
-        data_b = store_b.per_sample(param)
-        if data_b.shape[0] != store_b.n_samples:
-            raise StoreMismatchError(f"per_sample/{param} of {store_b.path} holds {data_b.shape[0]} rows, the "
-                                     f"store {store_b.n_samples} samples: the store is incomplete; rerun phase 1")
-        yield param, None, data_b
-        for lo in range(0, store_a.n_samples, sample_block):
-            yield param, lo, store_a.per_sample(param, rows=slice(lo, min(lo + sample_block, store_a.n_samples)))
+def _blocks(n: int, size: int) -> list[tuple[int, int]]:
+    """`[lo, hi)` row ranges of `size` covering `0..n`."""
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _read_rows(store: FisherStore, param: str, lo: int, hi: int) -> np.ndarray:
+    """Rows `lo..hi` of `per_sample/param`, refusing an array shorter than the store's samples."""
+    data = store.per_sample(param, rows=slice(lo, hi))
+    if data.shape[0] != hi - lo:
+        raise StoreMismatchError(f"per_sample/{param} of {store.path} holds fewer rows than the store's "
+                                 f"{store.n_samples} samples (rows {lo}..{hi} asked, {data.shape[0]} read): the "
+                                 "store is incomplete; rerun phase 1")
+    return data
+
+
+def _host(x: torch.Tensor) -> np.ndarray:
+    """A tensor on any device as a float64 numpy array on the host."""
+    return x.double().cpu().numpy()
 
 
 class _Within:
@@ -429,7 +463,7 @@ class _Within:
             for unit, x in raw.items():
                 self._accumulate(self.heads, unit, x.sum(1))
                 self.n_heads[unit] = self.n_heads.get(unit, 0) + np.full(x.shape[0], x.shape[1])
-                self.diagonal[unit] = self.diagonal.get(unit, 0) + sq[unit].sum(1).numpy()
+                self.diagonal[unit] = self.diagonal.get(unit, 0) + sq[unit].sum(1).cpu().numpy()
             self.n_whole += next(iter(raw.values())).shape[1] if raw else 0
             return
         whole_sq = sum(s.sum(0) for s in sq.values()) if self.units.whole_from_heads else None
@@ -442,7 +476,7 @@ class _Within:
             self._accumulate(self.heads, unit, sums[:, 0])
             if whole_sq is not None:
                 self._accumulate(self.whole, unit, sums[:, 1])
-            self.n_heads[unit] = self.n_heads.get(unit, 0) + (sq[unit] > 0).sum(1).numpy()
+            self.n_heads[unit] = self.n_heads.get(unit, 0) + (sq[unit] > 0).sum(1).cpu().numpy()
         if whole_sq is not None:
             self.n_whole += int((whole_sq > 0).sum())
 
@@ -482,94 +516,145 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                      weights: Mapping[str, np.ndarray] | None = None, *, cosine: bool = False,
                      within: bool = False, sample_block: int = SAMPLE_BLOCK,
                      dtype: str = DEFAULT_DTYPE,
-                     products: Mapping[str, tuple[str, str]] | None = None) -> Iterator[tuple[str, PairMatrices]]:
+                     products: Mapping[str, tuple[str, str]] | None = None,
+                     marginals: Mapping[str, tuple[str, str]] | None = None,
+                     device: str | torch.device = "cpu") -> Iterator[tuple[str, PairMatrices]]:
     """Like `pair_matrices`, one parameter at a time: yields `(param, PairMatrices of its groups)`.
 
-    Memory is one parameter's operands and matrices (module docstring);
+    Memory is one parameter's operand blocks and matrices (module docstring);
     a caller that reduces each parameter's matrices and drops them holds no more.
     """
     if cosine and (f != "identity" or h != "identity"):
         raise ValueError("cosine=True needs f = h = 'identity' (a weight gives the cosine in that metric)")
-    if products and cosine:
-        raise ValueError("products are raw (un-normalised) matrices: not with cosine=True")
+    if (products or marginals) and cosine:
+        raise ValueError("products and marginals are raw (un-normalised) matrices: not with cosine=True")
     specs = {"": (f, h)} | dict(products or {})  # product name -> (f, h) transform names
-    for f_name, h_name in specs.values():
+    margin_specs = dict(marginals or {})
+    for f_name, h_name in [*specs.values(), *margin_specs.values()]:
         _transform(f_name), _transform(h_name)  # an unknown name fails here, before any read
     if sample_block < 1:
         raise ValueError(f"sample_block must be >= 1, got {sample_block}")
     torch_dtype = _dtype(dtype)
+    torch_device = torch.device(device)
     groups = list(groups)
     check_groups(store_a, store_b, groups)
-    by_param = _by_param(groups)
     n_a, n_b = store_a.n_samples, store_b.n_samples
-    reads = _reads(store_a, store_b, list(by_param), sample_block)
-    scratch = _Scratch()
-    for param, items in itertools.groupby(reads, key=lambda item: item[0]):
-        param_groups, units = by_param[param], _Units(store_a.geometry[param], by_param[param])
+    blocks_a, blocks_b = _blocks(n_a, sample_block), _blocks(n_b, sample_block)
+    f_names = {f_name for f_name, _ in [*specs.values(), *margin_specs.values()]}
+    h_names = {h_name for _, h_name in [*specs.values(), *margin_specs.values()]}
+    scratch = _Scratch(torch_device)
+    for param, param_groups in _by_param(groups).items():
+        units = _Units(store_a.geometry[param], param_groups)
         param_weight = None if weights is None else weights.get(param)
         # cosine in the metric w: scale both sides by sqrt(w); otherwise w multiplies f(a)
         if param_weight is not None:
             param_weight = np.asarray(param_weight, dtype=np.float64)
             param_weight = np.sqrt(param_weight) if cosine else param_weight
-        scale = {u: None if param_weight is None else units.tensor(param_weight[None], u, torch_dtype)
+        scale = {u: None if param_weight is None else units.tensor(param_weight[None], u, torch_dtype).to(torch_device)
                  for u in units.units}  # no scratch: small, and alive with the operands
-        blocks_a = items  # B's read first, then A's sample blocks
-        _, _, data_b = next(blocks_a)
-        raw_b = {u: units.tensor(data_b, u, torch_dtype, scratch, f"b{u}") for u in units.units}
-        if cosine:
-            raw_b = {u: _scaled(x, scale[u]) for u, x in raw_b.items()}
-        del data_b
-        hb = {h_name: {u: _apply(h_name, x, None, scratch, f"h{h_name}{u}") for u, x in raw_b.items()}
-              for h_name in {h_name for _, h_name in specs.values()}}
-        cross = {name: {u: np.full((x.shape[0], n_a, n_b), np.nan) for u, x in raw_b.items()} for name in specs}
-        sq_a = {u: np.zeros((x.shape[0], n_a)) for u, x in raw_b.items()}
-        sq_b = {u: _squares(x) for u, x in raw_b.items()} if cosine else {}
-        within_a, within_b = (_Within(units, cosine), _Within(units, cosine)) if within else (None, None)
-        # raw within-task products in the weight's metric: rows scaled by its root, a block at a time
+        # raw within-task products in the weight's metric: rows scaled by its root
         root = ({u: None if scale[u] is None else scale[u].sqrt() for u in units.units}
                 if within and not cosine else None)
-        if within_b is not None:
-            if cosine:
-                within_b.add(raw_b, sq_b)
-            else:
-                for lo in range(0, n_b, sample_block):
-                    _add_scaled(within_b, {u: x[:, lo:lo + sample_block] for u, x in raw_b.items()}, root)
-        del raw_b
-        for _, lo, data_a in blocks_a:
+        n_heads = {u: units.n_heads(u) for u in units.units}
+        cross = {name: {u: np.full((n_heads[u], n_a, n_b), np.nan) for u in units.units} for name in specs}
+        margin = {name: {u: (np.zeros((n_heads[u], n_a)), np.zeros((n_heads[u], n_b))) for u in units.units}
+                  for name in margin_specs}
+        sq_a = {u: np.zeros((n_heads[u], n_a)) for u in units.units}
+        sq_b = {u: np.zeros((n_heads[u], n_b)) for u in units.units}
+        within_a, within_b = (_Within(units, cosine), _Within(units, cosine)) if within else (None, None)
+        held_b = None  # B's converted operands, kept across A's blocks when B is one block
+        for index_a, (lo_a, hi_a) in enumerate(blocks_a):
+            data_a = _read_rows(store_a, param, lo_a, hi_a)
             raw = {u: units.tensor(data_a, u, torch_dtype, scratch, f"a{u}") for u in units.units}
             del data_a
             if cosine:
                 raw = {u: _scaled(x, scale[u]) for u, x in raw.items()}
                 sq = {u: _squares(x) for u, x in raw.items()}
                 for u in units.units:
-                    sq_a[u][:, lo:lo + raw[u].shape[1]] = sq[u].numpy()
+                    sq_a[u][:, lo_a:hi_a] = sq[u].cpu().numpy()
                 if within_a is not None:
                     within_a.add(raw, sq)
             elif within_a is not None:
                 _add_scaled(within_a, raw, root)
-            for name, (f_name, h_name) in specs.items():
-                for u, x in raw.items():
-                    fa = _apply(f_name, x, None if cosine else scale[u], scratch, f"f{u}")
-                    cross[name][u][:, lo:lo + x.shape[1]] = _bmm(fa, hb[h_name][u])
-            del raw
-        result = PairMatrices()
-        whole_sq_a = units.whole(sq_a) if cosine and units.wants_whole else None
-        whole_sq_b = units.whole({u: s.numpy() for u, s in sq_b.items()}) if cosine and units.wants_whole else None
-        for group in param_groups:
-            matrix = units.matrix(cross[""], group)
-            for name in specs.keys() - {""}:
-                result.products.setdefault(name, {})[group] = units.matrix(cross[name], group)
-            if cosine:
-                if group[1] is None:
-                    norm_a, norm_b = np.sqrt(whole_sq_a), np.sqrt(whole_sq_b)
+            fa = {f_name: {u: _apply(f_name, x, None if cosine else scale[u], scratch, f"f{f_name}{u}")
+                           for u, x in raw.items()} for f_name in f_names}
+            f_sums = {f_name: {u: x.sum(1) for u, x in fa[f_name].items()}
+                      for f_name in {f_name for f_name, _ in margin_specs.values()}}
+            for lo_b, hi_b in blocks_b:
+                if held_b is None:
+                    first = index_a == 0  # B's norms and within sums: once, with A's first block
+                    hb = _b_operands(store_b, param, lo_b, hi_b, units, torch_dtype, scratch, h_names,
+                                     scale if cosine else None, sq_b if first else None,
+                                     within_b if first else None, root)
+                    if len(blocks_b) == 1:
+                        held_b = hb
                 else:
-                    norm_a, norm_b = np.sqrt(sq_a[group[1]][group[2]]), np.sqrt(sq_b[group[1]][group[2]].numpy())
-                matrix = normalise(matrix, norm_a, norm_b)
-            result.cross[group] = matrix
-            if within:
-                result.within_a[group] = within_a.mean(group)
-                result.within_b[group] = within_b.mean(group)
-        yield param, result
+                    hb = held_b
+                for name, (f_name, h_name) in specs.items():
+                    for u in units.units:
+                        cross[name][u][:, lo_a:hi_a, lo_b:hi_b] = _bmm(fa[f_name][u], hb[h_name][u])
+                for name, (f_name, h_name) in margin_specs.items():
+                    for u in units.units:
+                        rows, cols = margin[name][u]
+                        h_sum = hb[h_name][u].sum(1)  # [H, S] this block of B, summed
+                        rows[:, lo_a:hi_a] += _host(torch.bmm(fa[f_name][u], h_sum[:, :, None])[..., 0])
+                        cols[:, lo_b:hi_b] += _host(torch.bmm(hb[h_name][u], f_sums[f_name][u][:, :, None])[..., 0])
+            del raw, fa
+        yield param, _param_result(units, param_groups, cross, margin, sq_a, sq_b, within_a, within_b, cosine)
+
+
+def _b_operands(store: FisherStore, param: str, lo: int, hi: int, units: _Units, dtype: torch.dtype,
+                scratch: _Scratch, h_names: set[str], scale: Mapping[str | None, torch.Tensor | None] | None,
+                sq_b: dict | None, within_b: _Within | None,
+                root: Mapping[str | None, torch.Tensor | None] | None) -> dict[str, dict]:
+    """Rows `lo..hi` of B's `param`: `{h name: {unit: h(rows) [H, n, S_h]}}` in scratch buffers.
+
+    With `scale` (cosine) the rows are scaled by it first; with `sq_b` their squared norms
+    are written there and with `within_b` they are added to B's within-task sums.
+    """
+    data = _read_rows(store, param, lo, hi)
+    raw = {u: units.tensor(data, u, dtype, scratch, f"b{u}") for u in units.units}
+    del data
+    if scale is not None:
+        raw = {u: _scaled(x, scale[u]) for u, x in raw.items()}
+        if sq_b is not None or within_b is not None:
+            sq = {u: _squares(x) for u, x in raw.items()}
+            if sq_b is not None:
+                for u in units.units:
+                    sq_b[u][:, lo:hi] = sq[u].cpu().numpy()
+            if within_b is not None:
+                within_b.add(raw, sq)
+    elif within_b is not None:
+        _add_scaled(within_b, raw, root)
+    return {h_name: {u: _apply(h_name, x, None, scratch, f"h{h_name}{u}") for u, x in raw.items()}
+            for h_name in h_names}
+
+
+def _param_result(units: _Units, groups: Sequence[Group], cross: dict, margin: dict, sq_a: dict, sq_b: dict,
+                  within_a: _Within | None, within_b: _Within | None, cosine: bool) -> PairMatrices:
+    """One parameter's per-unit stacks -> its groups' matrices, marginals and baselines."""
+    result = PairMatrices()
+    whole_sq_a = units.whole(sq_a) if cosine and units.wants_whole else None
+    whole_sq_b = units.whole(sq_b) if cosine and units.wants_whole else None
+    for group in groups:
+        matrix = units.matrix(cross[""], group)
+        for name in cross.keys() - {""}:
+            result.products.setdefault(name, {})[group] = units.matrix(cross[name], group)
+        for name, per_unit in margin.items():
+            rows = units.matrix({u: sums[0] for u, sums in per_unit.items()}, group)
+            cols = units.matrix({u: sums[1] for u, sums in per_unit.items()}, group)
+            result.marginals.setdefault(name, {})[group] = (rows, cols)
+        if cosine:
+            if group[1] is None:
+                norm_a, norm_b = np.sqrt(whole_sq_a), np.sqrt(whole_sq_b)
+            else:
+                norm_a, norm_b = np.sqrt(sq_a[group[1]][group[2]]), np.sqrt(sq_b[group[1]][group[2]])
+            matrix = normalise(matrix, norm_a, norm_b)
+        result.cross[group] = matrix
+        if within_a is not None:
+            result.within_a[group] = within_a.mean(group)
+            result.within_b[group] = within_b.mean(group)
+    return result
 
 
 def _apply(name: str, x: torch.Tensor, weight: torch.Tensor | None, scratch: _Scratch, slot: str) -> torch.Tensor:
@@ -601,7 +686,9 @@ def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[G
                   weights: Mapping[str, np.ndarray] | None = None, *, cosine: bool = False,
                   within: bool = False, sample_block: int = SAMPLE_BLOCK,
                   dtype: str = DEFAULT_DTYPE,
-                  products: Mapping[str, tuple[str, str]] | None = None) -> PairMatrices:
+                  products: Mapping[str, tuple[str, str]] | None = None,
+                  marginals: Mapping[str, tuple[str, str]] | None = None,
+                  device: str | torch.device = "cpu") -> PairMatrices:
     """Pair matrices of many groups of two stores, each stored per-sample array read once.
 
     Per parameter: B's per-sample array is read once in full; A's once, in blocks of
@@ -632,6 +719,7 @@ def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[G
     """
     result = PairMatrices()
     for _, part in iter_param_pairs(store_a, store_b, groups, f, h, weights, cosine=cosine, within=within,
-                                    sample_block=sample_block, dtype=dtype, products=products):
+                                    sample_block=sample_block, dtype=dtype, products=products,
+                                    marginals=marginals, device=device):
         result.update(part)
     return result

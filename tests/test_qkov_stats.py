@@ -393,7 +393,7 @@ def test_forensics_name_the_planted_sample_pairs(tmp_path, order):
     store_b = write_store_with_ids(tmp_path / "b.zarr", "b", rows_b, [f"b-{i}" for i in keep_b])
     assert store_a.sample_ids == [f"a-{i}" for i in keep_a]
     top_k = 10
-    result = pair_qkov(store_a, store_b, QkovOptions(top_k=top_k, sample_block=7, n_bootstrap=0))
+    result = pair_qkov(store_a, store_b, QkovOptions(top_k=top_k, sample_block=7, n_bootstrap=0, forensics="excess"))
     top = result["top_conflicts"]
     assert len(top) == top_k and list(top["rank"]) == list(range(1, top_k + 1))
     assert (top["variant"] == "unsigned").all() and (np.diff(top["excess"]) <= 0).all()
@@ -540,3 +540,72 @@ def test_no_per_sample_attention_gradients_is_refused(tmp_path, per_sample):
     assert isinstance(err.value, FisherPipelineError)
     assert "per_sample_params" in str(err.value), str(err.value)
     assert not out.exists()
+
+
+# --- 5. what one product per cell gives: the score's interval, signed forensics ----------------
+
+def _cell_matrices(store_a: FisherStore, store_b: FisherStore, transforms: tuple[str, str]) -> dict:
+    """(block, head) -> the cell's pair matrix `agg_mean f(g_A) / Fhat h(g_B)`, float64, by the pair engine's
+    plain product (checked against brute force in test_sample_pairs), with phase 6's default metric."""
+    from fisher_pipeline.sample_pairs import pair_matrices
+
+    cells = [(PARAM[block], block, head) for block, head in CELLS]
+    weights = {p: 1.0 / (np.maximum(store_a.fisher(p).astype(np.float64), 1e-10)) for p in PER_SAMPLE}
+    matrices = pair_matrices(store_a, store_b, cells, *transforms, weights, dtype="float64")
+    return {(block, head): matrices[cell] / SLICE for cell, (block, head) in zip(cells, CELLS, strict=True)}
+
+
+def test_score_interval_is_the_first_order_bootstrap_of_the_full_matrix(tmp_path):
+    """`score_mean` is the mean of the unsigned matrix phase 6 no longer forms, and the interval is the
+    2.5 / 97.5 percentiles of `(c . rows + d . cols) / (N_A N_B) - mean` over the phase's resample counts
+    (c of A's samples, d of B's), recomputed here from the full matrix. Against the full bootstrap
+    `c^T M d / (N_A N_B)` on the same draws, each end lies within 10% of the interval's width, and
+    the widths agree within 10%: what the first order leaves out is the small pair-level part."""
+    seed = int(np.random.default_rng().integers(2**31))
+    grads_a, grads_b = _null_grads(np.random.default_rng(seed), 24, 20)
+    store_a, store_b, _ = write_stores(tmp_path, "ci", grads_a, grads_b)
+    n_bootstrap = 400
+    cells = pair_qkov(store_a, store_b, QkovOptions(n_bootstrap=n_bootstrap, top_k=0,
+                                                    compute_dtype="float64"))["cells"].set_index(["block", "head"])
+    rng = np.random.default_rng(0)  # the phase's draws
+    draws_a = rng.multinomial(24, np.full(24, 1 / 24), size=n_bootstrap)
+    draws_b = rng.multinomial(20, np.full(20, 1 / 20), size=n_bootstrap)
+    for cell, matrix in _cell_matrices(store_a, store_b, ("square", "abs")).items():
+        row = cells.loc[cell]
+        mean = matrix.mean()
+        assert row["score_mean"] == pytest.approx(mean, rel=1e-9), (seed, cell)
+        first = (draws_a @ matrix.sum(1) + draws_b @ matrix.sum(0)) / matrix.size - mean
+        low, high = np.percentile(first, [2.5, 97.5])
+        assert (row["score_ci_low"], row["score_ci_high"]) == pytest.approx((low, high), rel=1e-9), (seed, cell)
+        full = np.einsum("ri,ij,rj->r", draws_a, matrix, draws_b) / matrix.size
+        full_low, full_high = np.percentile(full, [2.5, 97.5])
+        width, full_width = high - low, full_high - full_low
+        assert abs(low - full_low) < 0.1 * full_width and abs(high - full_high) < 0.1 * full_width, (seed, cell)
+        assert width == pytest.approx(full_width, rel=0.1), (seed, cell)
+
+
+def test_signed_forensics_list_the_most_negative_signed_pairs(tmp_path):
+    """Default `forensics: signed`: `top_conflicts` holds the `top_k` most negative signed scores over
+    all cells and sample pairs, ranked, by sample id, each equal to the brute-force value; `excess`
+    is NaN (no ratio for a signed score) and `variant` says which score ranks."""
+    seed = int(np.random.default_rng().integers(2**31))
+    grads_a, grads_b = _null_grads(np.random.default_rng(seed), 9, 7)
+    store_a, store_b, _ = write_stores(tmp_path, "signed", grads_a, grads_b)
+    top = pair_qkov(store_a, store_b, QkovOptions(top_k=6, n_bootstrap=0, compute_dtype="float64"))["top_conflicts"]
+    pairs = sorted((value, block, head, store_a.sample_ids[i], store_b.sample_ids[j])
+                   for (block, head), matrix in _cell_matrices(store_a, store_b, ("identity", "identity")).items()
+                   for (i, j), value in np.ndenumerate(matrix))[:6]
+    assert list(top["rank"]) == list(range(1, 7)) and (top["variant"] == "signed").all(), seed
+    assert top["excess"].isna().all()
+    got = list(zip(top["block"], top["head"], top["sample_a"], top["sample_b"], strict=True))
+    assert got == [(block, head, a, b) for _, block, head, a, b in pairs], seed
+    np.testing.assert_allclose(top["score"], [value for value, *_ in pairs], rtol=1e-9, err_msg=str(seed))
+
+
+def test_excess_forensics_need_an_unsigned_or_symmetric_score():
+    from fisher_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="qkov.forensics = excess ranks the unsigned or symmetric score, but "
+                                          "qkov.variant is signed"):
+        QkovOptions(variant="signed", forensics="excess")
+    assert QkovOptions(variant="symmetric", forensics="excess").forensics == "excess"

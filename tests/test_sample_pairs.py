@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import numpy as np
@@ -177,16 +178,19 @@ def test_pair_matrices_match_brute_force_and_read_once(stores, monkeypatch, f, h
         flat_weights[group] = groups_and_weight(w, group)
     calls = count_reads(monkeypatch)
     got = pair_matrices(store_a, store_b, groups, f, h, weights, sample_block=sample_block, dtype=dtype)
-    # each per-sample array read once per store: B whole, A in disjoint sample blocks
-    for store, n in ((store_a, 7), (store_b, 5)):
+    # A's arrays read once, in disjoint sample blocks; B's in blocks too: once when B is one
+    # block (held across A's blocks), else once per block of A (memory bounded by the blocks)
+    blocks_a, blocks_b = -(-7 // sample_block), -(-5 // sample_block)
+    for store, n, repeats in ((store_a, 7, 1), (store_b, 5, 1 if blocks_b == 1 else blocks_a)):
         for param in PER_SAMPLE:
             reads = [c[2] for c in calls if c[0] == str(store.path) and c[1] == param]
             spans = [(0, n) if r is None else (r[0], min(r[1], n)) for r in reads]
-            assert len(spans) == len(set(spans))
-            assert sorted(i for lo, hi in spans for i in range(lo, hi)) == list(range(n))
-    a_reads = [c for c in calls if c[0] == str(store_a.path)]
-    assert len(a_reads) == len(PER_SAMPLE) * (-(-7 // sample_block))
-    assert len([c for c in calls if c[0] == str(store_b.path)]) == len(PER_SAMPLE)
+            assert all(hi - lo <= sample_block for lo, hi in spans)
+            assert set(collections.Counter(spans).values()) == {repeats}
+            assert sorted(i for lo, hi in set(spans) for i in range(lo, hi)) == list(range(n))
+    assert len([c for c in calls if c[0] == str(store_a.path)]) == len(PER_SAMPLE) * blocks_a
+    assert len([c for c in calls if c[0] == str(store_b.path)]) == len(PER_SAMPLE) * blocks_b * (
+        1 if blocks_b == 1 else blocks_a)
     assert set(got) == set(groups)
     for group in groups:
         w = flat_weights[group]
@@ -340,3 +344,73 @@ def test_products_come_from_the_same_reads(stores, monkeypatch):
         assert_close(got.products["signed"][group], np.einsum("ik,k,jk->ij", a, w, b), "float64")
     with pytest.raises(ValueError, match="not with cosine"):
         pair_matrices(store_a, store_b, groups, cosine=True, products={"x": ("square", "abs")})
+
+
+@pytest.mark.parametrize("sample_block", [2, 3, 100])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_marginals_are_the_row_and_column_sums_of_the_matrix_never_formed(stores, monkeypatch, sample_block, dtype):
+    """`marginals={name: (f, h)}` gives `M.sum(1)` and `M.sum(0)` of `M = f(a) w h(b)^T` for heads
+    and whole parameters, with A and B both in several blocks (2, 3) or one (100), from the
+    same reads as the product asked for."""
+    store_a, store_b = stores
+    slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
+    groups = list(slices_a)
+    weights = {p: 1.0 / (store_a.fisher(p) + 0.1) for p in PER_SAMPLE}
+    calls = count_reads(monkeypatch)
+    got = pair_matrices(store_a, store_b, groups, weights=weights, sample_block=sample_block, dtype=dtype,
+                        marginals={"unsigned": ("square", "abs"), "symmetric": ("abs", "abs")})
+    reads = len(calls)
+    plain = pair_matrices(store_a, store_b, groups, weights=weights, sample_block=sample_block, dtype=dtype)
+    assert len(calls) == 2 * reads  # the same reads with or without them
+    for group in groups:
+        w = groups_and_weight(weights[group[0]], group)
+        a, b = slices_a[group], slices_b[group]
+        for name, (f, h) in (("unsigned", ("square", "abs")), ("symmetric", ("abs", "abs"))):
+            matrix = brute(a, b, f, h, w)
+            rows, cols = got.marginals[name][group]
+            assert rows.shape == (7,) and cols.shape == (5,)
+            assert_close(rows, matrix.sum(1), dtype, scale=np.abs(matrix).sum(1).max())
+            assert_close(cols, matrix.sum(0), dtype, scale=np.abs(matrix).sum(0).max())
+        assert_close(got[group], plain[group], dtype)  # the product itself is unchanged
+    with pytest.raises(ValueError, match="not with cosine"):
+        pair_matrices(store_a, store_b, groups, cosine=True, marginals={"x": ("square", "abs")})
+
+
+def test_pair_device_names_the_setting_and_the_fix(monkeypatch):
+    import torch
+
+    from fisher_pipeline.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sample_pairs.pair_device("auto").type == "cpu"
+    assert sample_pairs.pair_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match=r"qkov.device = cuda, but no CUDA device is visible.*set qkov.device to "
+                                          r"cpu or auto"):
+        sample_pairs.pair_device("cuda", "qkov.device")
+    with pytest.raises(ConfigError, match="'tpu': use cpu, cuda or auto"):
+        sample_pairs.pair_device("tpu")
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_visible(), reason="no CUDA device visible: the pair engine's GPU path is checked on a "
+                                                "machine with one (the CPU path is the reference)")
+@pytest.mark.parametrize("cosine", [False, True])
+def test_cuda_matches_the_cpu(stores, cosine):
+    store_a, store_b = stores
+    groups = list(groups_and_slices(store_a))
+    weights = {p: 1.0 / (store_a.fisher(p) + 0.1) for p in PER_SAMPLE}
+    extra = {} if cosine else {"products": {"unsigned": ("square", "abs")}, "marginals": {"u": ("square", "abs")}}
+    runs = [pair_matrices(store_a, store_b, groups, weights=weights, cosine=cosine, within=True, sample_block=3,
+                          device=device, **extra) for device in ("cpu", "cuda")]
+    for group in groups:
+        assert_close(runs[1][group], runs[0][group], "float32")
+        assert_close(runs[1].within_a[group], runs[0].within_a[group], "float32", scale=1)
+        if not cosine:
+            assert_close(runs[1].products["unsigned"][group], runs[0].products["unsigned"][group], "float32")
+            for got, expected in zip(runs[1].marginals["u"][group], runs[0].marginals["u"][group], strict=True):
+                assert_close(got, expected, "float32")

@@ -15,7 +15,7 @@ from ..errors import ConfigError, PhaseInputError
 def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
     """YAML schema of the keys every pair phase has: `min_effect_size` (the labelling rule
     both share, `pair_stats.label`; `alignment_of` says what the alignment is), `pairs`
-    (`pairs_description`), `sample_block`, `compute_dtype`."""
+    (`pairs_description`), `sample_block`, `compute_dtype`, `device`."""
     min_effect = _folded(
         f"A cell is labelled `conflict` / `synergy` only if also its alignment, {alignment_of}, is at least this in "
         "magnitude: a huge N cannot label a negligible mean, and a head and a whole module with the same "
@@ -41,13 +41,22 @@ def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
     minimum: 1
     default: 256
     description: >-
-      Samples of task A read and multiplied at once: bounds memory, never changes results.
+      Samples of each task read and multiplied at once: memory is about `sample_block x` the largest per-sample
+      parameter x 4 bytes per operand copy, whatever the number of samples. With at most this many samples per
+      task each per-sample array is read once; beyond, B's arrays are read once per block of A. Never changes
+      results.
   compute_dtype:
     enum: [float32, float64]
     default: float32
     description: >-
       Dtype of the pair products: `float32` (error ~1e-6 relative, far below float16 storage rounding) or
       `float64`. Results are float64.
+  device:
+    enum: [cpu, cuda, auto]
+    default: cpu
+    description: >-
+      Where the pair products run: `cpu`, `cuda` (a GPU: set it where phase 1 ran on one), or `auto` (`cuda` when
+      one is visible). Stores are read on the host either way; results are float64 on the host.
 """
 
 

@@ -56,6 +56,7 @@ class ConflictsOptions:
     pairs: tuple[tuple[str, str], ...] | None = None  # task pairs; None: every unordered pair
     sample_block: int = 256  # samples of A read at once (memory only)
     compute_dtype: str = "float32"  # float32 | float64 products
+    device: str = "cpu"  # cpu | cuda | auto: where the pair products run
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pairs", task_pair_list(self.pairs, "conflicts"))

@@ -45,7 +45,7 @@ import pandas as pd
 from ...errors import PhaseInputError
 from ...layout import ROLES, ModelGeometry
 from ...pair_stats import alignment, bh_labels, pair_mean_test
-from ...sample_pairs import Group, iter_param_pairs
+from ...sample_pairs import Group, iter_param_pairs, pair_device
 from ...store import FisherStore
 from ..common import (
     warn_few_samples,
@@ -208,7 +208,8 @@ def pair_conflicts(store_a: FisherStore, store_b: FisherStore, options: Conflict
                if options.similarity == "fisher" else None)
     results: dict[Group, GroupResult] = {}
     for _, matrices in iter_param_pairs(store_a, store_b, groups, weights=weights, cosine=True, within=True,
-                                        sample_block=options.sample_block, dtype=options.compute_dtype):
+                                        sample_block=options.sample_block, dtype=options.compute_dtype,
+                                        device=pair_device(options.device, "conflicts.device")):
         for group, cross in matrices.items():
             results[group] = group_statistics(cross, matrices.within_a[group], matrices.within_b[group],
                                               options.top_pairs)
@@ -271,7 +272,8 @@ def group_conflict(store_a: FisherStore, store_b: FisherStore, group: Group,
     weights = (fisher_weights(store_a, store_b, [group[0]], options.fisher_damping)
                if options.similarity == "fisher" else None)
     (_, matrices), = iter_param_pairs(store_a, store_b, [group], weights=weights, cosine=True, within=True,
-                                      sample_block=options.sample_block, dtype=options.compute_dtype)
+                                      sample_block=options.sample_block, dtype=options.compute_dtype,
+                                      device=pair_device(options.device, "conflicts.device"))
     row = group_statistics(matrices[group], matrices.within_a[group], matrices.within_b[group]).row
     table = conflict_table(store_a.geometry, {group: row}, options, store_a.attrs.get("task", "A"),
                            store_b.attrs.get("task", "B"))

@@ -7,6 +7,7 @@ imported whenever a config is read, so it imports nothing heavy. The numerics: `
 from __future__ import annotations
 
 from ...config_schema import config_section
+from ...errors import ConfigError
 from ...phase_registry import PhaseCommand, register_phase
 from ..pair_options import pair_phase_schema, task_pair_list
 
@@ -62,7 +63,16 @@ properties:
     minimum: 0
     default: 200
     description: >-
-      Resamples of the samples of A and of B for the score's 95% percentile interval; `0` skips it.
+      Resamples of the samples of A and of B for the score's 95% percentile interval (first-order: through the
+      score's row and column means, docs/phases.md); `0` skips it.
+  forensics:
+    enum: [signed, excess]
+    default: signed
+    description: >-
+      How `top_conflicts` ranks sample pairs: `signed`, the most negative signed scores (the pairs whose
+      gradients most oppose through a head); `excess`, the pairs whose unsigned / symmetric score most exceeds
+      what each sample alone explains. `excess` forms the variant's full pair matrix: a second product per cell,
+      about twice the time at large N. Not with variant `signed`.
 """ + pair_phase_schema(
     "Ordered pairs `[A, B]` to compute, e.g. `[[code, prose]]`; `null` computes every ordered pair.",
     "`signed_mean / sqrt(within_a_mean x within_b_mean)` (the cosine between the two tasks' mean gradients "
@@ -79,12 +89,17 @@ class QkovOptions:
     min_effect_size: float = 0.1  # smallest |alignment| (cosine of the mean gradients) labelled
     top_k: int = 20  # sample pairs in top_conflicts per task pair
     n_bootstrap: int = 200  # resamples of samples for the score's 95% interval
+    forensics: str = "signed"  # signed | excess: how top_conflicts ranks sample pairs
     pairs: tuple[tuple[str, str], ...] | None = None  # ordered pairs; None: every ordered pair
     sample_block: int = 256  # samples of A read at once (memory only)
     compute_dtype: str = "float32"  # float32 | float64 products
+    device: str = "cpu"  # cpu | cuda | auto: where the pair products run
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pairs", task_pair_list(self.pairs, "qkov"))
+        if self.forensics == "excess" and self.variant == "signed":
+            raise ConfigError("qkov.forensics = excess ranks the unsigned or symmetric score, but qkov.variant is "
+                              "signed: set forensics: signed (the most negative signed pairs) or another variant")
 
 
 register_phase(QkovOptions, PhaseCommand(

@@ -43,7 +43,7 @@ import pandas as pd
 
 from ...errors import PhaseInputError
 from ...pair_stats import alignment, bh_labels, pair_mean_test
-from ...sample_pairs import Group, iter_param_pairs
+from ...sample_pairs import Group, iter_param_pairs, pair_device
 from ...store import FisherStore
 from ..common import (
     warn_few_samples,
@@ -128,8 +128,11 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
     fishers = {param: pooled_fisher(metric_a, metric_b, param, options.fisher_pool) for param in params}
     hats = {param: np.maximum(fisher, options.eps) + options.ridge_lambda for param, fisher in fishers.items()}
     weights = {param: 1.0 / hat for param, hat in hats.items()}
-    f, h = VARIANTS[options.variant]
-    products = {} if options.variant == "signed" else {"signed": VARIANTS["signed"]}
+    # One product per cell: the signed matrix, which the test needs whole. The unsigned or
+    # symmetric score enters only through its mean and interval, which need its row and column
+    # sums (`marginals`, O(N S)); its full matrix only for `excess` forensics.
+    variant = {} if options.variant == "signed" else {"score": VARIANTS[options.variant]}
+    products = variant if options.forensics == "excess" else {}
     geometry = store_a.geometry
     rng = np.random.default_rng(0)
     draws_a = rng.multinomial(store_a.n_samples, np.full(store_a.n_samples, 1 / max(store_a.n_samples, 1)),
@@ -137,23 +140,27 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
     draws_b = rng.multinomial(store_b.n_samples, np.full(store_b.n_samples, 1 / max(store_b.n_samples, 1)),
                               size=options.n_bootstrap) if store_b.n_samples else None
     rows, health, candidates = [], [], []
-    for param, matrices in iter_param_pairs(store_a, store_b, cells, f, h, weights, within=True,
+    for param, matrices in iter_param_pairs(store_a, store_b, cells, "identity", "identity", weights, within=True,
                                             sample_block=options.sample_block, dtype=options.compute_dtype,
-                                            products=products):
-        for cell, score in matrices.items():
+                                            products=products, marginals=variant,
+                                            device=pair_device(options.device, "qkov.device")):
+        for cell, signed in matrices.items():
             _, block, head = cell
-            signed = matrices.products["signed"][cell] if products else score
+            if variant:
+                score_rows, score_cols = matrices.marginals["score"][cell]
+            else:
+                score_rows, score_cols = signed.sum(axis=1), signed.sum(axis=0)
             size = int(geometry[param].positions(block).shape[1] * np.prod(geometry[param].shape)
                        // geometry[param].shape[geometry[param].groups.dim])
             # within-task signed means (unbiased |E g|^2 in the same metric): the alignment's scale
             within_a, within_b = matrices.within_a[cell], matrices.within_b[cell]
-            if options.aggregate == "mean":
-                score, signed = score / size, signed / size
-                within_a, within_b = within_a / size, within_b / size
+            divisor = size if options.aggregate == "mean" else 1
+            signed, score_rows, score_cols = signed / divisor, score_rows / divisor, score_cols / divisor
+            within_a, within_b = within_a / divisor, within_b / divisor
             row = {"task_a": task_a, "task_b": task_b, "layer": geometry[param].layer, "block": block, "head": head,
-                   "param": param, "n_a": score.shape[0], "n_b": score.shape[1], "slice_size": size,
+                   "param": param, "n_a": signed.shape[0], "n_b": signed.shape[1], "slice_size": size,
                    "variant": options.variant, "aggregate": options.aggregate, "fisher_pool": options.fisher_pool}
-            row |= _signed_test(signed) | _score_interval(score, draws_a, draws_b)
+            row |= _signed_test(signed) | _score_interval(score_rows, score_cols, draws_a, draws_b)
             row |= {"within_a_mean": within_a, "within_b_mean": within_b,
                     "effect_size": alignment(row["signed_mean"], within_a, within_b)
                     if row["status"] == "ok" else 0.0}
@@ -166,8 +173,10 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
                            "fisher_max": float(hat.max()),
                            "fraction_below_eps": float(np.mean(fisher <= options.eps)),
                            "eps": options.eps, "ridge_lambda": options.ridge_lambda})
-            if min(score.shape) >= 2:  # with one sample on a side, "more than B alone explains" means nothing
-                candidates.extend(_forensics(score if options.variant != "signed" else signed, options, row))
+            if min(signed.shape) >= 2:  # with one sample on a side, "more than B alone explains" means nothing
+                excess = options.forensics == "excess"
+                candidates.extend(_forensics(matrices.products["score"][cell] / divisor if excess else signed,
+                                             options, row))
     table = pd.DataFrame(rows, columns=[c for c in CELL_COLUMNS if c not in ("signed_q", "label")])
     table = label_cells(table, options.alpha, options.min_effect_size)
     top = _top_conflicts(candidates, options, store_a.sample_ids, store_b.sample_ids)
@@ -195,12 +204,25 @@ def _signed_test(signed: np.ndarray) -> dict:
             "se_floored": test.floored, "status": "ok"}
 
 
-def _score_interval(score: np.ndarray, draws_a: np.ndarray | None, draws_b: np.ndarray | None) -> dict:
-    """Mean of the score matrix and its 95% percentile bootstrap interval over samples (not pairs)."""
-    mean = float(score.mean()) if score.size else 0.0
-    if draws_a is None or draws_b is None or not len(draws_a) or score.size == 0:
+def _score_interval(row_sums: np.ndarray, col_sums: np.ndarray, draws_a: np.ndarray | None,
+                    draws_b: np.ndarray | None) -> dict:
+    """Mean of a score matrix `M` `[N_A, N_B]` from its row sums `[N_A]` and column sums `[N_B]`,
+    and its 95% percentile interval under the first-order bootstrap over samples (not pairs).
+
+    Resampling A's samples with counts `c` and B's with counts `d` moves the mean to
+    `c^T M d / (N_A N_B)`. Its first-order (Hajek) part, `(c . rows + d . cols) / (N_A N_B) -
+    mean`, needs only the sums: one matrix product per side for all draws. What it leaves out
+    is the pair-level interaction of `M`, whose variance is O(1 / (N_A N_B)) against the
+    O(1 / N) of what it keeps (docs/phases.md compares it with the full bootstrap).
+
+    Args:
+        draws_a, draws_b: `[R, N_A]`, `[R, N_B]` multinomial resample counts, or None.
+    """
+    n_a, n_b = row_sums.size, col_sums.size
+    mean = float(row_sums.sum()) / (n_a * n_b) if n_a and n_b else 0.0
+    if draws_a is None or draws_b is None or not len(draws_a) or not n_a or not n_b:
         return {"score_mean": mean, "score_ci_low": mean, "score_ci_high": mean}
-    resampled = np.einsum("ri,ij,rj->r", draws_a, score, draws_b) / score.size
+    resampled = (draws_a @ row_sums + draws_b @ col_sums) / (n_a * n_b) - mean  # [R]
     low, high = np.percentile(resampled, [2.5, 97.5])
     return {"score_mean": mean, "score_ci_low": float(low), "score_ci_high": float(high)}
 
@@ -208,8 +230,9 @@ def _score_interval(score: np.ndarray, draws_a: np.ndarray | None, draws_b: np.n
 def _forensics(score: np.ndarray, options: QkovOptions, row: dict) -> list[tuple]:
     """Candidate sample pairs of one cell: `(key, i, j, score, a_alone, b_alone, excess, row)`.
 
-    signed: the most negative pairs (key = score). unsigned / symmetric: the pairs whose
-    score most exceeds what each sample alone explains,
+    `score` is the signed matrix (`forensics: signed`) or the variant's (`excess`).
+    signed: the most negative pairs (key = score). excess: the pairs whose unsigned or
+    symmetric score most exceeds what each sample alone explains,
 
         excess = M[i, j] * mean(M) / (a_alone[i] * b_alone[j]),
         a_alone[i] = mean_j M[i, j],   b_alone[j] = mean_i M[i, j]
@@ -224,7 +247,7 @@ def _forensics(score: np.ndarray, options: QkovOptions, row: dict) -> list[tuple
     if not options.top_k or score.size == 0:
         return []
     a_alone, b_alone = score.mean(axis=1), score.mean(axis=0)  # [N_A], [N_B]
-    if options.variant == "signed":
+    if options.forensics == "signed":
         key = score
         excess = np.zeros_like(score)
     else:
@@ -244,10 +267,11 @@ def _forensics(score: np.ndarray, options: QkovOptions, row: dict) -> list[tuple
 def _top_conflicts(candidates: list[tuple], options: QkovOptions, ids_a: Sequence[str],
                    ids_b: Sequence[str]) -> pd.DataFrame:
     best = sorted(candidates, key=lambda c: c[0])[:options.top_k]
+    ranked = "signed" if options.forensics == "signed" else options.variant  # the score the rows rank
     rows = [{"task_a": row["task_a"], "task_b": row["task_b"], "layer": row["layer"], "block": row["block"],
-             "head": row["head"], "variant": options.variant, "rank": rank, "sample_a": ids_a[i],
+             "head": row["head"], "variant": ranked, "rank": rank, "sample_a": ids_a[i],
              "sample_b": ids_b[j], "score": score, "a_alone": a_alone, "b_alone": b_alone,
-             "excess": excess if options.variant != "signed" else float("nan")}  # no ratio for signed scores
+             "excess": excess if ranked != "signed" else float("nan")}  # no ratio for signed scores
             for rank, (_, i, j, score, a_alone, b_alone, excess, row) in enumerate(best, start=1)]
     top = pd.DataFrame(rows, columns=TOP_COLUMNS)
     top["layer"] = top["layer"].astype("Int64")

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="print only the plan of a Qwen2.5-Math-1.5B-shaped model at N samples per task (on a "
                              "GPU with 80 GB beside 256 GB host memory, and on a 24 GB CPU machine)")
     parser.add_argument("--predict-only", action="store_true",
-                        help="print the predictions beside the last recorded measurements, run nothing")
+                        help="the predictions beside the last recorded measurements (run no phase 1)")
     args = parser.parse_args(argv)
     if args.qwen_math:
         for device in ("cuda", "cpu"):
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{row['predicted'] / measured:.2f}" if measured else "-"
         shown = f"{measured / 1e9:.2f} GB" if measured else "not measured"
         print(f"| {name} | {row['predicted'] / 1e9:.2f} GB | {shown} | {ratio} |")
-    if not args.predict_only:
+    if all(row["measured"] for row in rows.values()):
         record.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
                                       "threads": args.threads, "task": TASK,
                                       "variants": {**previous.get("variants", {}), **rows}}, indent=2) + "\n")

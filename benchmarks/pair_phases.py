@@ -2,6 +2,15 @@
 
     .venv/bin/python benchmarks/pair_phases.py                     # phase 5 on the default run's stores
     .venv/bin/python benchmarks/pair_phases.py --phase qkov         # phase 6
+    .venv/bin/python benchmarks/pair_phases.py --sweep 32,128,256,512 [--baseline DIR]   # N sweep
+
+The N sweep writes synthetic stores (`synthetic_stores.py`: SmolLM2's attention geometry, 3
+layers, float16, our writer; kept under `--sweep-dir` for the next run) of N samples per
+task and times, per N: `floor` (read both stores' per-sample arrays), `product` (read, convert
+and one batched product per head block: one product per cell, the compute bound of both
+phases), `conflicts` and `qkov` (`pair_conflicts` / `pair_qkov`, default options), and with
+`--baseline DIR` (a checkout of an earlier version of the package) the same two phases there,
+side by side in the same run.
 
 Needs the default run's phase 1 stores (`make run`). Each measurement runs in its own
 subprocess (peak RSS is that variant's alone), variants interleaved over repeats, and the
@@ -98,7 +107,24 @@ def _seed_loop(store_a, store_b, cells, n: int) -> None:
                     float(np.mean(a * a / np.maximum(f, 1e-10) * np.abs(b)))
 
 
+def _product(store_a, store_b) -> None:
+    """Read, convert and one batched product per head block of every per-sample parameter."""
+    import torch
+
+    from fisher_pipeline.sample_pairs import _Units
+
+    for param in store_a.per_sample_names:
+        geometry = store_a.geometry[param]
+        units = _Units(geometry, [(param, block, 0) for block in geometry.head_blocks()])
+        data_a, data_b = store_a.per_sample(param), store_b.per_sample(param)
+        for unit in units.units:
+            left, right = (units.tensor(data, unit, torch.float32) for data in (data_a, data_b))
+            torch.bmm(left, right.transpose(1, 2))
+
+
 def worker(args: argparse.Namespace) -> None:
+    if args.package_root:  # an earlier version of the package, for the before / after sweep
+        sys.path.insert(0, args.package_root)
     import torch
 
     from fisher_pipeline.phases.conflicts import ConflictsOptions
@@ -114,6 +140,8 @@ def worker(args: argparse.Namespace) -> None:
     extra: dict = {}
     if args.worker == "floor":
         _floor(store_a, store_b)
+    elif args.worker == "product":
+        _product(store_a, store_b)
     elif args.worker == "ours":
         if args.phase == "conflicts":
             extra["groups"] = len(pair_conflicts(store_a, store_b, ConflictsOptions())[0])
@@ -139,7 +167,10 @@ def worker(args: argparse.Namespace) -> None:
         extra["groups"] = len(groups)
     elapsed = time.perf_counter() - start
     peak_mb = peak_rss_mb()
-    print(json.dumps({"variant": args.worker, "seconds": elapsed, "peak_rss_mb": peak_mb, **extra}))
+    import fisher_pipeline
+
+    print(json.dumps({"variant": args.worker, "seconds": elapsed, "peak_rss_mb": peak_mb,
+                      "package": str(Path(fisher_pipeline.__file__).parent), **extra}))
 
 
 def _run(variant: str, pair: tuple[str, str], args: argparse.Namespace) -> dict:
@@ -151,7 +182,7 @@ def _run(variant: str, pair: tuple[str, str], args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["floor", "ours", "all", "loop", "ours_small"])
+    parser.add_argument("--worker", choices=["floor", "product", "ours", "all", "loop", "ours_small"])
     parser.add_argument("--phase", choices=["conflicts", "qkov"], default="conflicts")
     parser.add_argument("--loop-samples", type=int, default=32, help="samples per task of the small case")
     parser.add_argument("--stores", default=str(ROOT / "results" / "fisher"))
@@ -160,9 +191,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-layers", type=int, default=1, help="layers of the small case")
+    parser.add_argument("--sweep", help="N per task, comma-separated (e.g. 32,128,256,512): the N sweep")
+    parser.add_argument("--sweep-dir", default=str(ROOT / "benchmarks" / ".sweep_stores"),
+                        help="where the sweep's synthetic stores are kept")
+    parser.add_argument("--baseline", help="a checkout of an earlier version, timed beside this one in the sweep")
+    parser.add_argument("--package-root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.sweep:
+        sweep(args)
         return
     pair = (args.task_a, args.task_b)
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -187,6 +226,39 @@ def main() -> None:
         label = {"ours": "x floor", "all": "x floor", "ours_small": "x loop"}.get(variant, "")
         print(f"| {variant} | {what} | {median[variant]:.2f} | {ratio:.3f}{label} | {rss[variant]:.0f} | {runs} |")
     print(f"speed-up over the loop on the small case: {median['loop'] / median['ours_small']:.0f}x")
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """The N sweep: per N, every variant in its own process, interleaved over repeats, medians."""
+    from synthetic_stores import sweep_stores
+
+    sizes = [int(n) for n in args.sweep.split(",")]
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, threads={args.threads}, repeats={args.repeats}; synthetic stores "
+          "of SmolLM2's attention geometry, 3 layers, float16")
+    variants = [("floor", None, "conflicts"), ("product", None, "conflicts"), ("ours", None, "conflicts"),
+                ("ours", None, "qkov")]
+    if args.baseline:
+        variants += [("ours", args.baseline, "conflicts"), ("ours", args.baseline, "qkov")]
+    print("| N per task | variant | wall s (median) | x floor | peak RSS MB | runs (s) |\n|---|---|---|---|---|---|")
+    for n in sizes:
+        folder = Path(sweep_stores(Path(args.sweep_dir), n)["alpha"]).parent
+        results: dict[tuple, list[dict]] = {v: [] for v in variants}
+        for _, variant in itertools.product(range(args.repeats), variants):
+            worker_name, root, phase = variant
+            extra = ["--package-root", root] if root else []
+            cmd = ["--worker", worker_name, "--stores", str(folder), "--task-a", "alpha", "--task-b", "beta",
+                   "--threads", str(args.threads), "--phase", phase, *extra]
+            results[variant].append(run_worker(__file__, cmd))
+        floor = statistics.median(r["seconds"] for r in results[variants[0]])
+        for variant, runs in results.items():
+            worker_name, root, phase = variant
+            name = {"floor": "floor (read)", "product": "one product per cell (read, convert, bmm)"}.get(
+                worker_name, f"{phase}{' before' if root else ''}")
+            wall = statistics.median(r["seconds"] for r in runs)
+            rss = statistics.median(r["peak_rss_mb"] for r in runs)
+            times = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+            print(f"| {n} | {name} | {wall:.2f} | {wall / floor:.2f}x | {rss:.0f} | {times} |", flush=True)
 
 
 if __name__ == "__main__":

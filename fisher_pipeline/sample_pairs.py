@@ -28,14 +28,20 @@ storage, and far below the sampling noise the pair phases test against. Results 
 returned in float64 and heads are summed in float64. float64 compute costs ~3x (its
 conversion and product), which on CPU is more than reading the stores.
 
-Reading and memory (`pair_matrices`, `iter_param_pairs`). Per parameter, task B's
-per-sample array is read once in full and task A's once, in blocks of `sample_block`
-samples; all groups (whole parameter and heads) come from those reads, so every stored
-array is read once per task pair. Memory is per parameter, not per model: B's array in
-the compute dtype, `sample_block` rows of A, and the `N_A x N_B` float64 matrices of the
-parameter's groups. `iter_param_pairs` yields them
-one parameter at a time so a caller can reduce and drop them. Within-task baselines
-(mean cosine of distinct pairs of one task) come from O(N S) sums, not N x N matrices.
+Reading and memory (`pair_matrices`, `iter_param_pairs`). Per parameter, both tasks'
+per-sample arrays are read in blocks of `sample_block` samples: for each block of A, every
+block of B. When B fits in one block (N_B <= sample_block) it is read once and kept, so
+each stored array is read once per task pair; beyond, B's array is read once per block of
+A. All groups (whole parameter and heads) come from those reads. Memory is bounded by the
+blocks, not by N: a few `sample_block x S` operand copies of each task in the compute dtype,
+plus the `N_A x N_B` float64 matrices of the parameter's groups. `iter_param_pairs` yields
+them one parameter at a time so a caller can reduce and drop them. Within-task baselines
+(mean cosine or raw product of distinct pairs of one task) come from O(N S) sums, not N x N
+matrices, and so do `marginals`: the row and column sums of a pair matrix that is never
+formed (phase 6's unsigned score needs only those).
+
+Device. `device="cuda"` converts the blocks into buffers on the GPU and runs every product
+and sum there; stores are read on the host and results come back as float64 numpy arrays.
 """
 
 from __future__ import annotations
@@ -353,13 +359,25 @@ class _Units:
         self.units: list[str | None] = [*ordered, *([None] if self.wants_whole and not self.whole_from_heads else [])]
 
     def tensor(self, data: np.ndarray, unit: str | None, dtype: torch.dtype,
-               scratch: _Scratch | None = None, slot: str = "") -> torch.Tensor:
-        """`[n, *shape]` stored rows -> `[H, n, S_h]` of `dtype`, in one converting copy.
+               scratch: _Scratch | None = None, slot: str = "", scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`[n, *shape]` stored rows -> `[H, n, S_h]` of `dtype`, in one converting copy
+        (times `scale` `[H, 1, S_h]` in the same pass when given).
 
         The heads are cut from the stored array as a strided view (an index copy only for
         non-contiguous layouts such as NeoX's interleaved heads) and copied into a
         `scratch` buffer of `dtype` reused across parameters of the same shape.
         """
+        view = self.view(data, unit)
+        out = (scratch or _Scratch()).take(slot, tuple(view.shape), dtype)
+        if scale is None:
+            out.copy_(view)
+        else:
+            torch.mul(view, scale.view(scale.shape[0], 1, *view.shape[2:]), out=out)
+        return out.view(out.shape[0], out.shape[1], -1)
+
+    def view(self, data: np.ndarray, unit: str | None) -> torch.Tensor:
+        """`[n, *shape]` stored rows -> a view `[H, n, ...]` of the unit's heads, in the stored dtype
+        (a copy only for non-contiguous layouts); `.reshape(H, n, -1)` of a copy is `[H, n, S_h]`."""
         source = _from_numpy(data)
         if unit is None:
             view = source.reshape(1, source.shape[0], -1)
@@ -374,9 +392,7 @@ class _Units:
             else:
                 view = source.index_select(dim, torch.from_numpy(flat))
             view = view.unflatten(dim, (n_heads, size)).movedim(dim, 0)  # [H, n, ..., d, ...]
-        out = (scratch or _Scratch()).take(slot, tuple(view.shape), dtype)
-        out.copy_(view)
-        return out.view(out.shape[0], out.shape[1], -1)
+        return view
 
     def n_heads(self, unit: str | None) -> int:
         """H of a unit: its block's heads, 1 for the whole parameter."""
@@ -443,29 +459,37 @@ class _Within:
 
     `normalise=True` (cosines): with `u_i = x_i / |x_i|` (0 for a zero vector) over n_ok
     non-zero samples, `sum_{i != j} cos(x_i, x_j) = |sum_i u_i|^2 - n_ok`.
-    `normalise=False` (raw products, rows already scaled by the root of the weight): over
-    all n samples, `sum_{i != j} <x_i, x_j> = |sum_i x_i|^2 - sum_i |x_i|^2`, so the mean is
-    an unbiased estimate of `|E x|^2` in the weight's metric. Either way O(N S), no N x N matrix.
+    `normalise=False` (raw products in the metric of `weights`): over all n samples,
+    `sum_{i != j} <x_i, x_j>_w = sum_k w_k (sum_i x_ik)^2 - sum_k sum_i w_k x_ik^2`, so the
+    mean is an unbiased estimate of `|E x|_w^2`, from two column sums of the rows
+    (`add_columns`; the caller has `x^2 w` at hand). Either way O(N S), no N x N matrix.
     """
 
-    def __init__(self, units: _Units, normalise: bool = True):
+    def __init__(self, units: _Units, normalise: bool = True,
+                 weights: Mapping[str | None, torch.Tensor | None] | None = None):
         self.units = units
         self.normalise = normalise
+        self.weights = weights or {}  # unit -> [H, 1, S] metric of the raw products (None: ones)
         self.heads: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of (head-normalised) rows
         self.whole: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of rows normalised by the whole
         self.n_heads: dict[str | None, np.ndarray] = {}  # unit -> [H] samples counted per head
-        self.diagonal: dict[str | None, np.ndarray] = {}  # unit -> [H] sum of squared norms (raw products)
+        self.squares: dict[str | None, torch.Tensor] = {}  # unit -> [H, S] sum of w x^2 over rows (raw products)
         self.n_whole = 0
 
+    def add_columns(self, unit: str | None, rows: torch.Tensor, squares: torch.Tensor, n: int,
+                    weighted_rows: bool = False) -> None:
+        """Raw products: one block of n rows of `unit` as `sum_i x_i` (`sum_i w x_i` if `weighted_rows`)
+        and `sum_i w x_i^2`, each `[H, S]`."""
+        if weighted_rows:
+            rows = rows.double() / self.weights[unit][:, 0].double()
+        self._accumulate(self.heads, unit, rows)
+        self._accumulate(self.squares, unit, squares)
+        self.n_heads[unit] = self.n_heads.get(unit, 0) + np.full(rows.shape[0], n)
+        if unit == self.units.units[0]:
+            self.n_whole += n
+
     def add(self, raw: Mapping[str | None, torch.Tensor], sq: Mapping[str | None, torch.Tensor]) -> None:
-        """One block of rows: `raw[unit]` `[H, n, S]`, `sq[unit]` `[H, n]` squared norms (float64)."""
-        if not self.normalise:
-            for unit, x in raw.items():
-                self._accumulate(self.heads, unit, x.sum(1))
-                self.n_heads[unit] = self.n_heads.get(unit, 0) + np.full(x.shape[0], x.shape[1])
-                self.diagonal[unit] = self.diagonal.get(unit, 0) + sq[unit].sum(1).cpu().numpy()
-            self.n_whole += next(iter(raw.values())).shape[1] if raw else 0
-            return
+        """Cosines: one block of rows `raw[unit]` `[H, n, S]` and their squared norms `sq[unit]` `[H, n]`."""
         whole_sq = sum(s.sum(0) for s in sq.values()) if self.units.whole_from_heads else None
         for unit, x in raw.items():
             # one pass over x: sum_i x_i / |x_i|_head and, for a whole made of heads, / |x_i|_whole
@@ -485,26 +509,26 @@ class _Within:
         value = value.double()
         target[unit] = target[unit] + value if unit in target else value
 
+    def _raw(self, unit: str | None, index: int | slice) -> tuple[float, float]:
+        """`(sum_k w_k (sum_i x_ik)^2, sum_k sum_i w_k x_ik^2)` of head(s) `index` of `unit`."""
+        weight = self.weights.get(unit)
+        weight = 1.0 if weight is None else weight[:, 0].double()[index]
+        return float(torch.sum(weight * self.heads[unit][index] ** 2)), float(torch.sum(self.squares[unit][index]))
+
     def mean(self, group: Group) -> float:
         _, block, head = group
         if block is not None or not self.units.whole_from_heads:
             unit, index = (block, head) if block is not None else (None, 0)
-            total, n = float(torch.sum(self.heads[unit][index] ** 2)), int(self.n_heads[unit][index])
-            diagonal = n if self.normalise else float(self.diagonal[unit][index])
+            n = int(self.n_heads[unit][index])
+            total, diagonal = (float(torch.sum(self.heads[unit][index] ** 2)), n) if self.normalise else \
+                self._raw(unit, index)
         elif self.normalise:
             total, n = sum(float(torch.sum(s ** 2)) for s in self.whole.values()), self.n_whole
             diagonal = n
         else:  # the whole is the sum of its heads: squared sums and diagonals add up
-            total = sum(float(torch.sum(s ** 2)) for s in self.heads.values())
-            n, diagonal = self.n_whole, float(sum(d.sum() for d in self.diagonal.values()))
+            parts = [self._raw(unit, slice(None)) for unit in self.heads]
+            total, diagonal, n = sum(t for t, _ in parts), sum(d for _, d in parts), self.n_whole
         return (total - diagonal) / (n * (n - 1)) if n > 1 else math.nan
-
-
-def _add_scaled(within: _Within, raw: Mapping[str | None, torch.Tensor],
-                root: Mapping[str | None, torch.Tensor | None]) -> None:
-    """Rows of one block times the root of the weight (new tensors: `raw` is left as it is)."""
-    scaled = {u: x if root[u] is None else x * root[u] for u, x in raw.items()}
-    within.add(scaled, {u: _squares(x) for u, x in scaled.items()})
 
 
 def _inverse_norm(sq: torch.Tensor) -> torch.Tensor:
@@ -552,40 +576,37 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
             param_weight = np.sqrt(param_weight) if cosine else param_weight
         scale = {u: None if param_weight is None else units.tensor(param_weight[None], u, torch_dtype).to(torch_device)
                  for u in units.units}  # no scratch: small, and alive with the operands
-        # raw within-task products in the weight's metric: rows scaled by its root
-        root = ({u: None if scale[u] is None else scale[u].sqrt() for u in units.units}
-                if within and not cosine else None)
         n_heads = {u: units.n_heads(u) for u in units.units}
         cross = {name: {u: np.full((n_heads[u], n_a, n_b), np.nan) for u in units.units} for name in specs}
         margin = {name: {u: (np.zeros((n_heads[u], n_a)), np.zeros((n_heads[u], n_b))) for u in units.units}
                   for name in margin_specs}
         sq_a = {u: np.zeros((n_heads[u], n_a)) for u in units.units}
         sq_b = {u: np.zeros((n_heads[u], n_b)) for u in units.units}
-        within_a, within_b = (_Within(units, cosine), _Within(units, cosine)) if within else (None, None)
+        # raw within-task products in the weight's metric (cosines: rows already scaled by its root)
+        within_a, within_b = ((_Within(units, cosine, None if cosine else scale),
+                               _Within(units, cosine, None if cosine else scale)) if within else (None, None))
         held_b = None  # B's converted operands, kept across A's blocks when B is one block
         for index_a, (lo_a, hi_a) in enumerate(blocks_a):
             data_a = _read_rows(store_a, param, lo_a, hi_a)
-            raw = {u: units.tensor(data_a, u, torch_dtype, scratch, f"a{u}") for u in units.units}
+            if not cosine:
+                fa, f_sums = _a_operands(data_a, units, scale, f_names, {f for f, _ in margin_specs.values()},
+                                         torch_dtype, scratch, within_a)
+            raw = {u: units.tensor(data_a, u, torch_dtype, scratch, f"a{u}", scale[u]) for u in units.units} \
+                if cosine else {}
             del data_a
             if cosine:
-                raw = {u: _scaled(x, scale[u]) for u, x in raw.items()}
                 sq = {u: _squares(x) for u, x in raw.items()}
                 for u in units.units:
                     sq_a[u][:, lo_a:hi_a] = sq[u].cpu().numpy()
                 if within_a is not None:
                     within_a.add(raw, sq)
-            elif within_a is not None:
-                _add_scaled(within_a, raw, root)
-            fa = {f_name: {u: _apply(f_name, x, None if cosine else scale[u], scratch, f"f{f_name}{u}")
-                           for u, x in raw.items()} for f_name in f_names}
-            f_sums = {f_name: {u: x.sum(1) for u, x in fa[f_name].items()}
-                      for f_name in {f_name for f_name, _ in margin_specs.values()}}
+                fa = {"identity": raw}
             for lo_b, hi_b in blocks_b:
                 if held_b is None:
                     first = index_a == 0  # B's norms and within sums: once, with A's first block
                     hb = _b_operands(store_b, param, lo_b, hi_b, units, torch_dtype, scratch, h_names,
-                                     scale if cosine else None, sq_b if first else None,
-                                     within_b if first else None, root)
+                                     {h for _, h in margin_specs.values()}, scale, cosine, sq_b if first else None,
+                                     within_b if first else None)
                     if len(blocks_b) == 1:
                         held_b = hb
                 else:
@@ -596,38 +617,89 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                 for name, (f_name, h_name) in margin_specs.items():
                     for u in units.units:
                         rows, cols = margin[name][u]
-                        h_sum = hb[h_name][u].sum(1)  # [H, S] this block of B, summed
+                        h_sum = hb[f"sum {h_name}"][u]  # [H, S] this block of B, summed
                         rows[:, lo_a:hi_a] += _host(torch.bmm(fa[f_name][u], h_sum[:, :, None])[..., 0])
                         cols[:, lo_b:hi_b] += _host(torch.bmm(hb[h_name][u], f_sums[f_name][u][:, :, None])[..., 0])
             del raw, fa
         yield param, _param_result(units, param_groups, cross, margin, sq_a, sq_b, within_a, within_b, cosine)
 
 
-def _b_operands(store: FisherStore, param: str, lo: int, hi: int, units: _Units, dtype: torch.dtype,
-                scratch: _Scratch, h_names: set[str], scale: Mapping[str | None, torch.Tensor | None] | None,
-                sq_b: dict | None, within_b: _Within | None,
-                root: Mapping[str | None, torch.Tensor | None] | None) -> dict[str, dict]:
-    """Rows `lo..hi` of B's `param`: `{h name: {unit: h(rows) [H, n, S_h]}}` in scratch buffers.
+def _a_operands(data: np.ndarray, units: _Units, scale: Mapping[str | None, torch.Tensor | None],
+                f_names: set[str], margin_f: set[str], dtype: torch.dtype, scratch: _Scratch,
+                within_a: _Within | None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A block of A's stored rows `[n, *shape]` -> `({f: {unit: f(x) w}}, {f: {unit: sum_i f(x_i) w}})`
+    for the transforms `f_names` (sums for `margin_f`), adding the block to `within_a`.
 
-    With `scale` (cosine) the rows are scaled by it first; with `sq_b` their squared norms
-    are written there and with `within_b` they are added to B's within-task sums.
+    Passes over the rows are shared: the conversion, `x w`, then `x^2 w = (x w) x`, both the
+    `square` operand and, summed over rows, the within-task diagonal, and `|x| w = |x w|`
+    (w > 0). (Multiplying the stored float16 rows directly, without the conversion, is
+    slower: torch's mixed-dtype products are not vectorised.)
+    """
+    fa: dict[str, dict] = {f_name: {} for f_name in f_names}
+    sums: dict[str, dict] = {f_name: {} for f_name in margin_f}
+    for u in units.units:
+        x, w = units.tensor(data, u, dtype, scratch, f"a{u}"), scale[u]  # [H, n, S]
+        shape, n = tuple(x.shape), x.shape[1]
+        weighted = x if w is None else torch.mul(x, w, out=scratch.take(f"fi{u}", shape, dtype))
+        if "identity" in f_names:
+            fa["identity"][u] = weighted
+        if "square" in f_names or within_a is not None:
+            square = torch.mul(weighted, x, out=scratch.take(f"fs{u}", shape, dtype))
+            square_sum = square.sum(1)
+            if "square" in f_names:
+                fa["square"][u] = square
+                if "square" in margin_f:
+                    sums["square"][u] = square_sum
+            if within_a is not None:
+                within_a.add_columns(u, weighted.sum(1), square_sum, n, weighted_rows=w is not None)
+        if "abs" in f_names:
+            fa["abs"][u] = torch.abs(weighted, out=scratch.take(f"fa{u}", shape, dtype))
+        for f_name in margin_f - {"square"}:
+            sums[f_name][u] = fa[f_name][u].sum(1)
+    return fa, sums
+
+
+def _b_operands(store: FisherStore, param: str, lo: int, hi: int, units: _Units, dtype: torch.dtype,
+                scratch: _Scratch, h_names: set[str], margin_h: set[str],
+                scale: Mapping[str | None, torch.Tensor | None], cosine: bool, sq_b: dict | None,
+                within_b: _Within | None) -> dict[str, dict]:
+    """Rows `lo..hi` of B's `param`: `{h name: {unit: h(rows) [H, n, S_h]}}` in scratch buffers,
+    and `{"sum " + h name: {unit: sum_j h(rows_j) [H, S_h]}}` for the names in `margin_h`.
+
+    With `cosine` the rows are scaled by `scale` (the root of the metric) as they are
+    converted; with `sq_b` their squared norms are written there; with `within_b` they are
+    added to B's within-task sums (raw products: in the metric `scale`).
     """
     data = _read_rows(store, param, lo, hi)
-    raw = {u: units.tensor(data, u, dtype, scratch, f"b{u}") for u in units.units}
+    raw = {u: units.tensor(data, u, dtype, scratch, f"b{u}", scale[u] if cosine else None) for u in units.units}
     del data
-    if scale is not None:
-        raw = {u: _scaled(x, scale[u]) for u, x in raw.items()}
-        if sq_b is not None or within_b is not None:
-            sq = {u: _squares(x) for u, x in raw.items()}
-            if sq_b is not None:
-                for u in units.units:
-                    sq_b[u][:, lo:hi] = sq[u].cpu().numpy()
+    out: dict[str, dict] = {h_name: {} for h_name in h_names} | {f"sum {h_name}": {} for h_name in margin_h}
+    for u, x in raw.items():
+        if cosine:
+            out["identity"][u] = x
+            continue
+        if "square" in h_names or within_b is not None:
+            square = torch.mul(x, x, out=scratch.take(f"hs{u}", tuple(x.shape), x.dtype))
+            if "square" in h_names:
+                out["square"][u] = square
             if within_b is not None:
-                within_b.add(raw, sq)
-    elif within_b is not None:
-        _add_scaled(within_b, raw, root)
-    return {h_name: {u: _apply(h_name, x, None, scratch, f"h{h_name}{u}") for u, x in raw.items()}
-            for h_name in h_names}
+                w = scale[u]
+                square_sum = square.sum(1)
+                within_b.add_columns(u, x.sum(1), square_sum if w is None else square_sum * w[:, 0], hi - lo)
+        if "identity" in h_names:
+            out["identity"][u] = x
+        if "abs" in h_names:
+            out["abs"][u] = torch.abs(x, out=scratch.take(f"ha{u}", tuple(x.shape), x.dtype))
+        for h_name in margin_h:
+            out[f"sum {h_name}"][u] = out[h_name][u].sum(1)
+    if cosine and (sq_b is not None or within_b is not None):
+        sq = {u: _squares(x) for u, x in raw.items()}
+        if sq_b is not None:
+            for u in units.units:
+                sq_b[u][:, lo:hi] = sq[u].cpu().numpy()
+        if within_b is not None:
+            within_b.add(raw, sq)
+    return out
 
 
 def _param_result(units: _Units, groups: Sequence[Group], cross: dict, margin: dict, sq_a: dict, sq_b: dict,
@@ -657,28 +729,9 @@ def _param_result(units: _Units, groups: Sequence[Group], cross: dict, margin: d
     return result
 
 
-def _apply(name: str, x: torch.Tensor, weight: torch.Tensor | None, scratch: _Scratch, slot: str) -> torch.Tensor:
-    """`transform(x) * weight` into a reused buffer (x itself for the identity without weight)."""
-    if name == "identity" and weight is None:
-        return x
-    out = scratch.take(slot, tuple(x.shape), x.dtype)
-    if name == "square":
-        torch.mul(x, x, out=out)
-    elif name == "abs":
-        torch.abs(x, out=out)
-    else:
-        out.copy_(x)
-    return out if weight is None else out.mul_(weight)
-
-
 def _squares(x: torch.Tensor) -> torch.Tensor:
     """Squared norms of the rows, `[H, n, S] -> [H, n]` float64."""
     return torch.linalg.vector_norm(x, dim=-1).double() ** 2
-
-
-def _scaled(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """`x * w` in place (x is a scratch buffer of this parameter)."""
-    return x if w is None else x.mul_(w)
 
 
 def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[Group],

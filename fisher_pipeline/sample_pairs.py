@@ -411,12 +411,13 @@ class _Units:
 
 
 class _Scratch:
-    """Conversion buffers reused across parameters of the same shape.
+    """Operand buffers reused across blocks and parameters, one per slot.
 
     A fresh tensor of tens of MB is new memory, and touching it costs a page fault per
     4 kB: about 1 ns per element on CPU, ten times the float16 -> float32 conversion
-    itself (0.1 ns). Every layer's q/k/v/o projections have the same few shapes, so a
-    handful of buffers serves the whole model.
+    itself (0.1 ns). A slot (the operand's role and the unit's position in its parameter)
+    holds one flat buffer, grown to the largest request and viewed in each shape, so memory
+    is one set of operands of the largest parameter, however many shapes the model has.
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
@@ -424,10 +425,12 @@ class _Scratch:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def take(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (slot, shape, dtype)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.device)
-        return self._buffers[key]
+        """A `shape` tensor of `dtype` in slot `slot` (its contents are whatever was there)."""
+        key, size = (slot, dtype), math.prod(shape)
+        if key not in self._buffers or self._buffers[key].numel() < size:
+            self._buffers.pop(key, None)  # release the smaller buffer first
+            self._buffers[key] = torch.empty(size, dtype=dtype, device=self.device)
+        return self._buffers[key][:size].view(shape)
 
 
 def _from_numpy(x: np.ndarray) -> torch.Tensor:
@@ -447,6 +450,52 @@ def _read_rows(store: FisherStore, param: str, lo: int, hi: int) -> np.ndarray:
                                  f"{store.n_samples} samples (rows {lo}..{hi} asked, {data.shape[0]} read): the "
                                  "store is incomplete; rerun phase 1")
     return data
+
+
+class _ReadAhead:
+    """Block reads in the engine's order, the next one read in a background thread while the
+    current one is computed on (one block in flight: memory grows by one stored block).
+
+    On the CPU the products are compute-bound at large N while a read is mostly copying, so
+    the two overlap; a read's error is raised where that block is used.
+    """
+
+    def __init__(self, requests: list[tuple[FisherStore, str, int, int]]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._requests = iter(requests)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="pair-reads")
+        self._next = self._submit()
+
+    def _submit(self):
+        request = next(self._requests, None)
+        return None if request is None else (request, self._pool.submit(_read_rows, *request))
+
+    def read(self, store: FisherStore, param: str, lo: int, hi: int) -> np.ndarray:
+        """Rows `lo..hi` of `per_sample/param` of `store`: the block read ahead, if it is this one."""
+        pending, self._next = self._next, None
+        if pending is None or pending[0] != (store, param, lo, hi):  # out of order: read it now
+            if pending is not None:
+                pending[1].cancel()
+            return _read_rows(store, param, lo, hi)
+        self._next = self._submit()
+        return pending[1].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_order(store_a: FisherStore, store_b: FisherStore, params: Sequence[str], blocks_a: list[tuple[int, int]],
+                blocks_b: list[tuple[int, int]]) -> list[tuple[FisherStore, str, int, int]]:
+    """Every block read of `iter_param_pairs`, in its order: per parameter, each block of A, then
+    every block of B (B only after A's first block when B is one block, held after)."""
+    order = []
+    for param in params:
+        for index, (lo_a, hi_a) in enumerate(blocks_a):
+            order.append((store_a, param, lo_a, hi_a))
+            if index == 0 or len(blocks_b) > 1:
+                order += [(store_b, param, lo_b, hi_b) for lo_b, hi_b in blocks_b]
+    return order
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
@@ -567,7 +616,20 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
     f_names = {f_name for f_name, _ in [*specs.values(), *margin_specs.values()]}
     h_names = {h_name for _, h_name in [*specs.values(), *margin_specs.values()]}
     scratch = _Scratch(torch_device)
-    for param, param_groups in _by_param(groups).items():
+    by_param = _by_param(groups)
+    reads = _ReadAhead(_read_order(store_a, store_b, list(by_param), blocks_a, blocks_b))
+    try:
+        yield from _param_pairs(store_a, store_b, by_param, specs, margin_specs, weights, cosine, within, blocks_a,
+                                blocks_b, torch_dtype, torch_device, f_names, h_names, scratch, reads)
+    finally:
+        reads.close()
+
+
+def _param_pairs(store_a, store_b, by_param, specs, margin_specs, weights, cosine, within, blocks_a, blocks_b,
+                 torch_dtype, torch_device, f_names, h_names, scratch, reads) -> Iterator[tuple[str, PairMatrices]]:
+    """The body of `iter_param_pairs`, one parameter at a time (module docstring)."""
+    n_a, n_b = store_a.n_samples, store_b.n_samples
+    for param, param_groups in by_param.items():
         units = _Units(store_a.geometry[param], param_groups)
         param_weight = None if weights is None else weights.get(param)
         # cosine in the metric w: scale both sides by sqrt(w); otherwise w multiplies f(a)
@@ -587,12 +649,12 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
                                _Within(units, cosine, None if cosine else scale)) if within else (None, None))
         held_b = None  # B's converted operands, kept across A's blocks when B is one block
         for index_a, (lo_a, hi_a) in enumerate(blocks_a):
-            data_a = _read_rows(store_a, param, lo_a, hi_a)
+            data_a = reads.read(store_a, param, lo_a, hi_a)
             if not cosine:
                 fa, f_sums = _a_operands(data_a, units, scale, f_names, {f for f, _ in margin_specs.values()},
                                          torch_dtype, scratch, within_a)
-            raw = {u: units.tensor(data_a, u, torch_dtype, scratch, f"a{u}", scale[u]) for u in units.units} \
-                if cosine else {}
+            raw = {u: units.tensor(data_a, u, torch_dtype, scratch, f"a{index}", scale[u])
+                   for index, u in enumerate(units.units)} if cosine else {}
             del data_a
             if cosine:
                 sq = {u: _squares(x) for u, x in raw.items()}
@@ -604,7 +666,8 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
             for lo_b, hi_b in blocks_b:
                 if held_b is None:
                     first = index_a == 0  # B's norms and within sums: once, with A's first block
-                    hb = _b_operands(store_b, param, lo_b, hi_b, units, torch_dtype, scratch, h_names,
+                    hb = _b_operands(reads.read(store_b, param, lo_b, hi_b), (lo_b, hi_b), units, torch_dtype,
+                                     scratch, h_names,
                                      {h for _, h in margin_specs.values()}, scale, cosine, sq_b if first else None,
                                      within_b if first else None)
                     if len(blocks_b) == 1:
@@ -638,13 +701,13 @@ def _a_operands(data: np.ndarray, units: _Units, scale: Mapping[str | None, torc
     fa: dict[str, dict] = {f_name: {} for f_name in f_names}
     sums: dict[str, dict] = {f_name: {} for f_name in margin_f}
     for u in units.units:
-        x, w = units.tensor(data, u, dtype, scratch, f"a{u}"), scale[u]  # [H, n, S]
+        x, w = units.tensor(data, u, dtype, scratch, f"a{units.units.index(u)}"), scale[u]  # [H, n, S]
         shape, n = tuple(x.shape), x.shape[1]
-        weighted = x if w is None else torch.mul(x, w, out=scratch.take(f"fi{u}", shape, dtype))
+        weighted = x if w is None else torch.mul(x, w, out=scratch.take(f"fi{units.units.index(u)}", shape, dtype))
         if "identity" in f_names:
             fa["identity"][u] = weighted
         if "square" in f_names or within_a is not None:
-            square = torch.mul(weighted, x, out=scratch.take(f"fs{u}", shape, dtype))
+            square = torch.mul(weighted, x, out=scratch.take(f"fs{units.units.index(u)}", shape, dtype))
             square_sum = square.sum(1)
             if "square" in f_names:
                 fa["square"][u] = square
@@ -653,25 +716,27 @@ def _a_operands(data: np.ndarray, units: _Units, scale: Mapping[str | None, torc
             if within_a is not None:
                 within_a.add_columns(u, weighted.sum(1), square_sum, n, weighted_rows=w is not None)
         if "abs" in f_names:
-            fa["abs"][u] = torch.abs(weighted, out=scratch.take(f"fa{u}", shape, dtype))
+            fa["abs"][u] = torch.abs(weighted, out=scratch.take(f"fa{units.units.index(u)}", shape, dtype))
         for f_name in margin_f - {"square"}:
             sums[f_name][u] = fa[f_name][u].sum(1)
     return fa, sums
 
 
-def _b_operands(store: FisherStore, param: str, lo: int, hi: int, units: _Units, dtype: torch.dtype,
+def _b_operands(data: np.ndarray, lo_hi: tuple[int, int], units: _Units, dtype: torch.dtype,
                 scratch: _Scratch, h_names: set[str], margin_h: set[str],
                 scale: Mapping[str | None, torch.Tensor | None], cosine: bool, sq_b: dict | None,
                 within_b: _Within | None) -> dict[str, dict]:
-    """Rows `lo..hi` of B's `param`: `{h name: {unit: h(rows) [H, n, S_h]}}` in scratch buffers,
+    """A block of B's stored rows `[n, *shape]` (rows `lo..hi` of the task): `{h name: {unit: h(rows)
+    [H, n, S_h]}}` in scratch buffers,
     and `{"sum " + h name: {unit: sum_j h(rows_j) [H, S_h]}}` for the names in `margin_h`.
 
     With `cosine` the rows are scaled by `scale` (the root of the metric) as they are
     converted; with `sq_b` their squared norms are written there; with `within_b` they are
     added to B's within-task sums (raw products: in the metric `scale`).
     """
-    data = _read_rows(store, param, lo, hi)
-    raw = {u: units.tensor(data, u, dtype, scratch, f"b{u}", scale[u] if cosine else None) for u in units.units}
+    lo, hi = lo_hi
+    raw = {u: units.tensor(data, u, dtype, scratch, f"b{index}", scale[u] if cosine else None)
+           for index, u in enumerate(units.units)}
     del data
     out: dict[str, dict] = {h_name: {} for h_name in h_names} | {f"sum {h_name}": {} for h_name in margin_h}
     for u, x in raw.items():
@@ -679,7 +744,7 @@ def _b_operands(store: FisherStore, param: str, lo: int, hi: int, units: _Units,
             out["identity"][u] = x
             continue
         if "square" in h_names or within_b is not None:
-            square = torch.mul(x, x, out=scratch.take(f"hs{u}", tuple(x.shape), x.dtype))
+            square = torch.mul(x, x, out=scratch.take(f"hs{units.units.index(u)}", tuple(x.shape), x.dtype))
             if "square" in h_names:
                 out["square"][u] = square
             if within_b is not None:
@@ -689,7 +754,7 @@ def _b_operands(store: FisherStore, param: str, lo: int, hi: int, units: _Units,
         if "identity" in h_names:
             out["identity"][u] = x
         if "abs" in h_names:
-            out["abs"][u] = torch.abs(x, out=scratch.take(f"ha{u}", tuple(x.shape), x.dtype))
+            out["abs"][u] = torch.abs(x, out=scratch.take(f"ha{units.units.index(u)}", tuple(x.shape), x.dtype))
         for h_name in margin_h:
             out[f"sum {h_name}"][u] = out[h_name][u].sum(1)
     if cosine and (sq_b is not None or within_b is not None):

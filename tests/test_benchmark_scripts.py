@@ -25,7 +25,7 @@ def stores(tmp_path_factory):
 
 
 @pytest.mark.parametrize("phase", ["conflicts", "qkov"])
-@pytest.mark.parametrize("variant", ["floor", "ours", "all", "loop", "ours_small"])
+@pytest.mark.parametrize("variant", ["floor", "product", "ours", "all", "loop", "ours_small"])
 def test_pair_phase_benchmark_variants_run(stores, phase, variant):
     command = [sys.executable, str(ROOT / "benchmarks" / "pair_phases.py"), "--worker", variant, "--phase", phase,
                "--stores", str(stores), "--threads", "1", "--loop-layers", "1", "--loop-samples", "3"]
@@ -33,6 +33,35 @@ def test_pair_phase_benchmark_variants_run(stores, phase, variant):
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["variant"] == variant and measured["seconds"] > 0 and measured["peak_rss_mb"] > 0
+
+
+def test_pair_phase_sweep_writes_synthetic_stores_and_times_every_variant(tmp_path):
+    """The N sweep at N = 3: synthetic stores of SmolLM2's attention shape through our writer (complete,
+    verified), then one row per variant, before / after included (the baseline is this checkout)."""
+    from fisher_pipeline.store import open_store, verify_store
+
+    command = [sys.executable, str(ROOT / "benchmarks" / "pair_phases.py"), "--sweep", "3", "--repeats", "1",
+               "--threads", "1", "--sweep-dir", str(tmp_path), "--baseline", str(ROOT)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 3 |")]
+    assert [row.split("|")[2].strip() for row in rows] == [
+        "floor (read)", "one product per cell (read, convert, bmm)", "conflicts", "qkov", "conflicts before",
+        "qkov before"]
+    for task in ("alpha", "beta"):
+        store = open_store(tmp_path / "n3" / f"{task}.zarr")
+        assert store.n_samples == 3 and len(store.per_sample_names) == 12  # 3 layers x Q/K/V/O
+        assert store.geometry[store.per_sample_names[0]].shape in {(576, 576), (192, 576)}
+        assert verify_store(store.path).ok
+
+
+def test_qkov_interval_benchmark_runs(stores):
+    command = [sys.executable, str(ROOT / "benchmarks" / "qkov_interval.py"), "--stores", str(stores),
+               "--n-bootstrap", "50"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "arithmetic -> code: 24 cells, N = 5 x 5, 50 draws" in result.stdout
+    assert "width ratio (first order / full): median" in result.stdout
 
 
 def _phase1_script():

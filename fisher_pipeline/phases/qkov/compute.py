@@ -102,6 +102,44 @@ def pooled_fisher(store_a: FisherStore, store_b: FisherStore, param: str, pool: 
     return total / max(n_a + n_b, 1)
 
 
+class _Metric(Mapping):
+    """Parameter -> `w = 1 / Fhat` (float64, the parameter's shape), made when the pair engine
+    asks for it: one parameter's metric at a time in memory, not the model's (0.6 GB of
+    float64 for SmolLM2's 120 attention tensors, the largest part of a job at N = 32)."""
+
+    def __init__(self, store_a: FisherStore, store_b: FisherStore, params: Sequence[str], options: QkovOptions):
+        self.stores, self.params, self.options = (store_a, store_b), list(params), options
+        self._param: str | None = None
+        self._fisher = self._hat = np.zeros(0)
+        self._split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _load(self, param: str) -> None:
+        if param != self._param:
+            self._fisher = pooled_fisher(*self.stores, param, self.options.fisher_pool)
+            self._hat = np.maximum(self._fisher, self.options.eps) + self.options.ridge_lambda
+            self._param, self._split = param, {}
+
+    def __getitem__(self, param: str) -> np.ndarray:
+        if param not in self.params:
+            raise KeyError(param)
+        self._load(param)
+        return 1.0 / self._hat
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def heads(self, param: str, block: str) -> tuple[np.ndarray, np.ndarray]:
+        """`(F, Fhat)` of `param` split into `block`'s heads `[H, ...]` (the health table's)."""
+        self._load(param)
+        if block not in self._split:
+            geometry = self.stores[0].geometry[param]
+            self._split[block] = geometry.split_heads(self._fisher, block), geometry.split_heads(self._hat, block)
+        return self._split[block]
+
+
 # --- one ordered pair --------------------------------------------------------------------
 
 def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions | None = None,
@@ -125,9 +163,7 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
     warn_few_samples(log, store_a, store_b, task_a, task_b, "the signed test")
     params = list(dict.fromkeys(cell[0] for cell in cells))
     metric_a, metric_b = metric_stores or (store_a, store_b)
-    fishers = {param: pooled_fisher(metric_a, metric_b, param, options.fisher_pool) for param in params}
-    hats = {param: np.maximum(fisher, options.eps) + options.ridge_lambda for param, fisher in fishers.items()}
-    weights = {param: 1.0 / hat for param, hat in hats.items()}
+    metric = _Metric(metric_a, metric_b, params, options)
     # One product per cell: the signed matrix, which the test needs whole. The unsigned or
     # symmetric score enters only through its mean and interval, which need its row and column
     # sums (`marginals`, O(N S)); its full matrix only for `excess` forensics.
@@ -140,7 +176,7 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
     draws_b = rng.multinomial(store_b.n_samples, np.full(store_b.n_samples, 1 / max(store_b.n_samples, 1)),
                               size=options.n_bootstrap) if store_b.n_samples else None
     rows, health, candidates = [], [], []
-    for param, matrices in iter_param_pairs(store_a, store_b, cells, "identity", "identity", weights, within=True,
+    for param, matrices in iter_param_pairs(store_a, store_b, cells, "identity", "identity", metric, within=True,
                                             sample_block=options.sample_block, dtype=options.compute_dtype,
                                             products=products, marginals=variant,
                                             device=pair_device(options.device, "qkov.device")):
@@ -165,8 +201,7 @@ def pair_qkov(store_a: FisherStore, store_b: FisherStore, options: QkovOptions |
                     "effect_size": alignment(row["signed_mean"], within_a, within_b)
                     if row["status"] == "ok" else 0.0}
             rows.append(row)
-            hat = store_a.geometry[param].split_heads(hats[param], block)[head]
-            fisher = store_a.geometry[param].split_heads(fishers[param], block)[head]
+            fisher, hat = (heads[head] for heads in metric.heads(param, block))
             health.append({"layer": geometry[param].layer, "block": block, "head": head, "param": param,
                            "slice_size": size, "fisher_pool": options.fisher_pool,
                            "fisher_min": float(hat.min()), "fisher_median": float(np.median(hat)),

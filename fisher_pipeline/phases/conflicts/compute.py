@@ -111,20 +111,37 @@ def module_name(param: str) -> str:
 # --- one task pair -----------------------------------------------------------------------
 
 def fisher_weights(store_a: FisherStore, store_b: FisherStore, params: Sequence[str],
-                   damping: float) -> dict[str, np.ndarray]:
+                   damping: float) -> Mapping[str, np.ndarray]:
     """`1 / (F_pool + lambda)` per parameter, `lambda = damping x mean(F_pool)` over the parameter.
 
     A parameter whose pooled Fisher is zero everywhere gets weight 1 (its gradients are zero:
-    every similarity there is undefined anyway).
+    every similarity there is undefined anyway). Made when the pair engine asks for a
+    parameter's, so one parameter's float64 weight is in memory at a time, not the model's.
     """
-    n_a, n_b = store_a.n_samples, store_b.n_samples
-    weights = {}
-    for param in params:
+    return _PooledWeights(store_a, store_b, params, damping)
+
+
+class _PooledWeights(Mapping):
+    """The mapping `fisher_weights` returns: parameter -> its weight, computed on access."""
+
+    def __init__(self, store_a: FisherStore, store_b: FisherStore, params: Sequence[str], damping: float):
+        self.stores, self.params, self.damping = (store_a, store_b), list(params), damping
+
+    def __getitem__(self, param: str) -> np.ndarray:
+        if param not in self.params:
+            raise KeyError(param)
+        store_a, store_b = self.stores
+        n_a, n_b = store_a.n_samples, store_b.n_samples
         pooled = (n_a * store_a.fisher(param).astype(np.float64)
                   + n_b * store_b.fisher(param).astype(np.float64)) / (n_a + n_b)
         scale = float(pooled.mean())
-        weights[param] = 1.0 / (pooled + damping * scale) if scale > 0 else np.ones_like(pooled)
-    return weights
+        return 1.0 / (pooled + self.damping * scale) if scale > 0 else np.ones_like(pooled)
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 def group_statistics(cross: np.ndarray, within_a: float = math.nan, within_b: float = math.nan,

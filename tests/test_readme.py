@@ -156,9 +156,14 @@ def check_slurm_profile(command: str, tmp_path: Path, **_) -> None:
     """The SLURM profile plans the default run (dry run; the plugin is pinned in requirements.txt)."""
     output = dry_run(command, default_run_folder(tmp_path), from_root=True)
     assert planned(output)["fisher"] == 3
-    # the profile's set-resources of rule fisher, and its default resources (a dry run caps threads to local cores)
-    assert "mem_mb=16000" in output and "runtime=120" in output and "slurm_partition=your_partition" in output, \
-        output[-3000:]
+    # rule fisher's resources from the planner (the profile overrides none), and the profile's default resources
+    from fisher_pipeline import planner
+    from fisher_pipeline.config import PipelineConfig, read_config_file
+
+    plan = planner.plan_run(PipelineConfig.from_dict(read_config_file(ROOT / "config" / "config.yaml")))
+    fisher = plan.resources()["fisher"]
+    assert f"mem_mb={fisher['mem_mb']}" in output and f"runtime={fisher['runtime']}" in output, output[-3000:]
+    assert "slurm_partition=your_partition" in output, output[-3000:]
 
 
 def check_slurm_forcerun(command: str, tmp_path: Path, **_) -> None:

@@ -10,12 +10,14 @@ every sample pair (i of A, j of B) has the score
     M[i, j] = agg_{k in S} a(g_A,i,k) * w_k * b(g_B,j,k)       agg: mean (default) or sum
 
 `unsigned` (default): a = g^2, b = |g|; `signed`: a = b = g; `symmetric`: a = b = |g|.
-One cell is one batched matrix product over all pairs (`fisher_pipeline.sample_pairs`).
+One cell costs one batched matrix product over all pairs, the signed one
+(`fisher_pipeline.sample_pairs`); the variant's score needs only its row and column sums
+(`marginals`), and its full matrix only for `forensics: excess`.
 
 What the averages show. With F from A and eps, lambda negligible, `mean_i g_A,i,k^2 / F_A,k
 = 1` at every k, so the mean of the unsigned M over all pairs is `agg_k mean_j |g_B,j,k|`:
 A cancels, and a heatmap of mean unsigned M shows where B's updates are large, not where
-the tasks interfere. A's part lives in the per-pair structure, which the sample forensics
+the tasks interfere. A's part lives in the per-pair structure, which `excess` forensics
 read. The signed mean `agg_k gbar_A,k w_k gbar_B,k` is the first-order change of A's loss
 under a Fisher-preconditioned step on B through that head (negative: conflict). It is the
 quantity tested, cell by cell. Null hypothesis, in plain words: *through this head, A's
@@ -26,8 +28,8 @@ and its alignment, `signed_mean / sqrt(within_a_mean x within_b_mean)` with the 
 means of distinct sample pairs of one task (the cosine between the two tasks' mean
 gradients in the head, in the Fisher metric), is at least `min_effect_size`: phase 5's
 rule, which means the same for a head and for a whole module. The unsigned (or symmetric)
-score is reported with a bootstrap confidence interval over samples of A and of B, not
-tested.
+score is reported with a first-order bootstrap confidence interval over samples of A and
+of B (`_score_interval`), not tested.
 """
 
 from __future__ import annotations

@@ -374,14 +374,25 @@ class Staging:
                 self._end()
 
     def written_bytes(self) -> int:
-        """Bytes written into the staging directory so far."""
-        return sum(entry.stat().st_size for entry in _files(self.path))
+        """Bytes written into the staging directory so far (a file removed while they are
+        counted, such as a library's temporary file, counts as 0)."""
+        return sum(_size_of(entry) for entry in _files(self.path))
 
     def _end(self) -> None:
         if self._open:
             self._open = False
             _done(self.path)
             self.claim.release()
+
+
+def _size_of(entry: os.DirEntry) -> int:
+    # A writer whose error we are reporting may still be finishing in another thread (zarr
+    # gathers its writes and returns the first error while the others run on): its
+    # temporary file can vanish between the listing and the stat.
+    try:
+        return entry.stat(follow_symlinks=False).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _files(folder: Path) -> Iterator[os.DirEntry]:

@@ -167,6 +167,34 @@ def test_disk_full_while_the_store_closes(tiny_model_dir, tmp_path, small_fs):
     assert (out / MANIFEST).read_bytes() == record and verify_store(out).ok  # the earlier store, whole
 
 
+def test_disk_full_named_while_a_temporary_file_vanishes(tmp_path, monkeypatch):
+    """zarr returns a write's error while its other writes run on: a temporary file listed
+    in the staging can be gone when the bytes written are counted. The message is still the
+    full disk's, not the vanished file's."""
+    import errno
+
+    from fisher_pipeline import atomic
+
+    final = tmp_path / "store.zarr"
+    files = atomic._files
+
+    def listed_then_vanished(folder):
+        entries = list(files(folder))
+        for entry in entries:
+            if entry.name.endswith(".partial"):
+                os.unlink(entry.path)  # the other writer cleans up after the listing
+        return iter(entries)
+
+    with pytest.raises(DiskFullError, match=rf"writing {re.escape(str(final))} \(.*; 5 B had been written\)"):
+        with staged_dir(final) as staging:
+            (staging / "kept").write_bytes(b"12345")
+            (staging / "zarr.0123.partial").write_bytes(b"temporary")
+            monkeypatch.setattr(atomic, "_files", listed_then_vanished)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.undo()
+    assert not final.exists() and os.listdir(tmp_path) == []
+
+
 def test_disk_full_in_a_phase_output(small_fs):
     """A phase's output that does not fit: the message names it and the space; nothing is published."""
     fs = small_fs(4)

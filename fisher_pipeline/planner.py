@@ -475,13 +475,18 @@ def plan_run(config, model: ModelShape | None = None) -> RunPlan:
     largest = max((t.numel for t in model.tensors), default=0)
     def pair_memory(section: str) -> int:
         """Both tasks' per-sample rows of a block of samples (`<section>.sample_block`) of the largest stored
-        tensor: three float32 operand copies per task (the converted rows, `x w`, `x^2 w` or `|x|`:
-        `sample_pairs`), three stored blocks (the one in use, the one read ahead, the reader's assembly),
+        tensor: three operand copies per task in the compute dtype (the converted rows, `x w`, `x^2 w` or
+        `|x|`: `sample_pairs`; float32 for `bfloat16`, plus a bfloat16 copy of what is multiplied), three stored
+        blocks (the one in use, the one read ahead, the reader's assembly),
         and the float64 N x N matrices of a parameter's heads (one per head, the whole parameter, the test's
         temporaries). Plus 15% for the allocator: qkov on SmolLM2-shaped stores peaked at 3.11 GB (N = 256)
         and 3.21 GB (N = 512) against 3.51 and 3.54 GB planned (docs/benchmarks.md, the N sweep)."""
-        block = min(n, getattr(getattr(config, section), "sample_block", n))
-        operands = block * model.per_sample_largest * (2 * 3 * F32 + 3 * ps_width)
+        options = getattr(config, section)
+        block = min(n, getattr(options, "sample_block", n))
+        dtype = getattr(options, "compute_dtype", "float32")
+        operand = F64 if dtype == "float64" else F32
+        products = 2 * 2 if dtype == "bfloat16" else 0  # each side's product operand again, in bfloat16
+        operands = block * model.per_sample_largest * (2 * 3 * operand + products + 3 * ps_width)
         return int(1.15 * (RUNTIME_BYTES + operands + (model.n_heads + 4) * F64 * n * n))
 
     light = RUNTIME_BYTES + 4 * F32 * largest + 2 * F32 * sum(t.groups for t in model.tensors)

@@ -64,8 +64,10 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "square": torch.square,
     "abs": torch.abs,
 }
-#: Compute dtypes of the products (results are always float64).
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Compute dtypes: name -> (dtype of the operands and every O(N S) pass, dtype of the
+#: N x N products). Results are always float64.
+DTYPES = {"float32": (torch.float32, torch.float32), "float64": (torch.float64, torch.float64),
+          "bfloat16": (torch.float32, torch.bfloat16)}
 DEFAULT_DTYPE = "float32"
 #: Default rows of each operand materialised at once by `pair_matrix`.
 BLOCK_ROWS = 256
@@ -84,7 +86,8 @@ def _transform(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown transform {name!r}; use one of {sorted(TRANSFORMS)}") from None
 
 
-def _dtype(name: str) -> torch.dtype:
+def _dtypes(name: str) -> tuple[torch.dtype, torch.dtype]:
+    """(operand dtype, product dtype) of compute dtype `name` (see `DTYPES`)."""
     try:
         return DTYPES[name]
     except KeyError:
@@ -163,7 +166,7 @@ def pair_matrix(a: np.ndarray, b: np.ndarray, f: str = "identity", h: str = "ide
         raise ValueError(f"a and b must have the same slice length S, got {a.shape} and {b.shape}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    fa_, hb_, torch_dtype = _transform(f), _transform(h), _dtype(dtype)
+    (fa_, hb_), (torch_dtype, product_dtype) = (_transform(f), _transform(h)), _dtypes(dtype)
     w = _weight(weight, a.shape[1])
     w = None if w is None else torch.from_numpy(w).to(torch_dtype)
     out = np.full((a.shape[0], b.shape[0]), np.nan)  # a block never written shows as NaN
@@ -173,7 +176,7 @@ def pair_matrix(a: np.ndarray, b: np.ndarray, f: str = "identity", h: str = "ide
             fa = fa * w
         for j in range(0, b.shape[0], block_rows):
             hb = hb_(_tensor(b[j:j + block_rows, None], torch_dtype))
-            out[i:i + block_rows, j:j + block_rows] = _bmm(fa, hb)[0]
+            out[i:i + block_rows, j:j + block_rows] = _bmm(fa.to(product_dtype), hb.to(product_dtype))[0]
     return out
 
 
@@ -607,7 +610,7 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
         _transform(f_name), _transform(h_name)  # an unknown name fails here, before any read
     if sample_block < 1:
         raise ValueError(f"sample_block must be >= 1, got {sample_block}")
-    torch_dtype = _dtype(dtype)
+    torch_dtype, product_dtype = _dtypes(dtype)
     torch_device = torch.device(device)
     groups = list(groups)
     check_groups(store_a, store_b, groups)
@@ -620,14 +623,16 @@ def iter_param_pairs(store_a: FisherStore, store_b: FisherStore, groups: Sequenc
     reads = _ReadAhead(_read_order(store_a, store_b, list(by_param), blocks_a, blocks_b))
     try:
         yield from _param_pairs(store_a, store_b, by_param, specs, margin_specs, weights, cosine, within, blocks_a,
-                                blocks_b, torch_dtype, torch_device, f_names, h_names, scratch, reads)
+                                blocks_b, torch_dtype, product_dtype, f_names, h_names, scratch, reads)
     finally:
         reads.close()
 
 
 def _param_pairs(store_a, store_b, by_param, specs, margin_specs, weights, cosine, within, blocks_a, blocks_b,
-                 torch_dtype, torch_device, f_names, h_names, scratch, reads) -> Iterator[tuple[str, PairMatrices]]:
+                 torch_dtype, product_dtype, f_names, h_names, scratch, reads) -> Iterator[tuple[str, PairMatrices]]:
     """The body of `iter_param_pairs`, one parameter at a time (module docstring)."""
+    torch_device = scratch.device
+    product_f, product_h = {f for f, _ in specs.values()}, {h for _, h in specs.values()}
     n_a, n_b = store_a.n_samples, store_b.n_samples
     for param, param_groups in by_param.items():
         units = _Units(store_a.geometry[param], param_groups)
@@ -663,6 +668,7 @@ def _param_pairs(store_a, store_b, by_param, specs, margin_specs, weights, cosin
                 if within_a is not None:
                     within_a.add(raw, sq)
                 fa = {"identity": raw}
+            fa_product = _in_product_dtype(fa, product_f, product_dtype, scratch, "pa")
             for lo_b, hi_b in blocks_b:
                 if held_b is None:
                     first = index_a == 0  # B's norms and within sums: once, with A's first block
@@ -670,21 +676,36 @@ def _param_pairs(store_a, store_b, by_param, specs, margin_specs, weights, cosin
                                      scratch, h_names,
                                      {h for _, h in margin_specs.values()}, scale, cosine, sq_b if first else None,
                                      within_b if first else None)
+                    hb_product = _in_product_dtype(hb, product_h, product_dtype, scratch, "pb")
                     if len(blocks_b) == 1:
-                        held_b = hb
+                        held_b = hb, hb_product
                 else:
-                    hb = held_b
+                    hb, hb_product = held_b
                 for name, (f_name, h_name) in specs.items():
                     for u in units.units:
-                        cross[name][u][:, lo_a:hi_a, lo_b:hi_b] = _bmm(fa[f_name][u], hb[h_name][u])
+                        cross[name][u][:, lo_a:hi_a, lo_b:hi_b] = _bmm(fa_product[f_name][u], hb_product[h_name][u])
                 for name, (f_name, h_name) in margin_specs.items():
                     for u in units.units:
                         rows, cols = margin[name][u]
                         h_sum = hb[f"sum {h_name}"][u]  # [H, S] this block of B, summed
                         rows[:, lo_a:hi_a] += _host(torch.bmm(fa[f_name][u], h_sum[:, :, None])[..., 0])
                         cols[:, lo_b:hi_b] += _host(torch.bmm(hb[h_name][u], f_sums[f_name][u][:, :, None])[..., 0])
-            del raw, fa
+            del raw, fa, fa_product
         yield param, _param_result(units, param_groups, cross, margin, sq_a, sq_b, within_a, within_b, cosine)
+
+
+def _in_product_dtype(operands: Mapping[str, Mapping], names: set[str], dtype: torch.dtype, scratch: _Scratch,
+                      side: str) -> Mapping[str, Mapping]:
+    """The operands `names` (`{name: {unit: [H, n, S]}}`) as the N x N products take them: the
+    same tensors where they already have `dtype`, else converted into scratch slots `side...`.
+
+    bfloat16 products (float32 accumulation, a bfloat16 result) run ~3x faster than float32
+    ones where the CPU has AVX512-BF16 (or on a GPU); every O(N S) pass stays in float32.
+    """
+    if all(x.dtype == dtype for name in names for x in operands[name].values()):
+        return operands
+    return {name: {u: scratch.take(f"{side}{name}{index}", tuple(x.shape), dtype).copy_(x)
+                   for index, (u, x) in enumerate(operands[name].items())} for name in names}
 
 
 def _a_operands(data: np.ndarray, units: _Units, scale: Mapping[str | None, torch.Tensor | None],

@@ -189,6 +189,17 @@ def test_fit_check_names_the_plan_and_settings_that_fit():
         planner.check_fit(config, plan, planner.Machine(host=1))
 
 
+def test_pair_memory_follows_the_compute_dtype():
+    """The pair phases' operand blocks: 3 per task in the compute dtype (float64 twice float32's),
+    and with bfloat16 products one more 2-byte copy per side, by hand."""
+    shape = shape_of("llama")
+    jobs = {dtype: planner.plan_run(tiny_config(qkov={"compute_dtype": dtype}), shape).job("qkov").host
+            for dtype in ("float32", "float64", "bfloat16")}
+    operands = 8 * shape.per_sample_largest  # 8 samples: one block
+    assert jobs["float64"] - jobs["float32"] == pytest.approx(1.15 * operands * 2 * 3 * 4, abs=2)
+    assert jobs["bfloat16"] - jobs["float32"] == pytest.approx(1.15 * operands * 2 * 2, abs=2)
+
+
 def test_fit_check_on_a_gpu_offers_the_state_on_the_host():
     shape = shape_of("llama")
     config = tiny_config(fisher={"device": "cuda"})

@@ -66,6 +66,63 @@ def test_pair_matrix_matches_brute_force(f, h, weighted, dtype):
         assert_close(pair_matrix(a, b, f, h, weight, block_rows=rows, dtype=dtype), expected, dtype)
 
 
+#: bfloat16 keeps 8 significant bits: each operand rounds by at most 2^-8 of itself, so each
+#: term f(a_k) w_k h(b_k) by ~2^-7; the float32 sum adds ~S 2^-24, the bfloat16 result 2^-8 of
+#: itself. A cosine (rows of norm 1 in the metric) is therefore off by at most 3 * 2^-8.
+BF16_TERMS, BF16_RESULT = 2.0**-7 + 2.0**-12, 2.0**-8
+
+
+def assert_bfloat16_bound(got, a, b, f="identity", h="identity", weight=None):
+    """`got` within the bfloat16 rounding bound of the float64 brute force, and not float32's result
+    (the products really ran in bfloat16)."""
+    expected = brute(a, b, f, h, weight)
+    terms = brute(np.abs(MAPS[f](np.asarray(a, np.float64))), np.abs(MAPS[h](np.asarray(b, np.float64))),
+                  weight=weight)  # sum_k |f(a_k) w_k h(b_k)|
+    error = np.abs(got - expected)
+    assert np.all(error <= BF16_TERMS * terms + BF16_RESULT * np.abs(expected)), np.max(error / terms)
+    return expected
+
+
+@pytest.mark.parametrize("f,h,weighted", list(itertools.product(MAPS, MAPS, (False, True))))
+def test_bfloat16_products_within_their_rounding_bound(f, h, weighted):
+    rng = np.random.default_rng()  # fresh inputs every run
+    a, b = rng.normal(size=(10, 300)), rng.normal(size=(7, 300))
+    weight = rng.uniform(0.1, 3, size=300) if weighted else None
+    for rows in (3, 10**6):
+        got = pair_matrix(a, b, f, h, weight, block_rows=rows, dtype="bfloat16")
+        expected = assert_bfloat16_bound(got, a, b, f, h, weight)
+        assert np.max(np.abs(got - expected)) > 1e3 * TOLERANCE["float32"] * np.max(np.abs(expected))
+
+
+def test_bfloat16_pair_matrices_keep_every_sum_in_float32(stores):
+    """Through the blocked engine: raw products and cosines within the bfloat16 bound, while the
+    O(N S) outputs (norms, within-task baselines, marginals) keep float32's accuracy."""
+    store_a, store_b = stores
+    slices_a, slices_b = groups_and_slices(store_a), groups_and_slices(store_b)
+    groups = [(Q_PROJ, None, None), (Q_PROJ, "q", 2), (O_PROJ, "o", 0), (UP_PROJ, None, None)]
+    weights = {p: 1.0 / (store_a.fisher(p) + 0.1) for p in PER_SAMPLE}
+    got = pair_matrices(store_a, store_b, groups, "square", "abs", weights, within=True, sample_block=3,
+                        dtype="bfloat16", products={"signed": ("identity", "identity")},
+                        marginals={"unsigned": ("square", "abs")})
+    exact = pair_matrices(store_a, store_b, groups, "square", "abs", weights, within=True, sample_block=3,
+                          dtype="float64", marginals={"unsigned": ("square", "abs")})
+    cosines = pair_matrices(store_a, store_b, groups, weights=weights, cosine=True, within=True, sample_block=3,
+                            dtype="bfloat16")
+    for group in groups:
+        w = groups_and_weight(weights[group[0]], group)
+        a, b = slices_a[group], slices_b[group]
+        assert_bfloat16_bound(got[group], a, b, "square", "abs", w)
+        signed = assert_bfloat16_bound(got.products["signed"][group], a, b, weight=w)
+        assert np.max(np.abs(got.products["signed"][group] - signed)) > 10 * TOLERANCE["float32"] * np.max(
+            np.abs(signed))  # the products really ran in bfloat16
+        for mine, theirs in zip(got.marginals["unsigned"][group], exact.marginals["unsigned"][group], strict=True):
+            assert_close(mine, theirs, "float32")
+        assert_close(got.within_a[group], exact.within_a[group], "float32", scale=abs(exact.within_a[group]))
+        cosine = brute_cosine(a, b, w)
+        assert np.all(np.abs(cosines[group] - cosine) <= BF16_TERMS + BF16_RESULT * np.abs(cosine))
+        assert_close(cosines.within_b[group], off_diagonal_mean(brute_cosine(b, b, w)), "float32", scale=1)
+
+
 def test_float16_is_upcast_before_the_product():
     rng = np.random.default_rng(1)
     # values whose squares underflow / lose precision in float16 if not upcast first

@@ -55,7 +55,7 @@ class ConflictsOptions:
     top_pairs: int = 10  # most conflicting sample pairs listed per conflicting group
     pairs: tuple[tuple[str, str], ...] | None = None  # task pairs; None: every unordered pair
     sample_block: int = 256  # samples of A read at once (memory only)
-    compute_dtype: str = "float32"  # float32 | float64 products
+    compute_dtype: str = "float32"  # float32 | float64 | bfloat16 products
     device: str = "cpu"  # cpu | cuda | auto: where the pair products run
 
     def __post_init__(self) -> None:

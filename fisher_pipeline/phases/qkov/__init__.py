@@ -92,7 +92,7 @@ class QkovOptions:
     forensics: str = "signed"  # signed | excess: how top_conflicts ranks sample pairs
     pairs: tuple[tuple[str, str], ...] | None = None  # ordered pairs; None: every ordered pair
     sample_block: int = 256  # samples of A read at once (memory only)
-    compute_dtype: str = "float32"  # float32 | float64 products
+    compute_dtype: str = "float32"  # float32 | float64 | bfloat16 products
     device: str = "cpu"  # cpu | cuda | auto: where the pair products run
 
     def __post_init__(self) -> None:

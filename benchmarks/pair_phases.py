@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/pair_phases.py                     # phase 5 on the default run's stores
     .venv/bin/python benchmarks/pair_phases.py --phase qkov         # phase 6
     .venv/bin/python benchmarks/pair_phases.py --sweep 32,128,256,512 [--baseline DIR]   # N sweep
+    .venv/bin/python benchmarks/pair_phases.py --sweep 32,512 --compute-dtypes float32,bfloat16
 
 The N sweep writes synthetic stores (`synthetic_stores.py`: SmolLM2's attention geometry, 3
 layers, float16, our writer; kept under `--sweep-dir` for the next run) of N samples per
@@ -10,7 +11,8 @@ task and times, per N: `floor` (read both stores' per-sample arrays), `product` 
 and one batched product per head block: one product per cell, the compute bound of both
 phases), `conflicts` and `qkov` (`pair_conflicts` / `pair_qkov`, default options), and with
 `--baseline DIR` (a checkout of an earlier version of the package) the same two phases there,
-side by side in the same run.
+side by side in the same run. `--compute-dtypes float32,bfloat16` times `product`, `conflicts`
+and `qkov` with each `compute_dtype` (bfloat16: the products in bfloat16).
 
 Needs the default run's phase 1 stores (`make run`). Each measurement runs in its own
 subprocess (peak RSS is that variant's alone), variants interleaved over repeats, and the
@@ -107,18 +109,21 @@ def _seed_loop(store_a, store_b, cells, n: int) -> None:
                     float(np.mean(a * a / np.maximum(f, 1e-10) * np.abs(b)))
 
 
-def _product(store_a, store_b) -> None:
-    """Read, convert and one batched product per head block of every per-sample parameter."""
+def _product(store_a, store_b, compute_dtype: str = "float32") -> None:
+    """Read, convert and one batched product per head block of every per-sample parameter
+    (bfloat16: converted to float32, then to bfloat16, as the pair engine does)."""
     import torch
 
     from fisher_pipeline.sample_pairs import _Units
+
+    product_dtype = getattr(torch, compute_dtype)
 
     for param in store_a.per_sample_names:
         geometry = store_a.geometry[param]
         units = _Units(geometry, [(param, block, 0) for block in geometry.head_blocks()])
         data_a, data_b = store_a.per_sample(param), store_b.per_sample(param)
         for unit in units.units:
-            left, right = (units.tensor(data, unit, torch.float32) for data in (data_a, data_b))
+            left, right = (units.tensor(data, unit, torch.float32).to(product_dtype) for data in (data_a, data_b))
             torch.bmm(left, right.transpose(1, 2))
 
 
@@ -141,12 +146,13 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "floor":
         _floor(store_a, store_b)
     elif args.worker == "product":
-        _product(store_a, store_b)
+        _product(store_a, store_b, args.compute_dtype)
     elif args.worker == "ours":
+        dtype = {} if args.compute_dtype == "float32" else {"compute_dtype": args.compute_dtype}  # older versions
         if args.phase == "conflicts":
-            extra["groups"] = len(pair_conflicts(store_a, store_b, ConflictsOptions())[0])
+            extra["groups"] = len(pair_conflicts(store_a, store_b, ConflictsOptions(**dtype))[0])
         else:
-            extra["groups"] = len(pair_qkov(store_a, store_b, QkovOptions())["cells"])
+            extra["groups"] = len(pair_qkov(store_a, store_b, QkovOptions(**dtype))["cells"])
     elif args.worker == "all":
         with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
             if args.phase == "conflicts":
@@ -196,6 +202,9 @@ def main() -> None:
                         help="where the sweep's synthetic stores are kept")
     parser.add_argument("--baseline", help="a checkout of an earlier version, timed beside this one in the sweep")
     parser.add_argument("--package-root", help=argparse.SUPPRESS)
+    parser.add_argument("--compute-dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--compute-dtypes", default="float32",
+                        help="the sweep's compute dtypes, comma-separated (float32, bfloat16, float64)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -236,25 +245,27 @@ def sweep(args: argparse.Namespace) -> None:
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, threads={args.threads}, repeats={args.repeats}; synthetic stores "
           "of SmolLM2's attention geometry, 3 layers, float16")
-    variants = [("floor", None, "conflicts"), ("product", None, "conflicts"), ("ours", None, "conflicts"),
-                ("ours", None, "qkov")]
+    dtypes = args.compute_dtypes.split(",")
+    variants = [("floor", None, "conflicts", "float32")]
+    variants += [(worker_name, None, phase, dtype) for dtype in dtypes
+                 for worker_name, phase in (("product", "conflicts"), ("ours", "conflicts"), ("ours", "qkov"))]
     if args.baseline:
-        variants += [("ours", args.baseline, "conflicts"), ("ours", args.baseline, "qkov")]
+        variants += [("ours", args.baseline, "conflicts", "float32"), ("ours", args.baseline, "qkov", "float32")]
     print("| N per task | variant | wall s (median) | x floor | peak RSS MB | runs (s) |\n|---|---|---|---|---|---|")
     for n in sizes:
         folder = Path(sweep_stores(Path(args.sweep_dir), n)["alpha"]).parent
         results: dict[tuple, list[dict]] = {v: [] for v in variants}
         for _, variant in itertools.product(range(args.repeats), variants):
-            worker_name, root, phase = variant
+            worker_name, root, phase, dtype = variant
             extra = ["--package-root", root] if root else []
             cmd = ["--worker", worker_name, "--stores", str(folder), "--task-a", "alpha", "--task-b", "beta",
-                   "--threads", str(args.threads), "--phase", phase, *extra]
+                   "--threads", str(args.threads), "--phase", phase, "--compute-dtype", dtype, *extra]
             results[variant].append(run_worker(__file__, cmd))
         floor = statistics.median(r["seconds"] for r in results[variants[0]])
         for variant, runs in results.items():
-            worker_name, root, phase = variant
+            worker_name, root, phase, dtype = variant
             name = {"floor": "floor (read)", "product": "one product per cell (read, convert, bmm)"}.get(
-                worker_name, f"{phase}{' before' if root else ''}")
+                worker_name, f"{phase}{' before' if root else ''}") + ("" if dtype == "float32" else f", {dtype}")
             wall = statistics.median(r["seconds"] for r in runs)
             rss = statistics.median(r["peak_rss_mb"] for r in runs)
             times = ", ".join(f"{r['seconds']:.2f}" for r in runs)

@@ -37,17 +37,20 @@ def test_pair_phase_benchmark_variants_run(stores, phase, variant):
 
 def test_pair_phase_sweep_writes_synthetic_stores_and_times_every_variant(tmp_path):
     """The N sweep at N = 3: synthetic stores of SmolLM2's attention shape through our writer (complete,
-    verified), then one row per variant, before / after included (the baseline is this checkout)."""
+    verified), then one row per variant and compute dtype, before / after included (the baseline is this
+    checkout)."""
     from fisher_pipeline.store import open_store, verify_store
 
     command = [sys.executable, str(ROOT / "benchmarks" / "pair_phases.py"), "--sweep", "3", "--repeats", "1",
-               "--threads", "1", "--sweep-dir", str(tmp_path), "--baseline", str(ROOT)]
+               "--threads", "1", "--sweep-dir", str(tmp_path), "--baseline", str(ROOT),
+               "--compute-dtypes", "float32,bfloat16"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 3 |")]
     assert [row.split("|")[2].strip() for row in rows] == [
-        "floor (read)", "one product per cell (read, convert, bmm)", "conflicts", "qkov", "conflicts before",
-        "qkov before"]
+        "floor (read)", "one product per cell (read, convert, bmm)", "conflicts", "qkov",
+        "one product per cell (read, convert, bmm), bfloat16", "conflicts, bfloat16", "qkov, bfloat16",
+        "conflicts before", "qkov before"]
     for task in ("alpha", "beta"):
         store = open_store(tmp_path / "n3" / f"{task}.zarr")
         assert store.n_samples == 3 and len(store.per_sample_names) == 12  # 3 layers x Q/K/V/O
@@ -62,6 +65,16 @@ def test_qkov_interval_benchmark_runs(stores):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "arithmetic -> code: 24 cells, N = 5 x 5, 50 draws" in result.stdout
     assert "width ratio (first order / full): median" in result.stdout
+
+
+def test_pair_dtypes_benchmark_runs(stores):
+    command = [sys.executable, str(ROOT / "benchmarks" / "pair_dtypes.py"), "--stores", str(stores), "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:3] for line in result.stdout.splitlines() if line.startswith("| conflicts")
+            or line.startswith("| qkov")]
+    assert [(phase.strip(), dtype.strip()) for phase, dtype in rows] == [
+        (phase, dtype) for phase in ("conflicts", "qkov") for dtype in ("float64", "float32", "bfloat16")]
 
 
 def _phase1_script():

@@ -51,9 +51,10 @@ def pair_phase_schema(pairs_description: str, alignment_of: str) -> str:
     description: >-
       Dtype of the pair products: `float32` (error ~1e-6 relative, far below float16 storage rounding),
       `float64`, or `bfloat16` (the N x N products only, in bfloat16 with float32 accumulation; every O(N S)
-      sum stays float32): about 3x faster products where the CPU has AVX512-BF16 or on a GPU, with each
-      similarity off by up to ~0.4% of its size (docs/benchmarks.md measures what it changes in the tables).
-      Results are float64.
+      sum stays float32): about 3x faster products where the CPU has AVX512-BF16 or on a GPU. Each operand
+      rounds by up to 2^-8 of itself, so a cosine moves by at most 3 x 2^-8 = 0.012 and a raw product by
+      2^-7 of its sum of |terms| (docs/benchmarks.md measures what it changes in the tables). Results are
+      float64.
   device:
     enum: [cpu, cuda, auto]
     default: cpu

@@ -110,7 +110,18 @@ def run_phase1(model, samples, batch_size: int, out: Path, per_sample: str, trac
 
 
 def peak_rss_mb() -> float:
-    """The peak resident set size of this process so far, in MB."""
+    """The peak resident set size of this process so far, in MB.
+
+    Linux's `VmHWM` where there is one: `ru_maxrss` survives `execve`, so a worker started
+    by a parent that once held 1 GB would report at least that.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -255,29 +255,20 @@ def test_scores_match_brute_force(cases, layout):
             assert health.loc[cell, "fisher_max"] == pytest.approx(hat.max(), rel=1e-12), (where, pool, cell)
         assert (health["fraction_below_eps"] > 0).any(), "eps floors nothing: the test would not see eps handling"
 
-    # float32 products: about 1e-5 of the sum of |terms|
-    out = run(case, variant="unsigned", fisher_pool="pooled", aggregate="mean", compute_dtype="float32")
-    table = indexed(out["cells"])
-    for cell, (_, take) in case.hand.cells.items():
-        size = case.cut("a", cell[0], take)[0].shape[1]
-        score, scale = brute[("unsigned", "pooled")][cell]
-        signed, signed_scale = brute[("signed", "pooled")][cell]
-        assert table.loc[cell, "score_mean"] == pytest.approx(score.mean() / size, rel=1e-5), (where, cell)
-        assert table.loc[cell, "signed_mean"] == pytest.approx(signed.mean() / size,
-                                                               abs=1e-5 * signed_scale.mean() / size), (where, cell)
-
-    # bfloat16 products: only the signed matrix is a product; each entry is within 2^-7 of its
-    # sum of |terms| plus 2^-8 of itself. The unsigned score (float32 marginal sums) keeps
-    # float32's accuracy.
-    out = run(case, variant="unsigned", fisher_pool="pooled", aggregate="mean", compute_dtype="bfloat16")
-    table = indexed(out["cells"])
-    for cell, (_, take) in case.hand.cells.items():
-        size = case.cut("a", cell[0], take)[0].shape[1]
-        score, _ = brute[("unsigned", "pooled")][cell]
-        signed, signed_scale = brute[("signed", "pooled")][cell]
-        assert table.loc[cell, "score_mean"] == pytest.approx(score.mean() / size, rel=1e-5), (where, cell)
-        bound = ((2.0**-7 + 2.0**-12) * signed_scale.mean() + 2.0**-8 * np.abs(signed).mean()) / size
-        assert abs(table.loc[cell, "signed_mean"] - signed.mean() / size) <= bound, (where, cell)
+    # float32 products: about 1e-5 of the sum of |terms|. bfloat16 products: only the signed
+    # matrix is a product; each entry is within 2^-7 of its sum of |terms| plus 2^-8 of itself.
+    # The unsigned score (float32 marginal sums) keeps float32's accuracy in both.
+    for dtype in ("float32", "bfloat16"):
+        table = indexed(run(case, variant="unsigned", fisher_pool="pooled", aggregate="mean",
+                            compute_dtype=dtype)["cells"])
+        for cell, (_, take) in case.hand.cells.items():
+            size = case.cut("a", cell[0], take)[0].shape[1]
+            score, _ = brute[("unsigned", "pooled")][cell]
+            signed, signed_scale = brute[("signed", "pooled")][cell]
+            assert table.loc[cell, "score_mean"] == pytest.approx(score.mean() / size, rel=1e-5), (where, dtype, cell)
+            bound = (1e-5 * signed_scale.mean() if dtype == "float32" else
+                     (2.0**-7 + 2.0**-12) * signed_scale.mean() + 2.0**-8 * np.abs(signed).mean()) / size
+            assert abs(table.loc[cell, "signed_mean"] - signed.mean() / size) <= bound, (where, dtype, cell)
 
     # full pair matrices of a K/V head and an O head from the pair engine
     chosen = [cell for cell in case.hand.cells if cell[1] in ("v", "o") and cell[2] == 1][:3]

@@ -91,7 +91,8 @@ def test_bfloat16_products_within_their_rounding_bound(f, h, weighted):
     for rows in (3, 10**6):
         got = pair_matrix(a, b, f, h, weight, block_rows=rows, dtype="bfloat16")
         expected = assert_bfloat16_bound(got, a, b, f, h, weight)
-        assert np.max(np.abs(got - expected)) > 1e3 * TOLERANCE["float32"] * np.max(np.abs(expected))
+        # the products really ran in bfloat16: its errors are ~1e-3 of the largest entry, float32's ~1e-7
+        assert np.max(np.abs(got - expected)) > 50 * TOLERANCE["float32"] * np.max(np.abs(expected))
 
 
 def test_bfloat16_pair_matrices_keep_every_sum_in_float32(stores):

@@ -26,7 +26,11 @@ length S carry a relative error of about `sqrt(S) * 6e-8` of `sum_k |f(a_k) w_k 
 (~3e-5 for a 576 x 576 projection): two orders below the 5e-4 rounding of float16
 storage, and far below the sampling noise the pair phases test against. Results are
 returned in float64 and heads are summed in float64. float64 compute costs ~3x (its
-conversion and product), which on CPU is more than reading the stores.
+conversion and product), which on CPU is more than reading the stores. `bfloat16` keeps
+the operands and every O(N S) pass in float32 and runs only the N x N products in bfloat16
+(float32 accumulation, a bfloat16 result): each operand rounds by up to 2^-8, so an entry
+moves by up to 2^-7 of its sum of |terms| plus 2^-8 of itself (a cosine by 3 x 2^-8), for
+products ~3x faster on CPUs with AVX512-BF16 and on GPUs (docs/benchmarks.md).
 
 Reading and memory (`pair_matrices`, `iter_param_pairs`). Per parameter, both tasks'
 per-sample arrays are read in blocks of `sample_block` samples: for each block of A, every
@@ -156,7 +160,7 @@ def pair_matrix(a: np.ndarray, b: np.ndarray, f: str = "identity", h: str = "ide
         weight: `[S]` or None (all ones).
         block_rows: rows of a and of b converted and multiplied at once; memory is at most
             `block_rows x S` of each operand plus the result.
-        dtype: compute dtype, `float32` or `float64` (see the module docstring).
+        dtype: compute dtype, `float32`, `float64` or `bfloat16` (see the module docstring).
 
     Returns:
         float64 `[N_A, N_B]`.
@@ -848,7 +852,7 @@ def pair_matrices(store_a: FisherStore, store_b: FisherStore, groups: Sequence[G
         within: also the within-task baselines `within_a`, `within_b` (mean cosine, or mean
             raw product without `cosine`, of distinct sample pairs of one task), from O(N S) sums.
         sample_block: samples of A read at once.
-        dtype: compute dtype, `float32` or `float64` (results are float64).
+        dtype: compute dtype, `float32`, `float64` or `bfloat16` (results are float64).
         products: more products from the same reads, `name -> (f, h)`, each with `weights`
             on A's side (`PairMatrices.products[name]`), e.g. phase 6's signed alignment
             beside its unsigned score. Not with `cosine`.

@@ -30,12 +30,13 @@ def tables(store_a, store_b, dtype: str) -> dict:
     from fisher_pipeline.phases.qkov import QkovOptions
     from fisher_pipeline.phases.qkov.compute import pair_qkov
 
+    runs = {"conflicts": lambda: pair_conflicts(store_a, store_b, ConflictsOptions(compute_dtype=dtype))[0],
+            "qkov": lambda: pair_qkov(store_a, store_b, QkovOptions(compute_dtype=dtype))["cells"]}
     out = {}
-    start = time.perf_counter()
-    out["conflicts"] = pair_conflicts(store_a, store_b, ConflictsOptions(compute_dtype=dtype))[0]
-    out["conflicts"] = out["conflicts"], time.perf_counter() - start
-    start = time.perf_counter()
-    out["qkov"] = pair_qkov(store_a, store_b, QkovOptions(compute_dtype=dtype))["cells"], time.perf_counter() - start
+    for phase, run in runs.items():
+        start = time.perf_counter()
+        table = run()
+        out[phase] = table, time.perf_counter() - start
     return out
 
 

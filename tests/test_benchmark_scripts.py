@@ -77,6 +77,18 @@ def test_pair_dtypes_benchmark_runs(stores):
         (phase, dtype) for phase in ("conflicts", "qkov") for dtype in ("float64", "float32", "bfloat16")]
 
 
+def test_peak_rss_is_the_workers_own():
+    """A worker started by a parent that once held ~400 MB reports its own peak, not the
+    parent's (`ru_maxrss` survives `execve`; `harness.peak_rss_mb` reads `VmHWM`)."""
+    parent = ("import subprocess, sys; block = bytearray(400 << 20); block[::4096] = b'x' * len(block[::4096]); "
+              "del block; print(subprocess.run([sys.executable, '-c', 'import harness; print(harness.peak_rss_mb())'], "
+              "capture_output=True, text=True, check=True).stdout)")
+    result = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT / "benchmarks")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 200, result.stdout
+
+
 def _phase1_script():
     """benchmarks/phase1.py as a module (its helpers are what the benchmark runs)."""
     import importlib.util

@@ -286,6 +286,26 @@ def iter_pair_inputs(store_a: FisherStore, store_b: FisherStore,
             yield group, group_slice(store_a, group, data_a), group_slice(store_b, group, data_b)
 
 
+class LazyWeights(Mapping):
+    """Parameter -> weight (float64, the parameter's shape), made by `make(param)` when the
+    pair engine asks for it (once per parameter): one parameter's weight in memory at a time,
+    not the model's."""
+
+    def __init__(self, params: Sequence[str], make: Callable[[str], np.ndarray]) -> None:
+        self.params, self._make = list(params), make
+
+    def __getitem__(self, param: str) -> np.ndarray:
+        if param not in self.params:
+            raise KeyError(param)
+        return self._make(param)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
 @dataclass
 class PairMatrices:
     """Pair matrices per group, float64, and within-task baselines.

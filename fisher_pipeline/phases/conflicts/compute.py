@@ -45,7 +45,7 @@ import pandas as pd
 from ...errors import PhaseInputError
 from ...layout import ROLES, ModelGeometry
 from ...pair_stats import alignment, bh_labels, pair_mean_test
-from ...sample_pairs import Group, iter_param_pairs, pair_device
+from ...sample_pairs import Group, LazyWeights, iter_param_pairs, pair_device
 from ...store import FisherStore
 from ..common import (
     warn_few_samples,
@@ -118,30 +118,15 @@ def fisher_weights(store_a: FisherStore, store_b: FisherStore, params: Sequence[
     every similarity there is undefined anyway). Made when the pair engine asks for a
     parameter's, so one parameter's float64 weight is in memory at a time, not the model's.
     """
-    return _PooledWeights(store_a, store_b, params, damping)
+    n_a, n_b = store_a.n_samples, store_b.n_samples
 
-
-class _PooledWeights(Mapping):
-    """The mapping `fisher_weights` returns: parameter -> its weight, computed on access."""
-
-    def __init__(self, store_a: FisherStore, store_b: FisherStore, params: Sequence[str], damping: float):
-        self.stores, self.params, self.damping = (store_a, store_b), list(params), damping
-
-    def __getitem__(self, param: str) -> np.ndarray:
-        if param not in self.params:
-            raise KeyError(param)
-        store_a, store_b = self.stores
-        n_a, n_b = store_a.n_samples, store_b.n_samples
+    def weight(param: str) -> np.ndarray:
         pooled = (n_a * store_a.fisher(param).astype(np.float64)
                   + n_b * store_b.fisher(param).astype(np.float64)) / (n_a + n_b)
         scale = float(pooled.mean())
-        return 1.0 / (pooled + self.damping * scale) if scale > 0 else np.ones_like(pooled)
+        return 1.0 / (pooled + damping * scale) if scale > 0 else np.ones_like(pooled)
 
-    def __iter__(self):
-        return iter(self.params)
-
-    def __len__(self) -> int:
-        return len(self.params)
+    return LazyWeights(params, weight)
 
 
 def group_statistics(cross: np.ndarray, within_a: float = math.nan, within_b: float = math.nan,

@@ -45,7 +45,7 @@ import pandas as pd
 
 from ...errors import PhaseInputError
 from ...pair_stats import alignment, bh_labels, pair_mean_test
-from ...sample_pairs import Group, iter_param_pairs, pair_device
+from ...sample_pairs import Group, LazyWeights, iter_param_pairs, pair_device
 from ...store import FisherStore
 from ..common import (
     warn_few_samples,
@@ -104,13 +104,14 @@ def pooled_fisher(store_a: FisherStore, store_b: FisherStore, param: str, pool: 
     return total / max(n_a + n_b, 1)
 
 
-class _Metric(Mapping):
+class _Metric(LazyWeights):
     """Parameter -> `w = 1 / Fhat` (float64, the parameter's shape), made when the pair engine
     asks for it: one parameter's metric at a time in memory, not the model's (0.6 GB of
     float64 for SmolLM2's 120 attention tensors, the largest part of a job at N = 32)."""
 
     def __init__(self, store_a: FisherStore, store_b: FisherStore, params: Sequence[str], options: QkovOptions):
-        self.stores, self.params, self.options = (store_a, store_b), list(params), options
+        super().__init__(params, self._weight)
+        self.stores, self.options = (store_a, store_b), options
         self._param: str | None = None
         self._fisher = self._hat = np.zeros(0)
         self._split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -121,17 +122,9 @@ class _Metric(Mapping):
             self._hat = np.maximum(self._fisher, self.options.eps) + self.options.ridge_lambda
             self._param, self._split = param, {}
 
-    def __getitem__(self, param: str) -> np.ndarray:
-        if param not in self.params:
-            raise KeyError(param)
+    def _weight(self, param: str) -> np.ndarray:
         self._load(param)
         return 1.0 / self._hat
-
-    def __iter__(self):
-        return iter(self.params)
-
-    def __len__(self) -> int:
-        return len(self.params)
 
     def heads(self, param: str, block: str) -> tuple[np.ndarray, np.ndarray]:
         """`(F, Fhat)` of `param` split into `block`'s heads `[H, ...]` (the health table's)."""
